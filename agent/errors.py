@@ -1,0 +1,53 @@
+"""The error tree of actfleet's core.
+
+::
+
+    ActfleetError
+     +-- SpecError            a task spec is invalid (caller's fault; carries every problem)
+     +-- SetupError           the task's setup_code raised inside the sandbox (caller's fault)
+     +-- InfrastructureError  our fault or a dependency's; the task may be retried
+          +-- LLMError        the model server failed after the adapter's own retries
+          |    +-- LLMRejected  the server refused the request (4xx): retrying will not help
+          +-- SandboxError    a sandbox could not be started or its runner broke the protocol
+
+A model's mistakes (bad code, wrong answer, running out of turns) are never exceptions: they
+are observations and failed statuses.
+"""
+
+from __future__ import annotations
+
+
+class ActfleetError(Exception):
+    """Base of every error actfleet raises on purpose."""
+
+
+class SpecError(ActfleetError):
+    """A task spec is invalid. ``problems`` lists every problem as ``"field: what to fix"``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class SetupError(ActfleetError):
+    """The task's ``setup_code`` (or its files) failed inside the sandbox."""
+
+
+class InfrastructureError(ActfleetError):
+    """A fault outside the agent's control; the task may be retried with backoff."""
+
+    retryable = True
+
+
+class LLMError(InfrastructureError):
+    """The model server could not answer (after the adapter's own retries)."""
+
+
+class LLMRejected(LLMError):
+    """The model server refused the request (bad model name, context too long, ...)."""
+
+    retryable = False
+
+
+class SandboxError(InfrastructureError):
+    """A sandbox could not be started, or its runner broke the protocol."""
