@@ -19,6 +19,7 @@ class LLMRequest:
     max_tokens: int = 1024
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    timeout_s: float | None = None  # what is left of the task's wall clock, if bounded
 
 
 @dataclass(frozen=True, slots=True)

@@ -342,7 +342,9 @@ class _SpecReader:
             return default
         return value
 
-    def choice(self, obj: Mapping[str, Any], key: str, options: tuple[str, ...], default: str) -> str:
+    def choice(
+        self, obj: Mapping[str, Any], key: str, options: tuple[str, ...], default: str
+    ) -> str:
         value = obj.get(key, default)
         if value not in options:
             self.fail(key, f"must be one of {', '.join(options)}, got {value!r}")
@@ -426,8 +428,13 @@ class _SpecReader:
                 obj, "exec_timeout_s", "limits.exec_timeout_s", d.exec_timeout_s, 0.1, 3600
             ),
             max_output_chars=self.number(
-                obj, "max_output_chars", "limits.max_output_chars", d.max_output_chars,
-                100, 1_000_000, True,
+                obj,
+                "max_output_chars",
+                "limits.max_output_chars",
+                d.max_output_chars,
+                100,
+                1_000_000,
+                True,
             ),
             max_tokens=None
             if max_tokens is None
@@ -443,7 +450,9 @@ class _SpecReader:
         return SandboxSpec(
             image=image,
             network=self.boolean(obj, "network", "sandbox.network", d.network),
-            memory_mb=self.number(obj, "memory_mb", "sandbox.memory_mb", d.memory_mb, 64, 65_536, True),
+            memory_mb=self.number(
+                obj, "memory_mb", "sandbox.memory_mb", d.memory_mb, 64, 65_536, True
+            ),
             cpus=self.number(obj, "cpus", "sandbox.cpus", d.cpus, 0.1, 64),
         )
 
@@ -454,10 +463,17 @@ class _SpecReader:
         return LLMParams(
             temperature=self.number(obj, "temperature", "llm.temperature", d.temperature, 0, 2),
             max_tokens_per_turn=self.number(
-                obj, "max_tokens_per_turn", "llm.max_tokens_per_turn", d.max_tokens_per_turn,
-                1, 1_000_000, True,
+                obj,
+                "max_tokens_per_turn",
+                "llm.max_tokens_per_turn",
+                d.max_tokens_per_turn,
+                1,
+                1_000_000,
+                True,
             ),
-            seed=None if seed is None else self.number(obj, "seed", "llm.seed", None, 0, 2**63, True),
+            seed=None
+            if seed is None
+            else self.number(obj, "seed", "llm.seed", None, 0, 2**63, True),
         )
 
     def expected(self, value: object) -> Expected | None:
@@ -519,4 +535,3 @@ def _type_name(value: object) -> str:
     if isinstance(value, int | float):
         return "a number"
     return type(value).__name__
-

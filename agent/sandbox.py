@@ -7,6 +7,8 @@ task's files written into the work dir and its ``setup_code`` already run.
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -84,3 +86,39 @@ class SandboxProvider(Protocol):
     ``SandboxError`` if no sandbox could be started. ``task_id`` labels the sandbox."""
 
     def start(self, spec: TaskSpec, task_id: str) -> Sandbox: ...
+
+
+class LazySandbox:
+    """A sandbox that is still starting: ``execute`` waits for it, ``close`` always
+    reaches it. Lets a worker start the sandbox while the first model call is in flight.
+
+    ``future`` resolves to a started ``Sandbox`` or raises what ``SandboxProvider.start``
+    raised (``SetupError``, ``SandboxError``), which the first ``execute`` re-raises.
+    ``waited_s`` is how long ``execute`` had to wait for the start, for timings.
+    """
+
+    def __init__(self, future: Future[Sandbox]) -> None:
+        self._future = future
+        self._closed = False
+        self.waited_s = 0.0
+
+    def execute(self, code: str, timeout_s: float, max_output_chars: int) -> ExecResult:
+        if self._closed:
+            return ExecResult(
+                state_lost=True, note="The sandbox was closed (the task is stopping)."
+            )
+        started = time.monotonic()
+        try:
+            sandbox = self._future.result()
+        finally:
+            self.waited_s += time.monotonic() - started
+        return sandbox.execute(code, timeout_s, max_output_chars)
+
+    def close(self) -> None:
+        self._closed = True
+        self._future.add_done_callback(_close_started)
+
+
+def _close_started(future: Future[Sandbox]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().close()

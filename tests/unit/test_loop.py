@@ -1,0 +1,197 @@
+"""The CodeAct loop, driven by a scripted model and a fake sandbox."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import pytest
+
+from agent.errors import LLMError, LLMRejected, SetupError
+from agent.events import EventType
+from agent.loop import Checkpoint, Step, run_codeact
+from agent.models import FailureClass, Result, Status, TaskSpec
+from agent.observation import cap, format_observation
+from agent.sandbox import ExecResult
+from tests.fakes import FakeClock, FakeSandbox, ScriptedLLM
+
+
+def spec(**overrides: object) -> TaskSpec:
+    return TaskSpec.from_dict({"prompt": "What is 6*7?", **overrides})
+
+
+def drain(gen: Generator[Step, None, Result]) -> tuple[list[Step], Result]:
+    steps = []
+    try:
+        while True:
+            steps.append(next(gen))
+    except StopIteration as stop:
+        return steps, stop.value
+
+
+def test_code_then_answer_completes_and_grades() -> None:
+    llm = ScriptedLLM(["<execute>print(6*7)</execute>", "<solution>42</solution>"])
+    box = FakeSandbox({"print(6*7)": ExecResult(stdout="42\n", duration_s=0.1)})
+    steps, result = drain(
+        run_codeact(spec(expected={"answer": 42, "grader": "numeric"}), llm, box, model="m")
+    )
+    assert [s.event.type for s in steps] == [
+        EventType.LLM_REPLY,
+        EventType.EXEC_RESULT,
+        EventType.LLM_REPLY,
+    ]
+    assert [s.event.turn for s in steps] == [1, 1, 2]
+    assert result.status is Status.COMPLETED
+    assert result.answer == "42" and result.correct is True and result.failure_class is None
+    assert result.turns == 2
+    assert result.usage.llm_calls == 2 and result.usage.total_tokens == 30
+    assert result.timings.llm_s == pytest.approx(1.0)
+    assert result.timings.exec_s == pytest.approx(0.1)
+    # The model saw the observation of its code on turn 2.
+    assert llm.requests[1].messages[-1]["content"] == "Observation:\n42"
+    assert llm.requests[0].stop == ("</execute>",)
+
+
+def test_a_wrong_answer_is_completed_but_incorrect() -> None:
+    llm = ScriptedLLM(["<solution>41</solution>"])
+    _, result = drain(run_codeact(spec(expected={"answer": "42"}), llm, FakeSandbox(), model="m"))
+    assert result.status is Status.COMPLETED
+    assert result.correct is False and result.failure_class is FailureClass.WRONG_ANSWER
+
+
+def test_the_system_prompt_documents_the_tools() -> None:
+    llm = ScriptedLLM(["<solution>x</solution>"])
+    tools = [{"name": "fib", "signature": "fib(n: int) -> int", "description": "Fibonacci"}]
+    drain(run_codeact(spec(tools=tools), llm, FakeSandbox(), model="m"))
+    system = llm.requests[0].messages[0]["content"]
+    assert "- fib(n: int) -> int: Fibonacci" in system
+    assert "<execute>" in system and "<solution>" in system
+
+
+def test_a_reply_without_action_gets_a_nudge_and_three_in_a_row_fail() -> None:
+    llm = ScriptedLLM(["hmm", "let me think", "still thinking"])
+    steps, result = drain(run_codeact(spec(), llm, FakeSandbox(), model="m"))
+    assert "neither code" in llm.requests[1].messages[-1]["content"]
+    assert result.status is Status.FAILED and result.failure_class is FailureClass.NO_ACTION
+    assert len(steps) == 3
+
+
+def test_repeating_the_same_failing_code_is_stuck() -> None:
+    boom = ExecResult(error="Traceback ...\nZeroDivisionError: division by zero")
+    llm = ScriptedLLM(["<execute>1/0</execute>"] * 5)
+    _, result = drain(run_codeact(spec(), llm, FakeSandbox({"1/0": boom}), model="m"))
+    assert result.status is Status.FAILED and result.failure_class is FailureClass.STUCK
+    assert result.turns == 3
+
+
+def test_recovering_from_a_traceback_is_not_stuck() -> None:
+    boom = ExecResult(error="NameError: name 'y' is not defined")
+    llm = ScriptedLLM(
+        [
+            "<execute>print(y)</execute>",
+            "<execute>y = 2\nprint(y)</execute>",
+            "<solution>2</solution>",
+        ]
+    )
+    _, result = drain(run_codeact(spec(), llm, FakeSandbox({"print(y)": boom}), model="m"))
+    assert result.status is Status.COMPLETED and result.answer == "2"
+    assert "NameError" in llm.requests[1].messages[-1]["content"]
+
+
+def test_out_of_turns_fails() -> None:
+    llm = ScriptedLLM([f"<execute>print({i})</execute>" for i in range(5)])
+    _, result = drain(run_codeact(spec(limits={"max_turns": 2}), llm, FakeSandbox(), model="m"))
+    assert result.status is Status.FAILED and result.failure_class is FailureClass.MAX_TURNS
+    assert result.turns == 2
+
+
+def test_the_token_budget_ends_the_task() -> None:
+    llm = ScriptedLLM([f"<execute>print({i})</execute>" for i in range(5)])
+    _, result = drain(run_codeact(spec(limits={"max_tokens": 20}), llm, FakeSandbox(), model="m"))
+    assert result.failure_class is FailureClass.TOKEN_BUDGET
+    assert result.usage.total_tokens == 30  # two calls of 15 tokens: the second crossed it
+    assert llm.requests[1].max_tokens == 5  # the last call may only spend what is left
+
+
+def test_the_wall_clock_limit_times_out() -> None:
+    clock = FakeClock(step=4.0)  # every look at the clock costs 4 s
+    llm = ScriptedLLM([f"<execute>print({i})</execute>" for i in range(10)])
+    _, result = drain(
+        run_codeact(spec(limits={"timeout_s": 10}), llm, FakeSandbox(), model="m", clock=clock)
+    )
+    assert result.status is Status.TIMED_OUT and result.failure_class is FailureClass.TIMEOUT
+
+
+def test_cancellation_is_seen_before_the_next_step() -> None:
+    flag = {"cancelled": False}
+    llm = ScriptedLLM(["<execute>x = 1</execute>", "<execute>x = 2</execute>"])
+    gen = run_codeact(spec(), llm, FakeSandbox(), model="m", cancelled=lambda: flag["cancelled"])
+    next(gen)  # llm.reply of turn 1
+    flag["cancelled"] = True
+    steps, result = drain(gen)
+    assert result.status is Status.CANCELLED
+    assert steps == []  # the code of turn 1 never ran
+
+
+def test_a_failing_setup_code_fails_the_task() -> None:
+    box = FakeSandbox(raises=SetupError("setup_code raised NameError"))
+    llm = ScriptedLLM(["<execute>print(1)</execute>"])
+    _, result = drain(run_codeact(spec(), llm, box, model="m"))
+    assert result.status is Status.FAILED and result.failure_class is FailureClass.SETUP_ERROR
+
+
+def test_a_rejected_request_is_an_error_result_but_a_server_fault_propagates() -> None:
+    _, result = drain(
+        run_codeact(spec(), ScriptedLLM([LLMRejected("bad model")]), FakeSandbox(), model="m")
+    )
+    assert result.status is Status.ERROR and result.failure_class is FailureClass.LLM_REJECTED
+    with pytest.raises(LLMError):
+        drain(run_codeact(spec(), ScriptedLLM([LLMError("down")]), FakeSandbox(), model="m"))
+
+
+def test_resuming_from_a_checkpoint_replays_cells_and_repeats_no_step() -> None:
+    # Given a first attempt that stopped right after turn 2's reply was stored
+    replies = ["<execute>a = 1</execute>", "<execute>b = a + 1</execute>", "<solution>2</solution>"]
+    first = run_codeact(spec(), ScriptedLLM(replies), FakeSandbox(), model="m")
+    stored: Checkpoint | None = None
+    published = []
+    for _ in range(3):
+        step = next(first)
+        published.append((step.event.turn, step.event.type))
+        stored = step.checkpoint
+    assert stored is not None and stored.pending_code == "b = a + 1"
+    # When a second attempt resumes from it in a fresh sandbox
+    box = FakeSandbox()
+    steps, result = drain(
+        run_codeact(
+            spec(),
+            ScriptedLLM(replies[2:]),
+            box,
+            model="m",
+            attempt=2,
+            resume=Checkpoint.from_dict(stored.to_dict()),
+        )
+    )
+    published += [(s.event.turn, s.event.type) for s in steps]
+    # Then earlier cells are replayed, the pending code runs, and no step repeats
+    assert box.executed == ["a = 1", "b = a + 1"]
+    assert len(published) == len(set(published)) == 5
+    assert result.status is Status.COMPLETED and result.attempt == 2 and result.turns == 3
+
+
+def test_observations_are_capped_keeping_head_and_tail() -> None:
+    text = "".join(f"line {i}\n" for i in range(10_000))
+    out = cap(text, 500)
+    assert len(out) <= 500
+    assert out.startswith("line 0\n") and out.rstrip().endswith("line 9999")
+    assert "characters cut" in out
+
+
+def test_observation_says_what_happened_to_the_session() -> None:
+    timed = format_observation(
+        ExecResult(timed_out=True, duration_s=30, error="KeyboardInterrupt"), 2000
+    )
+    assert "interrupted after 30s" in timed and "still there" in timed
+    lost = format_observation(ExecResult(state_lost=True, note="Out of memory (512 MB)."), 2000)
+    assert "Out of memory" in lost
+    assert format_observation(ExecResult(value="42"), 2000) == "Observation:\nOut: 42"
+    assert "printed nothing" in format_observation(ExecResult(), 2000)
