@@ -1,0 +1,5 @@
+import sys
+
+from actfleet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,54 @@
+"""``actfleet``: the operator's command line.
+
+Each sub-module registers its commands with ``register(subparsers)`` and gives each one a
+``func(args) -> int``. A command reports failures with ``CLIError`` (printed as one line on
+stderr, exit 2), never with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from agent.errors import ActfleetError
+
+# Modules that contribute commands, in the order `actfleet --help` lists them.
+_MODULES = ("service", "run", "client", "keys", "bench", "fake_llm")
+
+
+class CLIError(Exception):
+    """A message for the user; the command exits with status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="actfleet",
+        description="Run CodeAct agents at scale: API, queue, workers, sandboxes.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _MODULES:
+        try:
+            module = importlib.import_module(f"actfleet.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"actfleet.cli.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (CLIError, ActfleetError) as e:
+        print(f"actfleet {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

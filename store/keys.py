@@ -1,0 +1,82 @@
+"""Every name that crosses a process boundary through Redis, in one place.
+
+Layout (``{p}`` is the configurable prefix, ``af`` by default)::
+
+    {p}:task:{id}              hash    the task record (see records.TaskRecord)
+    {p}:events:{id}            stream  the task's events; entry field "e" = Event JSON
+    {p}:lease:{id}             string  "{worker_id}/{attempt}" with a TTL: who runs it now
+    {p}:running                zset    task id -> lease expiry (unix ms); the sweeper's index
+    {p}:tenant:{t}:tasks       zset    task id -> created_at; GET /v1/tasks
+    {p}:tenant:{t}:active      string  count of the tenant's non-terminal tasks
+    {p}:batch:{id}             hash    the batch record
+    {p}:batch:{id}:tasks       list    the batch's task ids, in input order
+    {p}:batch:{id}:counts      hash    terminal status -> count
+    {p}:apikey:{sha256}        hash    tenant, name, created_at (the key itself is never stored)
+    {p}:apikeys                zset    sha256 -> created_at: every key, for `keys list`
+    {p}:stats:finished         hash    terminal status -> count, fleet-wide (FINISH bumps it)
+    {p}:worker:{id}            string  a worker's heartbeat, with a TTL
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Celery routing: the API enqueues by name, without importing the worker's code.
+TASK_QUEUE = "actfleet"
+RUN_TASK = "actfleet.run_task"
+DELIVER_WEBHOOK = "actfleet.deliver_webhook"
+
+EVENT_FIELD = "e"
+STREAM_MAXLEN = 10_000  # entries kept per task stream (approximate trim)
+STREAM_TTL_S = 7 * 24 * 3600  # a stream lives this long after its terminal event
+RECORD_TTL_S = 30 * 24 * 3600  # task and batch records after they finish
+LEASE_TTL_S = 30.0  # a lease not renewed for this long is expired
+HEARTBEAT_INTERVAL_S = 5.0  # how often a worker renews its leases and its own heartbeat
+WORKER_TTL_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "af"
+
+    def task(self, task_id: str) -> str:
+        return f"{self.prefix}:task:{task_id}"
+
+    def events(self, task_id: str) -> str:
+        return f"{self.prefix}:events:{task_id}"
+
+    def lease(self, task_id: str) -> str:
+        return f"{self.prefix}:lease:{task_id}"
+
+    @property
+    def running(self) -> str:
+        return f"{self.prefix}:running"
+
+    def tenant_tasks(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:tasks"
+
+    def tenant_active(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:active"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch:{batch_id}"
+
+    def batch_tasks(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch:{batch_id}:tasks"
+
+    def batch_counts(self, batch_id: str) -> str:
+        return f"{self.prefix}:batch:{batch_id}:counts"
+
+    def apikey(self, key_hash: str) -> str:
+        return f"{self.prefix}:apikey:{key_hash}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def apikeys(self) -> str:
+        return f"{self.prefix}:apikeys"
+
+    @property
+    def finished_counts(self) -> str:
+        return f"{self.prefix}:stats:finished"

@@ -1,0 +1,113 @@
+"""Task and batch records as they are stored in Redis hashes.
+
+Decoding is the one place a stored record is turned back into typed data; a malformed
+record raises ``RecordError`` instead of a ``KeyError`` deep inside a route.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.errors import ActfleetError
+from agent.models import Result, Status, TaskSpec
+
+
+class RecordError(ActfleetError):
+    """A stored record could not be decoded."""
+
+
+def new_task_id() -> str:
+    return "task_" + secrets.token_hex(12)
+
+
+def new_batch_id() -> str:
+    return "batch_" + secrets.token_hex(12)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    id: str
+    tenant: str
+    spec: TaskSpec
+    status: Status = Status.QUEUED
+    attempt: int = 0  # 0 until a worker first starts it
+    batch_id: str | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    cancel_requested: bool = False
+    result: Result | None = None
+
+    def to_hash(self) -> dict[str, str]:
+        """All fields as strings, for HSET. Absent optionals are omitted."""
+        h = {
+            "id": self.id,
+            "tenant": self.tenant,
+            "spec": json.dumps(self.spec.to_dict(), separators=(",", ":")),
+            "status": self.status.value,
+            "attempt": str(self.attempt),
+            "created_at": repr(self.created_at),
+            "cancel_requested": "1" if self.cancel_requested else "0",
+        }
+        if self.batch_id:
+            h["batch_id"] = self.batch_id
+        if self.spec.custom_id:
+            h["custom_id"] = self.spec.custom_id
+        if self.started_at is not None:
+            h["started_at"] = repr(self.started_at)
+        if self.finished_at is not None:
+            h["finished_at"] = repr(self.finished_at)
+        if self.result is not None:
+            h["result"] = json.dumps(self.result.to_dict(), separators=(",", ":"))
+        return h
+
+    @classmethod
+    def from_hash(cls, h: Mapping[Any, Any]) -> TaskRecord:
+        d = {_s(k): _s(v) for k, v in h.items()}
+        try:
+            return cls(
+                id=d["id"],
+                tenant=d["tenant"],
+                spec=TaskSpec.from_dict(json.loads(d["spec"])),
+                status=Status(d["status"]),
+                attempt=int(d.get("attempt", "0")),
+                batch_id=d.get("batch_id") or None,
+                created_at=float(d["created_at"]),
+                started_at=_float(d.get("started_at")),
+                finished_at=_float(d.get("finished_at")),
+                cancel_requested=d.get("cancel_requested") == "1",
+                result=Result.from_dict(json.loads(d["result"])) if d.get("result") else None,
+            )
+        except (KeyError, ValueError, TypeError, ActfleetError) as e:
+            raise RecordError(f"malformed task record {d.get('id', '?')}: {e!r}") from e
+
+    def public(self) -> dict[str, Any]:
+        """The task as the HTTP API shows it."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "custom_id": self.spec.custom_id,
+            "batch_id": self.batch_id,
+            "status": self.status.value,
+            "attempt": self.attempt,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "cancel_requested": self.cancel_requested,
+            "metadata": dict(self.spec.metadata),
+        }
+        if self.result is not None:
+            out["result"] = self.result.to_dict()
+        return out
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _float(v: str | None) -> float | None:
+    return None if v in (None, "") else float(v)

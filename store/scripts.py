@@ -1,0 +1,159 @@
+"""Lua scripts for atomic, fenced state transitions.
+
+A write by a worker is *fenced*: it only lands while ``{p}:lease:{id}`` still holds that
+worker's ``"{worker_id}/{attempt}"``. A worker that lost its lease (it stalled, another
+attempt took over) has its writes dropped instead of corrupting the record.
+
+Register with ``client.register_script(SOURCE)`` on a sync or an asyncio client alike.
+"""
+
+from __future__ import annotations
+
+# FINISH: move a task to a terminal status exactly once.
+# KEYS: 1 task hash, 2 lease, 3 running zset, 4 events stream, 5 tenant active counter,
+#       6 batch counts hash (optional: pass only when the task belongs to a batch)
+# ARGV: 1 owner ("worker/attempt"; "" = unfenced, allowed only while the task is queued,
+#       which is how the API cancels a task no worker has taken), 2 status, 3 result JSON,
+#       4 finished_at, 5 terminal event JSON, 6 stream maxlen, 7 stream ttl_s,
+#       8 record ttl_s, 9 task id
+# Returns: the terminal event's stream id; 0 if already terminal; -1 if fenced out;
+#          -2 if there is no such task.
+FINISH = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return -2 end
+if st ~= 'queued' and st ~= 'running' then return 0 end
+if ARGV[1] ~= '' then
+  if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+elseif st ~= 'queued' then
+  return -1
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'result', ARGV[3], 'finished_at', ARGV[4])
+local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
+redis.call('EXPIRE', KEYS[4], ARGV[7])
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[9])
+if redis.call('DECR', KEYS[5]) < 0 then redis.call('SET', KEYS[5], 0) end
+if KEYS[6] then redis.call('HINCRBY', KEYS[6], ARGV[2], 1) end
+return id
+"""
+
+# APPEND: add one event to a task's stream, and optionally its checkpoint, while the
+# caller owns the lease.
+# KEYS: 1 task hash, 2 lease, 3 events stream
+# ARGV: 1 owner, 2 event JSON, 3 stream maxlen, 4 checkpoint JSON ("" = keep the old one)
+# Returns: the stream id, or false if fenced out.
+APPEND = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
+local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'checkpoint', ARGV[4]) end
+return id
+"""
+
+# --- worker-side transitions (store.tasks) ---------------------------------------------
+# A task's hash also holds, once a worker has run it: "checkpoint" (the loop's state after
+# its last appended step), "seq" (how many events this task's workers appended; an append
+# carries the seq it expects to write, so a retried call never adds an entry twice) and
+# "worker" (who holds or last held the lease).
+
+# CLAIM: take a delivered task, unless it is finished or someone holds a live lease.
+# KEYS: 1 task hash, 2 lease, 3 running zset
+# ARGV: 1 worker id, 2 now (unix s), 3 lease ttl ms, 4 lease expiry (unix ms), 5 task id
+# Returns: {attempt, checkpoint or "", seq, started_at} on success; {0, reason} when the
+#          delivery must be dropped (reason: "missing", "terminal", "duplicate").
+CLAIM = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return {0, 'missing'} end
+if st ~= 'queued' and st ~= 'running' then return {0, 'terminal'} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {0, 'duplicate'} end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('SET', KEYS[2], ARGV[1] .. '/' .. attempt, 'PX', ARGV[3])
+local started = redis.call('HGET', KEYS[1], 'started_at')
+if not started then
+  started = ARGV[2]
+  redis.call('HSET', KEYS[1], 'started_at', started)
+end
+redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
+local cp = redis.call('HGET', KEYS[1], 'checkpoint') or ''
+local seq = redis.call('HGET', KEYS[1], 'seq') or '0'
+return {attempt, cp, seq, started}
+"""
+
+# RENEW: extend a lease held by ARGV[1]; run pipelined for all of a worker's tasks.
+# A lease that vanished (Redis restarted and lost the last second of writes, or paused
+# longer than the TTL) is taken back while the record still says this attempt runs and
+# no one else claimed it in between.
+# KEYS: 1 task hash, 2 lease, 3 running zset
+# ARGV: 1 owner, 2 lease ttl ms, 3 lease expiry (unix ms), 4 task id, 5 attempt
+# Returns: {1 if the lease is held (0 if lost), cancel_requested "1"/"0"}
+RENEW = """
+local cancel = redis.call('HGET', KEYS[1], 'cancel_requested') or '0'
+local cur = redis.call('GET', KEYS[2])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+  return {1, cancel}
+end
+if not cur and redis.call('HGET', KEYS[1], 'status') == 'running'
+   and redis.call('HGET', KEYS[1], 'attempt') == ARGV[5] then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+  return {1, cancel}
+end
+return {0, cancel}
+"""
+
+# STEP: append one event (and the checkpoint after it) while owning the lease; idempotent
+# on ARGV[5] (the seq this event gets), so a call retried after a lost reply is a no-op.
+# KEYS: 1 task hash, 2 lease, 3 events stream
+# ARGV: 1 owner, 2 event JSON, 3 stream maxlen, 4 checkpoint JSON ("" = keep), 5 seq
+# Returns: the stream id; 1 if that seq was already written; false if fenced out.
+STEP = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if seq >= tonumber(ARGV[5]) then return 1 end
+local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2])
+redis.call('HSET', KEYS[1], 'seq', ARGV[5])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'checkpoint', ARGV[4]) end
+return id
+"""
+
+# RELEASE: give a task back without finishing it (an infrastructure fault to retry after a
+# backoff, or a worker shutting down). The task stays in the running index with expiry
+# ARGV[2], so if the retry message is lost with its worker the sweeper re-enqueues it.
+# KEYS: 1 task hash, 2 lease, 3 running zset
+# ARGV: 1 owner, 2 reclaim-after (unix ms), 3 task id
+# Returns: 1 released; 0 fenced out.
+RELEASE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+return 1
+"""
+
+# SWEEP: deal with one task whose lease expired (its worker died or stalled).
+# KEYS: 1 task hash, 2 lease, 3 running zset
+# ARGV: 1 now (unix ms), 2 max attempts, 3 task id, 4 sweeper id, 5 lease ttl ms
+# Returns: "requeue" (status back to queued, out of the index: enqueue a new message),
+#          "exhausted" (the sweeper now holds the lease as ARGV[4]/attempt: FINISH it as
+#          error/worker_lost), or "skip" (it is not expired after all, or already done).
+SWEEP = """
+local score = redis.call('ZSCORE', KEYS[3], ARGV[3])
+if not score or tonumber(score) > tonumber(ARGV[1]) then return 'skip' end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'skip' end
+local st = redis.call('HGET', KEYS[1], 'status')
+if st ~= 'queued' and st ~= 'running' then
+  redis.call('ZREM', KEYS[3], ARGV[3])
+  return 'skip'
+end
+local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+if attempt >= tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[2], ARGV[4] .. '/' .. attempt, 'PX', ARGV[5])
+  return 'exhausted'
+end
+redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('HSET', KEYS[1], 'status', 'queued')
+return 'requeue'
+"""
