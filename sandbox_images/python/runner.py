@@ -1,0 +1,407 @@
+"""actfleet's in-sandbox runner: a resident Python session, driven over a framed JSON channel.
+
+Stdlib only: it runs inside the sandbox with whatever ``python3`` (>= 3.11) is there.
+
+Start it as ``python3 runner.py`` with the protocol on stdin (requests) and stdout
+(responses); the working directory is the task's work dir. At startup the runner moves the
+protocol to private duplicated descriptors and points fd 0 at /dev/null and fds 1/2 at
+capture pipes, so nothing the user's code (or a subprocess it starts) writes can corrupt
+the channel.
+
+Wire format: each frame is a 4-byte big-endian unsigned length followed by that many bytes
+of UTF-8 JSON (never pickle). On start the runner sends
+``{"ready": true, "pid": int, "python": "3.11.x"}``. Requests and responses:
+
+``{"op": "exec", "id": n, "code": str, "timeout_s": float, "max_output_chars": int}``
+    -> ``{"id": n, "stdout": str, "stderr": str, "value": str|null, "error": str|null,
+    "timed_out": bool, "duration_s": float}``
+``{"op": "put_file", "id": n, "path": rel, "content_b64": str}``
+    -> ``{"id": n, "ok": true}`` or ``{"id": n, "ok": false, "error": str}``
+``{"op": "ping", "id": n}`` -> ``{"id": n, "ok": true, "pong": true}``
+
+Exit status ``EXIT_OUT_OF_MEMORY`` (86) means the runner itself ran out of memory.
+"""
+
+import ast
+import base64
+import binascii
+import builtins
+import contextlib
+import json
+import linecache
+import os
+import resource
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+import types
+
+EXIT_OUT_OF_MEMORY = 86
+EXIT_PROTOCOL = 87
+MAX_REQUEST_BYTES = 256 * 1024 * 1024
+_HEADER = struct.Struct(">I")
+_CONTINUATION = bytes(range(0x80, 0xC0))  # UTF-8 continuation bytes: not the start of a char
+_END_WAIT_S = 1.0
+_RUNNER_FILE = __file__  # how long to wait for the capture threads to see the end-of-cell marker
+
+
+class ExecutionTimeout(BaseException):
+    """Raised inside the user's code when its time is up (BaseException: harder to swallow)."""
+
+
+def _cont(data: bytes) -> int:
+    """How many UTF-8 continuation bytes ``data`` holds (bytes minus this = characters)."""
+    return len(data) - len(data.translate(None, _CONTINUATION))
+
+
+def cap_text(text: str, max_chars: int) -> str:
+    """Keep the head and tail of ``text`` and say how much was cut."""
+    if len(text) <= max_chars:
+        return text
+    half = max(max_chars // 2, 1)
+    cut = len(text) - 2 * half
+    return f"{text[:half]}\n[... {cut} characters cut ...]\n{text[-half:]}"
+
+
+class _Capture:
+    """Owns one of fds 1/2: a pipe whose read end a daemon thread drains for ever.
+
+    Per cell the thread keeps only a bounded head and tail of what it read, and counts the
+    rest, so printing 100 MB costs a bounded amount of memory. The end of a cell is marked
+    by writing a per-session random token into the pipe (atomic: shorter than PIPE_BUF).
+    """
+
+    def __init__(self, fd: int, token: bytes) -> None:
+        self.fd = fd
+        self.token = token
+        read_end, write_end = os.pipe()
+        self.read_end = read_end
+        self.write_end = write_end  # kept so fd 1/2 can be restored if user code closed them
+        os.dup2(write_end, fd)
+        os.set_inheritable(fd, True)
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.limit = 8192
+        self._reset()
+        threading.Thread(target=self._pump, daemon=True, name=f"capture-{fd}").start()
+
+    def _reset(self) -> None:
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total_bytes = 0
+        self.tail_chars_dropped = 0
+        self.carry = b""
+
+    def begin(self, max_chars: int) -> None:
+        with self.lock:
+            self._reset()
+            self.limit = max(4 * max_chars, 64)  # UTF-8: at most 4 bytes a char
+            self.done.clear()
+        with contextlib.suppress(OSError):  # undo any os.close(1) / dup2 of the last cell
+            os.dup2(self.write_end, self.fd)
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                data = os.read(self.read_end, 65536)
+            except InterruptedError:
+                continue
+            if not data:
+                return
+            with self.lock:
+                self._feed(self.carry + data)
+
+    def _feed(self, data: bytes) -> None:
+        at = data.find(self.token)
+        if at >= 0:
+            self._keep(data[:at])
+            self.carry = b""
+            self.done.set()
+            rest = data[at + len(self.token) :]
+            if rest:  # a background process wrote after the marker: next cell's output
+                self._feed(rest)
+            return
+        # the token may straddle two reads: hold back a possible prefix of it
+        keep_back = 0
+        for n in range(min(len(self.token) - 1, len(data)), 0, -1):
+            if self.token.startswith(data[-n:]):
+                keep_back = n
+                break
+        self._keep(data[: len(data) - keep_back])
+        self.carry = data[len(data) - keep_back :]
+
+    def _keep(self, data: bytes) -> None:
+        if not data:
+            return
+        self.total_bytes += len(data)
+        room = self.limit - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data
+            excess = len(self.tail) - self.limit
+            if excess > 0:
+                self.tail_chars_dropped += excess - _cont(bytes(self.tail[:excess]))
+                del self.tail[:excess]
+
+    def end(self, max_chars: int) -> str:
+        with contextlib.suppress(OSError):
+            os.write(self.fd, self.token)
+        self.done.wait(_END_WAIT_S)
+        with self.lock:
+            head = bytes(self.head)
+            tail = bytes(self.tail)
+            dropped = self.tail_chars_dropped
+            self._reset()
+        if not dropped:
+            return cap_text((head + tail).decode("utf-8", "replace"), max_chars)
+        head_text = head.decode("utf-8", "replace")
+        tail_text = tail.decode("utf-8", "replace")
+        half = max(max_chars // 2, 1)
+        cut = len(head_text) - half + dropped + len(tail_text) - half
+        return f"{head_text[:half]}\n[... {cut} characters cut ...]\n{tail_text[-half:]}"
+
+
+class Runner:
+    def __init__(self) -> None:
+        # Move the protocol off fds 0/1 and keep a private copy of the original stderr.
+        self.proto_in = os.dup(0)
+        self.proto_out = os.dup(1)
+        self.log_fd = os.dup(2)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        token = b"\x00<actfleet-end-of-cell-" + binascii.hexlify(os.urandom(12)) + b">\x00"
+        self.captures = (_Capture(1, token), _Capture(2, token))
+        sys.stdin = open(0, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+        sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+        sys.stdout.reconfigure(line_buffering=True)
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+        sys.stderr.reconfigure(line_buffering=True)
+        sys.__stdin__ = sys.stdin  # type: ignore[misc]
+        sys.__stdout__ = sys.stdout  # type: ignore[misc]
+        sys.__stderr__ = sys.stderr  # type: ignore[misc]
+        module = types.ModuleType("__main__")
+        module.__dict__["__builtins__"] = builtins
+        sys.modules["__main__"] = module
+        self.namespace = module.__dict__
+        self.cell = 0
+        self.pid = os.getpid()
+        self.in_user_code = False
+        self.reserve: bytearray | None = bytearray(
+            1 << 20
+        )  # freed on MemoryError to get room to answer
+        self._timeout_message = ""
+        signal.signal(signal.SIGALRM, self._on_alarm)
+
+    # -- protocol -----------------------------------------------------------------------
+
+    def send(self, message: dict) -> None:
+        body = json.dumps(message, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        data = memoryview(_HEADER.pack(len(body)) + body)
+        while data:
+            n = os.write(self.proto_out, data)
+            data = data[n:]
+
+    def _read_exact(self, n: int) -> bytes | None:
+        chunks = []
+        while n:
+            try:
+                chunk = os.read(self.proto_in, min(n, 1 << 20))
+            except InterruptedError:
+                continue
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    def recv(self) -> dict | None:
+        header = self._read_exact(4)
+        if header is None:
+            return None
+        (length,) = _HEADER.unpack(header)
+        if length > MAX_REQUEST_BYTES:
+            raise ValueError(f"request of {length} bytes is too large")
+        body = self._read_exact(length)
+        if body is None:
+            return None
+        message = json.loads(body.decode("utf-8"))
+        if not isinstance(message, dict):
+            raise ValueError("a request must be a JSON object")
+        return message
+
+    def serve(self) -> int:
+        self.send(
+            {"ready": True, "pid": os.getpid(), "python": ".".join(map(str, sys.version_info[:3]))}
+        )
+        while True:
+            try:
+                request = self.recv()
+            except (ValueError, UnicodeDecodeError) as e:
+                self._log(f"actfleet-runner: bad request: {e}")
+                return EXIT_PROTOCOL
+            if request is None:
+                return 0
+            try:
+                self.send(self.handle(request))
+            except MemoryError:
+                self.reserve = None
+                try:
+                    self.send({"id": request.get("id"), "error": self._oom_message()})
+                except MemoryError:
+                    self._log("actfleet-runner: out of memory")
+                    return EXIT_OUT_OF_MEMORY
+                self.reserve = bytearray(1 << 20)
+
+    def handle(self, request: dict) -> dict:
+        op = request.get("op")
+        rid = request.get("id")
+        if op == "exec":
+            return {"id": rid, **self.execute(request)}
+        if op == "put_file":
+            return {"id": rid, **self.put_file(request)}
+        if op == "ping":
+            return {"id": rid, "ok": True, "pong": True}
+        return {"id": rid, "ok": False, "error": f"unknown op {op!r}"}
+
+    def _log(self, text: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self.log_fd, (text + "\n").encode("utf-8", "replace"))
+
+    # -- files --------------------------------------------------------------------------
+
+    def put_file(self, request: dict) -> dict:
+        path = request.get("path")
+        if not isinstance(path, str) or not path or path.startswith(("/", "\\")):
+            return {"ok": False, "error": "path must be a relative path inside the work dir"}
+        parts = path.replace("\\", "/").split("/")
+        if ".." in parts or "" in parts:
+            return {"ok": False, "error": "path must not contain '..' or empty parts"}
+        try:
+            content = base64.b64decode(request.get("content_b64") or "", validate=True)
+        except (binascii.Error, ValueError):
+            return {"ok": False, "error": "content_b64 is not valid base64"}
+        try:
+            parent = os.path.dirname(path)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(content)
+        except OSError as e:
+            return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        return {"ok": True}
+
+    # -- execution ----------------------------------------------------------------------
+
+    def _on_alarm(self, signum: int, frame: object) -> None:
+        if self.in_user_code:
+            raise ExecutionTimeout(self._timeout_message)
+
+    def _compile(
+        self, code: str, filename: str
+    ) -> tuple[types.CodeType | None, types.CodeType | None]:
+        tree = ast.parse(code, filename, "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)  # type: ignore[attr-defined]
+        body = compile(tree, filename, "exec") if tree.body else None
+        return body, (compile(last, filename, "eval") if last is not None else None)
+
+    def execute(self, request: dict) -> dict:
+        code = request.get("code")
+        if not isinstance(code, str):
+            return {"error": "exec: code must be a string", "timed_out": False}
+        timeout_s = float(request.get("timeout_s") or 30.0)
+        max_chars = int(request.get("max_output_chars") or 2000)
+        self.cell += 1
+        filename = f"<cell {self.cell}>"
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        self._timeout_message = f"the execution was interrupted after {timeout_s:g} s (time limit)"
+        for capture in self.captures:
+            capture.begin(max_chars)
+        value = error = None
+        timed_out = False
+        started = time.perf_counter()
+        try:
+            try:
+                body, last = self._compile(code, filename)
+                signal.setitimer(signal.ITIMER_REAL, max(timeout_s, 0.001))
+                self.in_user_code = True
+                try:
+                    if body is not None:
+                        exec(body, self.namespace)
+                    if last is not None:
+                        result = eval(last, self.namespace)
+                        if result is not None:
+                            value = cap_text(repr(result), max_chars)
+                finally:
+                    self.in_user_code = False
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            except ExecutionTimeout as e:
+                timed_out = True
+                error = self._format_error(e, max_chars)
+            except MemoryError as e:
+                self.reserve = None  # room to format the error
+                error = self._format_error(e, max_chars) + "\n" + self._oom_message(in_cell=True)
+            except BaseException as e:  # SystemExit and KeyboardInterrupt included: keep serving
+                error = self._format_error(e, max_chars)
+        finally:
+            if os.getpid() != self.pid:  # a child the user's code forked must not answer
+                os._exit(0)
+            duration = time.perf_counter() - started
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):  # the user may have closed/replaced it
+                    stream.flush()
+            stdout = self.captures[0].end(max_chars)
+            stderr = self.captures[1].end(max_chars)
+            if self.reserve is None:
+                self.reserve = bytearray(1 << 20)
+        return {
+            "stdout": stdout,
+            "stderr": stderr,
+            "value": value,
+            "error": error,
+            "timed_out": timed_out,
+            "duration_s": round(duration, 6),
+        }
+
+    def _format_error(self, exc: BaseException, max_chars: int) -> str:
+        """A traceback of the user's frames only: the runner's own (the ``exec`` call at
+        the bottom, the alarm handler at the top) are dropped."""
+        summary = traceback.TracebackException(type(exc), exc, exc.__traceback__)
+        pending = [summary]
+        while pending:
+            te = pending.pop()
+            te.stack = traceback.StackSummary.from_list(
+                [f for f in te.stack if f.filename != _RUNNER_FILE]
+            )
+            pending.extend(t for t in (te.__cause__, te.__context__) if t is not None)
+        text = "".join(summary.format()).rstrip("\n")
+        return cap_text(text, max(max_chars, 2000))
+
+    def _oom_message(self, in_cell: bool = False) -> str:
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        limit = "" if soft == resource.RLIM_INFINITY else f" (limit {soft // (1024 * 1024)} MB)"
+        if in_cell:
+            return f"The allocation failed: the sandbox is out of memory{limit}."
+        return f"The sandbox ran out of memory{limit}."
+
+
+def main() -> int:
+    runner = Runner()
+    try:
+        return runner.serve()
+    except MemoryError:
+        runner._log("actfleet-runner: out of memory")
+        return EXIT_OUT_OF_MEMORY
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush = sys.stderr.flush = lambda: None  # type: ignore[method-assign]
+    os._exit(code)

@@ -1,0 +1,234 @@
+"""The bubblewrap backend against hostile code: real bwrap, real processes, no mocks."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.errors import SetupError
+from agent.models import TaskSpec
+from workers.sandbox.bwrap import BwrapProvider, BwrapSandbox
+
+pytestmark = [
+    pytest.mark.bwrap,
+    pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed"),
+]
+
+
+def make_spec(**overrides: object) -> TaskSpec:
+    return TaskSpec.from_dict({"prompt": "test", **overrides})
+
+
+def processes_of(sandbox: BwrapSandbox, pid: int | None) -> list[int]:
+    """Host pids that belong to the sandbox: its bwrap pid, or its private host uid."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        uids = {int(u) for u in uid_line.split()[1:]}
+        if (
+            int(entry.name) == pid
+            or (sandbox.host_uid != os.geteuid() and sandbox.host_uid in uids)
+        ) and "State:\tZ" not in status:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def provider() -> BwrapProvider:
+    return BwrapProvider()  # base_dir must be reachable by the sandbox uid: not tmp_path
+
+
+@pytest.fixture
+def sandbox(provider: BwrapProvider) -> Iterator[BwrapSandbox]:
+    sb = provider.start(make_spec(sandbox={"memory_mb": 256}), "test-task")
+    yield sb
+    sb.close()
+
+
+def test_files_and_setup_code_are_applied_before_the_first_turn(provider: BwrapProvider) -> None:
+    spec = make_spec(
+        files=[{"path": "data/n.txt", "content_b64": base64.b64encode(b"41").decode()}],
+        setup_code="def answer():\n    return int(open('data/n.txt').read()) + 1",
+    )
+    with provider.start(spec, "t") as sb:
+        assert sb.execute("answer()", 5, 1000).value == "42"
+
+
+def test_failing_setup_code_raises_setup_error_with_the_traceback(provider: BwrapProvider) -> None:
+    with pytest.raises(SetupError, match="ZeroDivisionError"):
+        provider.start(make_spec(setup_code="1 / 0"), "t")
+
+
+def test_state_survives_across_executions(sandbox: BwrapSandbox) -> None:
+    sandbox.execute("import json\nrows = [1, 2, 3]", 5, 1000)
+    assert sandbox.execute("json.dumps(rows)", 5, 1000).value == "'[1, 2, 3]'"
+
+
+def test_runs_as_an_unprivileged_user_in_the_work_dir_with_a_clean_env(
+    sandbox: BwrapSandbox,
+) -> None:
+    result = sandbox.execute("import os\nos.getuid(), os.getcwd(), sorted(os.environ)", 5, 1000)
+    assert result.value == (
+        "(65534, '/work', ['HOME', 'LANG', 'PATH', 'PWD', 'PYTHONDONTWRITEBYTECODE', "
+        "'PYTHONUNBUFFERED', 'TMPDIR'])"
+    )
+
+
+def test_network_access_fails(sandbox: BwrapSandbox) -> None:
+    result = sandbox.execute(
+        "import socket\nsocket.create_connection(('10.0.0.1', 80), timeout=2)", 5, 1000
+    )
+    assert result.error is not None and "Network is unreachable" in result.error
+
+
+@pytest.mark.parametrize("path", ["/usr/evil", "/etc/evil", "/root/evil", "/evil", "/opt/x"])
+def test_writing_outside_the_work_dir_fails(sandbox: BwrapSandbox, path: str) -> None:
+    result = sandbox.execute(f"open({path!r}, 'w').write('x')", 5, 1000)
+    assert result.error is not None
+    assert "Read-only file system" in result.error or "No such file" in result.error
+    assert not Path(path).exists()
+
+
+def test_the_work_dir_and_tmp_are_writable(sandbox: BwrapSandbox) -> None:
+    result = sandbox.execute(
+        "open('out.txt', 'w').write('ok')\nopen('/tmp/t', 'w').write('ok')", 5, 1000
+    )
+    assert result.ok
+    assert sandbox.work_dir is not None
+    assert (sandbox.work_dir / "out.txt").read_text() == "ok"
+
+
+def test_an_endless_loop_is_interrupted_and_state_survives(sandbox: BwrapSandbox) -> None:
+    sandbox.execute("x = 1", 5, 1000)
+    result = sandbox.execute("while True:\n    pass", 1, 1000)
+    assert result.timed_out and not result.state_lost
+    assert sandbox.execute("x", 5, 1000).value == "1"
+
+
+def test_code_that_will_not_stop_is_killed_and_the_session_restarts_fresh(
+    provider: BwrapProvider,
+) -> None:
+    spec = make_spec(setup_code="TOOL = 'ready'")
+    with provider.start(spec, "t") as sb:
+        sb.execute("x = 1", 5, 1000)
+        started = time.monotonic()
+        result = sb.execute(
+            "import time\nwhile True:\n    try:\n        time.sleep(10)\n"
+            "    except BaseException:\n        pass",
+            1,
+            1000,
+        )
+        assert time.monotonic() - started < 4
+        assert result.timed_out and result.state_lost
+        assert result.note == (
+            "The execution did not stop within 1s and the sandbox was restarted: "
+            "all variables and imports were lost."
+        )
+        after = sb.execute("TOOL, 'x' in globals()", 5, 1000)
+        assert after.value == "('ready', False)"
+        assert sb.restarts == 1
+
+
+def test_a_fork_bomb_is_contained_and_the_host_still_forks(sandbox: BwrapSandbox) -> None:
+    result = sandbox.execute(
+        "import os, time\n"
+        "n = 0\n"
+        "try:\n"
+        "    while True:\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(60)\n"
+        "            os._exit(0)\n"
+        "        n += 1\n"
+        "except OSError as e:\n"
+        "    print('fork refused after', n, e.strerror)",
+        10,
+        1000,
+    )
+    assert "fork refused after" in result.stdout
+    assert int(result.stdout.split()[3]) < 200
+    assert subprocess.run(["true"], check=False).returncode == 0
+    assert sandbox.execute("1 + 1", 5, 1000).value == "2"
+
+
+def test_a_real_fork_bomb_is_contained_and_cleaned_up_on_close(provider: BwrapProvider) -> None:
+    sb = provider.start(make_spec(), "t")
+    pid = sb.pid
+    result = sb.execute(
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+        2,
+        1000,
+    )
+    assert result.timed_out
+    assert subprocess.run(["true"], check=False).returncode == 0
+    sb.close()
+    assert processes_of(sb, pid) == []
+
+
+def test_100_mb_of_output_comes_back_capped(sandbox: BwrapSandbox) -> None:
+    result = sandbox.execute(
+        "import sys\nfor _ in range(100):\n    sys.stdout.write('z' * 1_000_000)", 60, 2000
+    )
+    assert result.ok
+    assert "[... 99998000 characters cut ...]" in result.stdout
+    assert len(result.stdout) < 2100
+
+
+def test_a_memory_hog_gets_a_memory_error_that_names_the_limit(sandbox: BwrapSandbox) -> None:
+    result = sandbox.execute("hog = []\nwhile True:\n    hog.append(bytearray(10**7))", 30, 1000)
+    assert result.error is not None
+    assert "MemoryError" in result.error
+    assert "out of memory (limit 256 MB)" in result.error
+    assert not result.state_lost
+    assert sandbox.execute("del hog\nsum(range(10))", 5, 1000).value == "45"
+
+
+def test_a_crash_loses_state_with_a_note_and_the_next_execute_restarts(
+    sandbox: BwrapSandbox,
+) -> None:
+    sandbox.execute("x = 1", 5, 1000)
+    result = sandbox.execute("import ctypes\nctypes.string_at(0)", 5, 1000)
+    assert result.state_lost and not result.timed_out
+    assert result.note == (
+        "The sandbox's Python process crashed (SIGSEGV) and was restarted: "
+        "all variables and imports were lost."
+    )
+    assert "NameError" in (sandbox.execute("x", 5, 1000).error or "")
+
+
+def test_close_leaves_no_process_and_no_work_dir_behind(provider: BwrapProvider) -> None:
+    sb = provider.start(make_spec(), "t")
+    sb.execute("import subprocess\nsubprocess.Popen(['sleep', '300'])", 5, 1000)
+    pid, work_dir = sb.pid, sb.work_dir
+    assert processes_of(sb, pid)
+
+    sb.close()
+    sb.close()  # idempotent
+
+    assert processes_of(sb, pid) == []
+    assert work_dir is not None and not work_dir.exists()
+
+
+def test_close_from_another_thread_ends_an_execute_in_flight(provider: BwrapProvider) -> None:
+    sb = provider.start(make_spec(), "t")
+    threading.Timer(0.5, sb.close).start()
+    started = time.monotonic()
+
+    result = sb.execute("import time\ntime.sleep(30)", 60, 1000)
+
+    assert time.monotonic() - started < 3
+    assert result.state_lost
+    assert sb.execute("1", 5, 1000).state_lost
