@@ -1,0 +1,33 @@
+"""Sandbox backends behind ``agent.sandbox.SandboxProvider``.
+
+``bwrap``: one runner process per task under bubblewrap (local, fast, no daemon).
+``docker``: one hardened container per task, with a warm pool and a reaper (production).
+Both speak the same framed protocol to the same runner (``protocol.py``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from actfleet.settings import Settings
+    from agent.sandbox import SandboxProvider
+
+
+def make_provider(settings: Settings, worker_id: str) -> SandboxProvider:
+    """The provider that ``settings.sandbox`` names, configured from ``settings``."""
+    if settings.sandbox == "docker":
+        from workers.sandbox.docker import DockerProvider
+
+        return DockerProvider(
+            worker_id=worker_id,
+            image=settings.sandbox_image,
+            allow_network=settings.sandbox_allow_network,
+            pool_min_size=settings.pool_min,
+            pool_max_size=settings.pool_max,
+            pool_idle_ttl_s=settings.pool_idle_s,
+            pool_max_age_s=settings.pool_max_age_s,
+        )
+    from workers.sandbox.bwrap import BwrapProvider
+
+    return BwrapProvider()

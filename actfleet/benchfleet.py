@@ -1,0 +1,153 @@
+"""``actfleet bench fleet``: N tasks of T turns through the real API, queue, workers and
+sandboxes, against ``fake-llm`` answering after L seconds, with C tasks in flight.
+
+Figures: throughput, task latency p50/p95 (created -> finished), orchestration overhead
+per turn (a task's run time not spent in the model or in user code, divided by its turns)
+and efficiency = ideal time / actual time, where ideal = ceil(N / C) * T * L: what a fleet
+with no overhead at all would need.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from typing import Any
+
+import httpx
+import redis
+from rich.console import Console
+
+from actfleet.fakellm import FakeLLMServer
+from actfleet.settings import Settings
+from actfleet.stack import LocalStack
+from store.apikeys import create_key
+from store.keys import Keys
+from store.records import TaskRecord
+
+
+def fleet_script(turns: int) -> list[dict[str, Any]]:
+    """T model replies per task: T-1 code actions (each using the previous turn's
+    variable, so sandbox state matters), then the answer."""
+    if turns == 1:
+        return [{"when": {}, "reply": "<solution>1</solution>"}]
+    rules: list[dict[str, Any]] = [
+        {"when": {"turn": 1}, "reply": "<execute>\nx = 1\nprint(x)\n</execute>"}
+    ]
+    for turn in range(2, turns):
+        rules.append({"when": {"turn": turn}, "reply": "<execute>\nx += 1\nprint(x)\n</execute>"})
+    rules.append({"when": {"last_regex": r"Observation:\s*(?P<out>\S+)"}, "reply": "<solution>{out}</solution>"})
+    return rules
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def run_fleet_bench(
+    settings: Settings,
+    *,
+    tasks: int,
+    turns: int,
+    latency_s: float,
+    concurrency: int,
+    progress: Console | None = None,
+) -> dict[str, Any]:
+    if tasks < 1 or turns < 1 or concurrency < 1 or latency_s < 0:
+        raise ValueError("tasks, turns and concurrency must be >= 1 and latency >= 0")
+    say = progress.print if progress else (lambda *a, **k: None)
+    with FakeLLMServer(script=fleet_script(turns), latency_s=latency_s) as llm:
+        env = {
+            "OPENAI_BASE_URL": llm.url,
+            "OPENAI_API_KEY": "bench",
+            "ACTFLEET_SANDBOX": settings.sandbox,
+            "ACTFLEET_MODEL": "bench",
+            "ACTFLEET_LOG_LEVEL": "WARNING",
+            "ACTFLEET_MAX_ACTIVE_PER_TENANT": str(max(tasks, 1000)),
+        }
+        say(f"starting the stack: 1 worker process x {concurrency} loops, {settings.sandbox}")
+        with LocalStack(redis_url=settings.redis_url, concurrency=concurrency, env=env) as stack:
+            assert stack.redis_url is not None
+            r = redis.Redis.from_url(stack.redis_url)
+            keys = Keys(settings.key_prefix)
+            api_key, _ = create_key(r, keys, "bench", "bench fleet")
+            body = "\n".join(
+                json.dumps(
+                    {
+                        "prompt": f"bench task {i}",
+                        "custom_id": f"t{i}",
+                        "limits": {"max_turns": turns + 1},
+                        "expected": {"answer": str(max(turns - 1, 1)), "grader": "exact"},
+                    }
+                )
+                for i in range(tasks)
+            )
+            http = httpx.Client(
+                base_url=stack.api_url,
+                headers={"Authorization": f"Bearer {api_key}"},
+                timeout=60,
+            )
+            say(f"submitting {tasks} tasks of {turns} turns, model latency {latency_s:g}s")
+            t0 = time.time()
+            resp = http.post("/v1/batches", content=body, headers={"Content-Type": "application/x-ndjson"})
+            resp.raise_for_status()
+            batch_id = resp.json()["id"]
+            submit_s = time.time() - t0
+            while True:
+                status = http.get(f"/v1/batches/{batch_id}").json()
+                done = int(status.get("finished", 0))
+                if progress:
+                    progress.print(f"  {done}/{tasks} finished", end="\r")
+                if done >= tasks:
+                    break
+                time.sleep(0.2)
+            wall_s = time.time() - t0
+            ids = [i.decode() for i in r.lrange(keys.batch_tasks(batch_id), 0, -1)]
+            pipe = r.pipeline(transaction=False)
+            for task_id in ids:
+                pipe.hgetall(keys.task(task_id))
+            records = [TaskRecord.from_hash(h) for h in pipe.execute()]
+            http.close()
+            r.close()
+
+    latencies, overheads = [], []
+    statuses: dict[str, int] = {}
+    for rec in records:
+        statuses[rec.status.value] = statuses.get(rec.status.value, 0) + 1
+        if rec.finished_at is None or rec.result is None:
+            continue
+        latencies.append(rec.finished_at - rec.created_at)
+        res = rec.result
+        if rec.started_at is not None and res.turns:
+            run_s = rec.finished_at - rec.started_at
+            model_s = res.usage.llm_calls * latency_s
+            overheads.append((run_s - model_s - res.timings.exec_s) / res.turns)
+    ideal_s = math.ceil(tasks / concurrency) * turns * latency_s
+    return {
+        "tasks": tasks,
+        "turns": turns,
+        "latency_s": latency_s,
+        "concurrency": concurrency,
+        "backend": settings.sandbox,
+        "statuses": statuses,
+        "submit_s": round(submit_s, 3),
+        "wall_s": round(wall_s, 3),
+        "ideal_s": round(ideal_s, 3),
+        "efficiency": round(ideal_s / wall_s, 4) if wall_s else 0.0,
+        "throughput_tasks_per_s": round(tasks / wall_s, 3),
+        "task_latency_s": {
+            "p50": round(percentile(latencies, 0.5), 3),
+            "p95": round(percentile(latencies, 0.95), 3),
+        },
+        "overhead_per_turn_ms": {
+            "p50": round(percentile(overheads, 0.5) * 1000, 2),
+            "p95": round(percentile(overheads, 0.95) * 1000, 2),
+            "mean": round(statistics.fmean(overheads) * 1000, 2) if overheads else None,
+        },
+    }

@@ -1,0 +1,98 @@
+"""``actfleet bench``: the benchmarks that speed and memory targets are measured by.
+
+``bench sandbox`` times a sandbox backend on its own (cold start to first result, warm
+acquire for pooled backends, exec round trip); ``bench fleet`` pushes N tasks of T turns
+through the real API, queue, workers and sandboxes against a fake model of fixed latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from actfleet.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure a sandbox backend or the whole fleet")
+    kinds = p.add_subparsers(dest="bench", metavar="KIND", required=True)
+
+    s = kinds.add_parser("sandbox", help="cold start, warm acquire and exec round trip")
+    s.add_argument("--backend", choices=["bwrap", "docker"], help="default: ACTFLEET_SANDBOX")
+    s.add_argument("--runs", type=int, default=50, help="samples per figure (default 50)")
+    s.add_argument("--json", action="store_true", help="print one JSON document")
+    s.set_defaults(func=bench_sandbox)
+
+    f = kinds.add_parser("fleet", help="N tasks of T turns through API, queue and workers")
+    f.add_argument("--tasks", type=int, default=300, help="N tasks (default 300)")
+    f.add_argument("--turns", type=int, default=3, help="T model turns per task (default 3)")
+    f.add_argument("--latency", type=float, default=2.0, help="L seconds per model reply")
+    f.add_argument("--concurrency", type=int, default=100, help="C tasks in flight")
+    f.add_argument("--backend", choices=["bwrap", "docker"], help="default: ACTFLEET_SANDBOX")
+    f.add_argument("--json", action="store_true", help="print one JSON document")
+    f.set_defaults(func=bench_fleet)
+
+
+def bench_sandbox(args: argparse.Namespace) -> int:
+    from workers.sandbox import make_provider
+    from workers.sandbox.bench import bench_sandbox as measure
+
+    settings = Settings()
+    if args.backend:
+        settings = settings.model_copy(update={"sandbox": args.backend})
+    provider = make_provider(settings, worker_id="bench")
+    try:
+        if settings.sandbox == "docker":
+            from workers.sandbox.docker_bench import bench_docker
+
+            report = bench_docker(provider, runs=args.runs)
+        else:
+            report = measure(provider, runs=args.runs)
+    finally:
+        close = getattr(provider, "close", None)
+        if close is not None:
+            close()
+    _print(report, args.json, "sandbox")
+    return 0
+
+
+def bench_fleet(args: argparse.Namespace) -> int:
+    from actfleet.benchfleet import run_fleet_bench
+
+    settings = Settings()
+    if args.backend:
+        settings = settings.model_copy(update={"sandbox": args.backend})
+    report = run_fleet_bench(
+        settings,
+        tasks=args.tasks,
+        turns=args.turns,
+        latency_s=args.latency,
+        concurrency=args.concurrency,
+        progress=None if args.json else Console(stderr=True),
+    )
+    _print(report, args.json, "fleet")
+    return 0
+
+
+def _print(report: dict[str, Any], as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"actfleet bench {title}", show_header=True)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in report.items():
+        if isinstance(value, dict):
+            shown = "  ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+        else:
+            shown = _fmt(value)
+        table.add_row(key, shown)
+    Console().print(table)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)

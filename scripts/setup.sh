@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything a fresh machine lacks, installed idempotently:
+#   Debian packages (redis-server, bubblewrap, and for the Docker backend docker.io and
+#   debootstrap), a virtualenv at .venv with actfleet and its dev tools, and, unless
+#   ACTFLEET_SETUP_DOCKER=0, a running Docker engine with the sandbox image built.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+say() { printf '[setup] %s\n' "$*" >&2; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+need=()
+for pair in redis-server:redis-server bwrap:bubblewrap; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+    say "installing ${need[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    say "creating .venv"
+    "$python" -m venv .venv
+fi
+if ! .venv/bin/python -c "import actfleet, pytest, ruff" >/dev/null 2>&1 \
+    || [ pyproject.toml -nt .venv/.installed ]; then
+    say "installing actfleet into .venv"
+    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    touch .venv/.installed
+fi
+
+if [ "${ACTFLEET_SETUP_DOCKER:-1}" != "0" ]; then
+    bash .ci/docker.sh
+fi
+say "ready"
