@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=20)
     llm_timeout_s: float = 120.0
     llm_max_retries: int = 4
+    worker_metrics_port: int | None = Field(
+        None, description="serve the worker's /metrics on this port (unset: no server)"
+    )
+    task_time_limit_s: float = Field(
+        87_000.0, description="hard limit on one attempt (above the largest limits.timeout_s)"
+    )
+    retry_backoff_s: float = Field(2.0, description="first delay before retrying an infra fault")
+    retry_backoff_max_s: float = 60.0
+    webhook_max_attempts: int = 8
 
     # api
     api_url: str = "http://127.0.0.1:8000"

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 TASK_QUEUE = "actfleet"
 RUN_TASK = "actfleet.run_task"
 DELIVER_WEBHOOK = "actfleet.deliver_webhook"
+WEBHOOK_QUEUE = "actfleet.webhooks"  # its own queue: a task backlog must not delay webhooks
 
 EVENT_FIELD = "e"
 STREAM_MAXLEN = 10_000  # entries kept per task stream (approximate trim)

@@ -1,0 +1,211 @@
+"""Client commands against a running API: ``submit``, ``batch``, ``tail``, ``export``.
+
+They read ``ACTFLEET_API_URL`` and ``ACTFLEET_API_KEY``. Human output goes to the terminal
+(rich); with ``--json`` a command prints one JSON document on stdout and nothing else there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from actfleet.cli import CLIError
+from actfleet.client import Client
+from actfleet.render import render_event, result_table
+from actfleet.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("submit", help="submit one task to the API")
+    s.add_argument("spec", nargs="?", metavar="SPEC.json", help="a task spec file ('-' = stdin)")
+    s.add_argument("--prompt", help="the task, when no spec file is given")
+    s.add_argument("--model", help="model name (default: the server's ACTFLEET_MODEL)")
+    s.add_argument("--max-turns", type=int, help="limits.max_turns")
+    s.add_argument("--follow", "-f", action="store_true", help="print its events live")
+    s.add_argument("--json", action="store_true", help="print one JSON document")
+    s.set_defaults(func=submit)
+
+    b = sub.add_parser("batch", help="submit a JSONL file of task specs")
+    b.add_argument("file", metavar="FILE.jsonl")
+    b.add_argument("--wait", action="store_true", help="show progress until every task ends")
+    b.add_argument("--out", help="with --wait: write results JSONL here (default BATCH_ID.jsonl)")
+    b.add_argument("--poll-s", type=float, default=1.0, help="progress poll interval")
+    b.add_argument("--json", action="store_true", help="print one JSON document")
+    b.set_defaults(func=batch)
+
+    t = sub.add_parser("tail", help="follow a task's events until it finishes")
+    t.add_argument("task_id", metavar="TASK_ID")
+    t.add_argument("--from", dest="last_event_id", help="start after this event id")
+    t.add_argument("--json", action="store_true", help="print events as JSON lines")
+    t.set_defaults(func=tail)
+
+    e = sub.add_parser("export", help="write a batch's results as JSONL")
+    e.add_argument("batch_id", metavar="BATCH_ID")
+    e.add_argument("--out", required=True, help="file to write ('-' = stdout)")
+    e.add_argument("--trajectory", action="store_true", help="include each task's messages")
+    e.set_defaults(func=export)
+
+
+def _client() -> Client:
+    settings = Settings()
+    if not settings.api_key:
+        raise CLIError("set ACTFLEET_API_KEY (make one with `actfleet keys create --tenant NAME`)")
+    return Client.from_settings(settings)
+
+
+def _read_spec(args: argparse.Namespace) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    if args.spec:
+        text = sys.stdin.read() if args.spec == "-" else _read_text(args.spec)
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{args.spec}: not JSON ({e.msg} at line {e.lineno})") from e
+        if not isinstance(spec, dict):
+            raise CLIError(f"{args.spec}: a task spec is a JSON object")
+    if args.prompt:
+        spec["prompt"] = args.prompt
+    if args.model:
+        spec["model"] = args.model
+    if args.max_turns is not None:
+        spec["limits"] = {**spec.get("limits", {}), "max_turns": args.max_turns}
+    if "prompt" not in spec:
+        raise CLIError("give a spec file or --prompt")
+    return spec
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise CLIError(f"cannot read {path}: {e.strerror}") from e
+
+
+def submit(args: argparse.Namespace) -> int:
+    spec = _read_spec(args)
+    console = Console(stderr=args.json, highlight=False)
+    with _client() as client:
+        accepted = client.submit(spec)
+        task_id = accepted["id"]
+        if not args.follow:
+            if args.json:
+                print(json.dumps(accepted))
+            else:
+                console.print(f"queued [bold]{task_id}[/]  (follow it: actfleet tail {task_id})")
+            return 0
+        if not args.json:
+            console.print(f"queued [bold]{task_id}[/]")
+        for ev in client.events(task_id):
+            if not args.json:
+                render_event(console, ev.event)
+        task = client.task(task_id)
+    if args.json:
+        print(json.dumps(task))
+    elif task.get("result"):
+        console.print(result_table(task["result"], task_id))
+    return 0 if task.get("status") == "completed" else 1
+
+
+def tail(args: argparse.Namespace) -> int:
+    console = Console(highlight=False)
+    with _client() as client:
+        for ev in client.events(args.task_id, last_event_id=args.last_event_id):
+            if args.json:
+                print(json.dumps({"id": ev.id, **ev.event}), flush=True)
+            else:
+                console.print(f"[dim]{ev.id}[/]", end=" ")
+                render_event(console, ev.event)
+    return 0
+
+
+def batch(args: argparse.Namespace) -> int:
+    body = Path(args.file).read_bytes() if Path(args.file).is_file() else None
+    if body is None:
+        raise CLIError(f"no such file: {args.file}")
+    console = Console(stderr=True, highlight=False)
+    with _client() as client:
+        accepted = client.submit_batch(body)
+        batch_id = accepted["id"]
+        if not args.wait:
+            if args.json:
+                print(json.dumps(accepted))
+            else:
+                console.print(f"queued batch [bold]{batch_id}[/] ({accepted['total']} tasks)")
+            return 0
+        console.print(f"queued batch [bold]{batch_id}[/] ({accepted['total']} tasks)")
+        status = _wait_with_progress(client, batch_id, accepted["total"], args.poll_s, console)
+        out = Path(args.out or f"{batch_id}.jsonl")
+        n = _write_results(client, batch_id, out, trajectory=False)
+    if args.json:
+        print(json.dumps({**status, "results_file": str(out)}))
+    else:
+        Console(highlight=False).print(_summary_table(status))
+        console.print(f"{n} results written to {out}")
+    return 0
+
+
+def _wait_with_progress(
+    client: Client, batch_id: str, total: int, poll_s: float, console: Console
+) -> dict[str, Any]:
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("tasks", total=total, detail="")
+
+        def show(status: dict[str, Any]) -> None:
+            c = status["counts"]
+            detail = f"running {c['running']}  ok {c['completed']}  failed " + str(
+                c["failed"] + c["error"] + c["timed_out"]
+            )
+            progress.update(bar, completed=status["finished"], detail=detail)
+
+        return client.wait_batch(batch_id, poll_s=poll_s, on_progress=show)
+
+
+def _summary_table(status: dict[str, Any]) -> Table:
+    table = Table(show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("batch", status["id"])
+    for name, n in status["counts"].items():
+        if n:
+            table.add_row(name, str(n))
+    rate = status.get("success_rate")
+    table.add_row("success rate", "-" if rate is None else f"{rate:.1%}")
+    turns = status.get("mean_turns")
+    table.add_row("mean turns", "-" if turns is None else f"{turns:.2f}")
+    usage = status["usage"]
+    table.add_row("tokens", f"{usage['total_tokens']:,}")
+    return table
+
+
+def _write_results(client: Client, batch_id: str, out: Path, trajectory: bool) -> int:
+    n = 0
+    with out.open("w") as f:
+        for line in client.batch_results(batch_id, trajectory=trajectory):
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def export(args: argparse.Namespace) -> int:
+    with _client() as client:
+        if args.out == "-":
+            for line in client.batch_results(args.batch_id, trajectory=args.trajectory):
+                print(json.dumps(line, ensure_ascii=False))
+            return 0
+        n = _write_results(client, args.batch_id, Path(args.out), args.trajectory)
+    print(f"{n} results written to {args.out}", file=sys.stderr)
+    return 0

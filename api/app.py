@@ -1,0 +1,104 @@
+"""The FastAPI app factory: ``create_app(settings)``; run it with uvicorn.
+
+Construction does no I/O: the Redis client, the store and the Celery producer are built in
+the lifespan and hung on ``app.state`` (settings, keys, redis, store, batches, enqueuer,
+metrics), which is what routes use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from actfleet.settings import Settings
+from agent.errors import ActfleetError
+from api import routes_batches, routes_tasks
+from api.errors import install_handlers
+from api.metrics import ApiMetrics, MetricsMiddleware, render
+from api.queue import Enqueuer, make_celery
+from store.aio import AsyncStore
+from store.batches import BatchStore
+from store.keys import Keys
+
+DESCRIPTION = """Run CodeAct agents at scale. Authenticate with `Authorization: Bearer <key>`
+(keys come from `actfleet keys create --tenant NAME`); each key sees only its tenant's
+tasks and batches. Errors are `{"detail": {"message": ..., ...}}` and say what to fix."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = ApiMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.redis_url:
+            raise ActfleetError("ACTFLEET_REDIS_URL is not set: the API needs Redis")
+        client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        enqueuer = Enqueuer(make_celery(settings))
+        store = AsyncStore(client, app.state.keys)
+        app.state.redis = client
+        app.state.store = store
+        app.state.batches = BatchStore(store)
+        app.state.enqueuer = enqueuer
+        try:
+            yield
+        finally:
+            enqueuer.close()
+            await client.aclose()
+
+    app = FastAPI(
+        title="actfleet",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.keys = Keys(settings.key_prefix)
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    install_handlers(app)
+    app.add_exception_handler(RedisConnectionError, _store_unavailable)
+    app.add_exception_handler(RedisTimeoutError, _store_unavailable)
+    app.include_router(routes_tasks.router)
+    app.include_router(routes_batches.router)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], responses={503: {"description": "Redis is unreachable"}})
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness: Redis answers a PING."""
+        try:
+            await request.app.state.redis.ping()
+        except Exception as e:  # any failure to reach Redis means "not ready"
+            return JSONResponse({"status": "unavailable", "redis": repr(e)}, 503)
+        return JSONResponse({"status": "ok", "redis": "ok"})
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    async def metrics_page(request: Request) -> Response:
+        """Prometheus metrics of this API, of local processes (multiprocess dir), and
+        fleet-wide task counts read from Redis."""
+        state = request.app.state
+        return Response(
+            await render(metrics, state.redis, state.keys), media_type=CONTENT_TYPE_LATEST
+        )
+
+    return app
+
+
+async def _store_unavailable(request: Request, exc: Any) -> JSONResponse:
+    return JSONResponse(
+        {"detail": {"message": "the store (Redis) is unavailable; try again shortly"}},
+        503,
+        headers={"Retry-After": "5"},
+    )

@@ -1,0 +1,46 @@
+"""HTTP errors: every 4xx/5xx body is ``{"detail": {"message": ..., <more>}}``.
+
+``message`` is one sentence saying what to fix; a spec error adds ``problems`` (one
+``"field: what to fix"`` each), a batch error adds ``errors`` (``{"line", "problems"}``).
+FastAPI's own validation errors (bad query parameters) are rewritten to the same shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ApiError(HTTPException):
+    def __init__(
+        self, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
+        super().__init__(status, {"message": message, **extra}, headers)
+
+
+def not_found(kind: str, object_id: str) -> ApiError:
+    # The same answer whether the object does not exist or belongs to another tenant.
+    return ApiError(404, f"no {kind} {object_id!r} (for this API key)")
+
+
+def install_handlers(app: FastAPI) -> None:
+    async def validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path"))
+            problems.append(f"{where or 'request'}: {err.get('msg', 'is invalid')}")
+        message = "the request is invalid: " + "; ".join(problems)
+        return JSONResponse({"detail": {"message": message, "problems": problems}}, 422)
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail)}
+        return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
+
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http_error)

@@ -1,0 +1,79 @@
+"""A task's Redis stream as Server-Sent Events.
+
+One loop does replay and live tail alike: ``XREAD BLOCK`` after the last id sent returns
+the stored entries at once when there are some and waits for new ones otherwise, so each
+event goes out exactly once, in stream order, and a client that reconnects with
+``Last-Event-ID`` continues right after the last event it saw. The stream closes after
+``task.finished``; an idle stream gets a comment every ``sse_heartbeat_s`` so proxies keep
+it open, and is closed if its task turns out to be terminal with nothing left to send
+(a stream that expired or was trimmed).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+from agent.events import EventType
+from agent.models import TERMINAL_STATUSES
+from api.errors import ApiError
+from store.keys import EVENT_FIELD
+
+READ_COUNT = 500
+_STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+
+
+def check_event_id(value: str | None) -> str:
+    """The id to read after: ``0-0`` (from the start) or a well-formed stream id."""
+    if value is None or value in ("", "0"):
+        return "0-0"
+    if not _STREAM_ID.match(value):
+        raise ApiError(
+            400, f"Last-Event-ID must be a stream id like '1712345678901-0', got {value!r}"
+        )
+    return value if "-" in value else f"{value}-0"
+
+
+def format_event(entry_id: str, fields: dict[str, str]) -> tuple[str, bool]:
+    """The SSE frame for one stream entry, and whether it is the terminal event."""
+    raw = fields.get(EVENT_FIELD, "{}")
+    try:
+        etype = str(json.loads(raw).get("type", "message"))
+    except (ValueError, AttributeError):
+        etype = "message"
+    # Event JSON is compact (no newlines), so it fits one `data:` line.
+    data = raw.replace("\n", "\\n")
+    return f"id: {entry_id}\nevent: {etype}\ndata: {data}\n\n", etype == EventType.FINISHED
+
+
+async def event_stream(state: Any, tenant: str, task_id: str, after: str) -> AsyncIterator[str]:
+    client = state.redis
+    stream = state.keys.events(task_id)
+    block_ms = int(state.settings.sse_heartbeat_s * 1000)
+    last = after
+    yield "retry: 2000\n\n"
+    while True:
+        reply = await client.xread({stream: last}, count=READ_COUNT, block=block_ms)
+        entries = reply[0][1] if reply else []
+        for entry_id, fields in entries:
+            frame, terminal = format_event(_s(entry_id), {_s(k): _s(v) for k, v in fields.items()})
+            last = _s(entry_id)
+            yield frame
+            if terminal:
+                return
+        if entries:
+            continue
+        status = await client.hget(state.keys.task(task_id), "status")
+        if status is None or _s(status) in TERMINAL_STATUSES:
+            # FINISH sets the status and appends task.finished atomically, so one more
+            # read tells "finished just now" from "its events expired or were trimmed".
+            if await client.xread({stream: last}, count=1):
+                continue
+            return
+        yield ": keep-alive\n\n"
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

@@ -1,0 +1,307 @@
+"""The API's side of the store: create, read, list and cancel tasks on an asyncio client.
+
+Submitting is two steps: ``reserve`` takes slots from the tenant's active-task budget
+atomically (so two concurrent batches cannot both squeeze under the limit), then
+``write_tasks`` stores the records, the tenant index entries and each ``task.queued`` event
+in pipelined MULTI/EXEC chunks. Enqueueing on the broker happens after, in the API.
+
+Cancelling sets ``cancel_requested`` (a running worker polls it and stops) and, while the
+task is still queued, finishes it at once with ``FINISH`` unfenced (owner ``""``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from agent.errors import ActfleetError
+from agent.events import Event, EventType
+from agent.models import FailureClass, Result, Status, TaskSpec
+from store.keys import RECORD_TTL_S, STREAM_MAXLEN, STREAM_TTL_S, Keys
+from store.records import RecordError, TaskRecord, new_task_id
+from store.scripts import FINISH
+
+WRITE_CHUNK = 500  # tasks per MULTI/EXEC when submitting
+
+# RESERVE: take n slots of a tenant's active-task budget, or none.
+# KEYS: 1 tenant active counter. ARGV: 1 n, 2 limit.
+# Returns {1, new count} on success, {0, current count} when n more would pass the limit.
+RESERVE = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local n = tonumber(ARGV[1])
+if cur + n > tonumber(ARGV[2]) then return {0, cur} end
+return {1, redis.call('INCRBY', KEYS[1], n)}
+"""
+
+# RELEASE: give back n reserved slots (never below zero). KEYS: 1 counter. ARGV: 1 n.
+RELEASE = """
+if redis.call('DECRBY', KEYS[1], ARGV[1]) < 0 then redis.call('SET', KEYS[1], 0) end
+return 1
+"""
+
+# REQUEST_CANCEL: flag a non-terminal task for cancellation. KEYS: 1 task hash.
+# Returns the status before the call, or false when there is no such task.
+REQUEST_CANCEL = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st then return false end
+if st == 'queued' or st == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
+return st
+"""
+
+CANCELLED_RESULT = Result(
+    status=Status.CANCELLED,
+    failure_class=FailureClass.CANCELLED,
+    error="cancelled before it started",
+)
+
+
+class TenantLimitError(ActfleetError):
+    """Accepting the tasks would take the tenant over its active-task limit."""
+
+    def __init__(self, active: int, requested: int, limit: int) -> None:
+        self.active, self.requested, self.limit = active, requested, limit
+        super().__init__(
+            f"tenant has {active} unfinished tasks; {requested} more would pass the limit of "
+            f"{limit}: wait for some to finish"
+        )
+
+
+class AlreadyFinished(ActfleetError):
+    """The task is already in a terminal status."""
+
+    def __init__(self, status: str) -> None:
+        self.status = status
+        super().__init__(f"the task already finished with status {status!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    tasks: list[TaskRecord]
+    next_cursor: int | None
+
+
+class AsyncStore:
+    """Task operations for one tenant-aware API process. Cheap to build; no I/O until used."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+        self._reserve = client.register_script(RESERVE)
+        self._release = client.register_script(RELEASE)
+        self._request_cancel = client.register_script(REQUEST_CANCEL)
+        self._finish = client.register_script(FINISH)
+
+    # -- submit -------------------------------------------------------------------------
+
+    async def reserve(self, tenant: str, n: int, limit: int) -> None:
+        ok, count = await self._reserve(keys=[self.keys.tenant_active(tenant)], args=[n, limit])
+        if not int(ok):
+            raise TenantLimitError(int(count), n, limit)
+
+    async def release(self, tenant: str, n: int) -> None:
+        if n > 0:
+            await self._release(keys=[self.keys.tenant_active(tenant)], args=[n])
+
+    def new_records(
+        self, tenant: str, specs: Sequence[TaskSpec], batch_id: str | None = None
+    ) -> list[TaskRecord]:
+        now = time.time()
+        return [
+            TaskRecord(id=new_task_id(), tenant=tenant, spec=s, batch_id=batch_id, created_at=now)
+            for s in specs
+        ]
+
+    async def write_tasks(self, records: Sequence[TaskRecord]) -> None:
+        """Store records, index entries and ``task.queued`` events; batch ids are appended
+        to their batch's task list in order. Slots must have been reserved."""
+        for start in range(0, len(records), WRITE_CHUNK):
+            chunk = records[start : start + WRITE_CHUNK]
+            pipe = self.client.pipeline(transaction=True)
+            for rec in chunk:
+                pipe.hset(self.keys.task(rec.id), mapping=rec.to_hash())  # type: ignore[arg-type]
+                pipe.zadd(self.keys.tenant_tasks(rec.tenant), {rec.id: rec.created_at})
+                pipe.xadd(
+                    self.keys.events(rec.id),
+                    {"e": queued_event(rec).to_json()},
+                    maxlen=STREAM_MAXLEN,
+                    approximate=True,
+                )
+            by_batch: dict[str, list[str]] = {}
+            for rec in chunk:
+                if rec.batch_id:
+                    by_batch.setdefault(rec.batch_id, []).append(rec.id)
+            for batch_id, ids in by_batch.items():
+                pipe.rpush(self.keys.batch_tasks(batch_id), *ids)
+            await pipe.execute()
+
+    # -- read -----------------------------------------------------------------------------
+
+    async def get_task(self, tenant: str, task_id: str) -> TaskRecord | None:
+        """The task if it exists and belongs to ``tenant``; None otherwise (never tell which)."""
+        h = await self.client.hgetall(self.keys.task(task_id))
+        if not h:
+            return None
+        rec = TaskRecord.from_hash(h)
+        return rec if rec.tenant == tenant else None
+
+    async def task_status(self, tenant: str, task_id: str) -> Status | None:
+        owner, status = await self.client.hmget(self.keys.task(task_id), ["tenant", "status"])
+        if owner is None or _s(owner) != tenant:
+            return None
+        return Status(_s(status))
+
+    async def list_tasks(
+        self,
+        tenant: str,
+        *,
+        status: Status | None = None,
+        limit: int = 50,
+        cursor: int = 0,
+        scan_max: int = 5000,
+    ) -> Page:
+        """Newest first. ``cursor`` is an offset into the tenant's index; with a status
+        filter at most ``scan_max`` index entries are examined per call, so a page may be
+        short while ``next_cursor`` is still set."""
+        out: list[TaskRecord] = []
+        index = self.keys.tenant_tasks(tenant)
+        pos = cursor
+        scanned = 0
+        while len(out) < limit and scanned < scan_max:
+            step = limit if status is None else min(500, max(limit * 4, 100))
+            ids = [_s(i) for i in await self.client.zrevrange(index, pos, pos + step - 1)]
+            if not ids:
+                return Page(out, None)
+            pipe = self.client.pipeline(transaction=False)
+            for task_id in ids:
+                pipe.hgetall(self.keys.task(task_id))
+            gone = []
+            for task_id, h in zip(ids, await pipe.execute(), strict=True):
+                pos += 1
+                scanned += 1
+                if not h:
+                    gone.append(task_id)  # its record expired: drop the stale index entry
+                    continue
+                try:
+                    rec = TaskRecord.from_hash(h)
+                except RecordError:
+                    continue
+                if status is None or rec.status is status:
+                    out.append(rec)
+                    if len(out) == limit:
+                        break
+            if gone:
+                await self.client.zrem(index, *gone)
+                pos -= len(gone)
+        more = await self.client.zcard(index) > pos
+        return Page(out, pos if more else None)
+
+    # -- cancel ---------------------------------------------------------------------------
+
+    async def cancel_task(self, tenant: str, task_id: str) -> TaskRecord | None:
+        """Cancel one task. None if it is not the tenant's; ``AlreadyFinished`` if terminal."""
+        rec = await self.get_task(tenant, task_id)
+        if rec is None:
+            return None
+        if rec.status.terminal:
+            raise AlreadyFinished(rec.status.value)
+        before = await self._request_cancel(keys=[self.keys.task(task_id)])
+        if before is not None and _s(before) == Status.QUEUED:
+            await self.finish_cancelled(rec.id, rec.tenant, rec.batch_id, rec.attempt)
+        return await self.get_task(tenant, task_id)
+
+    async def request_cancel_many(self, task_ids: Sequence[str]) -> list[str | None]:
+        """Flag every non-terminal task; return each task's status before the call."""
+        pipe = self.client.pipeline(transaction=False)
+        for task_id in task_ids:
+            await self._request_cancel(keys=[self.keys.task(task_id)], client=pipe)
+        return [None if st is None else _s(st) for st in await pipe.execute()]
+
+    async def finish_cancelled(
+        self, task_id: str, tenant: str, batch_id: str | None, attempt: int
+    ) -> bool:
+        """Finish a queued task as cancelled; False if a worker took it first (the worker
+        then sees ``cancel_requested`` and stops)."""
+        keys, args = self.finish_cancelled_call(task_id, tenant, batch_id, attempt)
+        out = await self._finish(keys=keys, args=args)
+        return not isinstance(out, int)
+
+    async def finish_cancelled_many(self, tasks: Sequence[tuple[str, str, str | None, int]]) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for t in tasks:
+            keys, args = self.finish_cancelled_call(*t)
+            await self._finish(keys=keys, args=args, client=pipe)
+        return sum(1 for out in await pipe.execute() if not isinstance(out, int))
+
+    def finish_cancelled_call(
+        self, task_id: str, tenant: str, batch_id: str | None, attempt: int
+    ) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of an unfenced FINISH to ``cancelled`` (see store.scripts)."""
+        now = time.time()
+        event = Event(
+            EventType.FINISHED,
+            turn=0,
+            attempt=attempt,
+            ts=now,
+            data={
+                "status": Status.CANCELLED.value,
+                "failure_class": FailureClass.CANCELLED.value,
+                "answer": None,
+                "turns": 0,
+                "error": CANCELLED_RESULT.error,
+            },
+        )
+        k = self.keys
+        keys = [
+            k.task(task_id),
+            k.lease(task_id),
+            k.running,
+            k.events(task_id),
+            k.tenant_active(tenant),
+        ]
+        if batch_id:
+            keys.append(k.batch_counts(batch_id))
+        result = json.dumps(CANCELLED_RESULT.to_dict(), separators=(",", ":"))
+        args = [
+            "",
+            Status.CANCELLED.value,
+            result,
+            repr(now),
+            event.to_json(),
+            STREAM_MAXLEN,
+            STREAM_TTL_S,
+            RECORD_TTL_S,
+            task_id,
+        ]
+        return keys, args
+
+    async def fail_tasks(self, records: Sequence[TaskRecord], reason: str) -> None:
+        """Finish still-queued tasks as ``error`` (used when the broker refused them)."""
+        result = Result(status=Status.ERROR, failure_class=FailureClass.INTERNAL, error=reason)
+        pipe = self.client.pipeline(transaction=False)
+        for rec in records:
+            keys, args = self.finish_cancelled_call(rec.id, rec.tenant, rec.batch_id, rec.attempt)
+            event = Event.from_dict(json.loads(args[4]))
+            data = {**event.data, "status": "error", "failure_class": "internal", "error": reason}
+            args[1] = Status.ERROR.value
+            args[2] = json.dumps(result.to_dict(), separators=(",", ":"))
+            args[4] = Event(event.type, 0, event.attempt, event.ts, data).to_json()
+            await self._finish(keys=keys, args=args, client=pipe)
+        await pipe.execute()
+
+
+def queued_event(rec: TaskRecord) -> Event:
+    data: dict[str, Any] = {"task_id": rec.id}
+    if rec.spec.custom_id:
+        data["custom_id"] = rec.spec.custom_id
+    if rec.batch_id:
+        data["batch_id"] = rec.batch_id
+    return Event(EventType.QUEUED, turn=0, attempt=0, ts=rec.created_at, data=data)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

@@ -1,0 +1,244 @@
+"""Batches on the API's asyncio client: the record, status counts, results, cancel.
+
+A batch is ``{p}:batch:{id}`` (hash: id, tenant, total, created_at, cancel_requested),
+``{p}:batch:{id}:tasks`` (the task ids in input order) and ``{p}:batch:{id}:counts``
+(terminal status -> count, bumped by FINISH). Stats are computed from the task records
+themselves, read with pipelined HMGETs: a finished task never changes, so its summary is
+cached (``SummaryCache``) and a poll of a large batch only reads the tasks still moving.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from agent.models import TERMINAL_STATUSES, Status
+from store.aio import AsyncStore
+from store.keys import RECORD_TTL_S
+from store.records import TaskRecord
+
+READ_CHUNK = 1000  # task ids per pipelined read
+BATCH_TTL_S = 2 * RECORD_TTL_S  # batch keys outlive their task records
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    id: str
+    tenant: str
+    total: int
+    created_at: float
+    cancel_requested: bool = False
+
+    def to_hash(self) -> dict[str, str]:
+        return {
+            "id": self.id,
+            "tenant": self.tenant,
+            "total": str(self.total),
+            "created_at": repr(self.created_at),
+            "cancel_requested": "1" if self.cancel_requested else "0",
+        }
+
+    @classmethod
+    def from_hash(cls, h: dict[Any, Any]) -> BatchRecord:
+        d = {_s(k): _s(v) for k, v in h.items()}
+        return cls(
+            id=d["id"],
+            tenant=d["tenant"],
+            total=int(d["total"]),
+            created_at=float(d["created_at"]),
+            cancel_requested=d.get("cancel_requested") == "1",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What batch stats need from one finished task."""
+
+    status: str
+    correct: bool | None
+    turns: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class SummaryCache:
+    """Summaries of finished tasks by id, least recently used evicted first."""
+
+    def __init__(self, max_items: int = 200_000) -> None:
+        self.max_items = max_items
+        self._items: OrderedDict[str, Summary] = OrderedDict()
+
+    def get(self, task_id: str) -> Summary | None:
+        s = self._items.get(task_id)
+        if s is not None:
+            self._items.move_to_end(task_id)
+        return s
+
+    def put(self, task_id: str, s: Summary) -> None:
+        self._items[task_id] = s
+        self._items.move_to_end(task_id)
+        while len(self._items) > self.max_items:
+            self._items.popitem(last=False)
+
+
+class BatchStore:
+    def __init__(self, tasks: AsyncStore, cache: SummaryCache | None = None) -> None:
+        self.tasks = tasks
+        self.client = tasks.client
+        self.keys = tasks.keys
+        self.cache = cache or SummaryCache()
+
+    async def create(self, batch: BatchRecord, records: list[TaskRecord]) -> None:
+        """Write the tasks (in order) and then the batch record, so a batch is never seen
+        half written. Slots must have been reserved."""
+        await self.tasks.write_tasks(records)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(self.keys.batch(batch.id), mapping=batch.to_hash())  # type: ignore[arg-type]
+        for key in (self.keys.batch(batch.id), self.keys.batch_tasks(batch.id)):
+            pipe.expire(key, BATCH_TTL_S)
+        await pipe.execute()
+
+    async def get(self, tenant: str, batch_id: str) -> BatchRecord | None:
+        h = await self.client.hgetall(self.keys.batch(batch_id))
+        if not h:
+            return None
+        batch = BatchRecord.from_hash(h)
+        return batch if batch.tenant == tenant else None
+
+    async def ids(self, batch_id: str) -> AsyncIterator[list[str]]:
+        """The batch's task ids in input order, a chunk at a time."""
+        start = 0
+        while True:
+            chunk = await self.client.lrange(
+                self.keys.batch_tasks(batch_id), start, start + READ_CHUNK - 1
+            )
+            if not chunk:
+                return
+            yield [_s(i) for i in chunk]
+            start += len(chunk)
+
+    async def stats(self, batch: BatchRecord) -> dict[str, Any]:
+        counts = {s.value: 0 for s in Status}
+        turns = prompt = completion = finished = good = 0
+        async for ids in self.ids(batch.id):
+            pending = [i for i in ids if self.cache.get(i) is None]
+            pipe = self.client.pipeline(transaction=False)
+            for task_id in pending:
+                pipe.hmget(self.keys.task(task_id), ["status", "result"])
+            for task_id, (status, result) in zip(pending, await pipe.execute(), strict=True):
+                if status is not None and _s(status) in TERMINAL_STATUSES and result:
+                    self.cache.put(task_id, _summary(_s(status), json.loads(result)))
+                elif status is not None:
+                    counts[_s(status)] = counts.get(_s(status), 0) + 1
+            for task_id in ids:
+                s = self.cache.get(task_id)
+                if s is None:
+                    continue
+                counts[s.status] = counts.get(s.status, 0) + 1
+                finished += 1
+                turns += s.turns
+                prompt += s.prompt_tokens
+                completion += s.completion_tokens
+                if s.status == Status.COMPLETED and s.correct is not False:
+                    good += 1
+        done = finished >= batch.total
+        if batch.cancel_requested:
+            state = "cancelled" if done else "cancelling"
+        else:
+            state = "finished" if done else "running"
+        return {
+            "id": batch.id,
+            "status": state,
+            "total": batch.total,
+            "finished": finished,
+            "counts": counts,
+            "success_rate": round(good / finished, 6) if finished else None,
+            "mean_turns": round(turns / finished, 6) if finished else None,
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
+            "created_at": batch.created_at,
+            "cancel_requested": batch.cancel_requested,
+        }
+
+    async def results(
+        self, batch: BatchRecord, trajectory: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One result line per task, in input order; unfinished tasks show their status."""
+        fields = ["custom_id", "status", "attempt", "result", "finished_at"]
+        async for ids in self.ids(batch.id):
+            pipe = self.client.pipeline(transaction=False)
+            for task_id in ids:
+                pipe.hmget(self.keys.task(task_id), fields)
+            for task_id, values in zip(ids, await pipe.execute(), strict=True):
+                custom_id, status, attempt, result, finished_at = (
+                    None if v is None else _s(v) for v in values
+                )
+                yield _result_line(
+                    task_id, custom_id, status, attempt, result, finished_at, trajectory
+                )
+
+    async def cancel(self, batch: BatchRecord) -> dict[str, int]:
+        """Cancel every unfinished task; finished ones keep their results."""
+        await self.client.hset(self.keys.batch(batch.id), "cancel_requested", "1")
+        cancelled = requested = already = 0
+        async for ids in self.ids(batch.id):
+            before = await self.tasks.request_cancel_many(ids)
+            queued = [i for i, st in zip(ids, before, strict=True) if st == Status.QUEUED]
+            requested += sum(1 for st in before if st == Status.RUNNING)
+            already += sum(1 for st in before if st is not None and st in TERMINAL_STATUSES)
+            n = await self.tasks.finish_cancelled_many(
+                [(i, batch.tenant, batch.id, 0) for i in queued]
+            )
+            cancelled += n
+            requested += len(queued) - n  # a worker took these meanwhile: it will stop them
+        return {"cancelled": cancelled, "stopping": requested, "already_finished": already}
+
+
+def _summary(status: str, result: dict[str, Any]) -> Summary:
+    usage = result.get("usage") or {}
+    return Summary(
+        status=status,
+        correct=result.get("correct"),
+        turns=int(result.get("turns") or 0),
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+    )
+
+
+def _result_line(
+    task_id: str,
+    custom_id: str | None,
+    status: str | None,
+    attempt: str | None,
+    result: str | None,
+    finished_at: str | None,
+    trajectory: bool,
+) -> dict[str, Any]:
+    r: dict[str, Any] = json.loads(result) if result else {}
+    line: dict[str, Any] = {
+        "custom_id": custom_id,
+        "task_id": task_id,
+        "status": status or "missing",
+        "answer": r.get("answer"),
+        "correct": r.get("correct"),
+        "failure_class": r.get("failure_class"),
+        "turns": r.get("turns", 0),
+        "usage": r.get("usage"),
+        "timings": r.get("timings"),
+        "attempt": int(attempt) if attempt else 0,
+        "error": r.get("error"),
+        "finished_at": float(finished_at) if finished_at else None,
+    }
+    if trajectory:
+        line["messages"] = r.get("messages", [])
+    return line
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

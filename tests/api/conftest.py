@@ -1,0 +1,181 @@
+"""The real API over real HTTP: uvicorn in a thread on a free port, a real redis-server.
+
+No worker runs here: tests play the worker's role through the same Lua scripts (take a
+lease, APPEND events, FINISH), which is exactly what a worker does to the store.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import uvicorn
+
+from actfleet.settings import Settings
+from agent.events import Event, EventType
+from agent.models import Result, Status, Usage
+from api.app import create_app
+from store.apikeys import create_key
+from store.keys import RECORD_TTL_S, STREAM_MAXLEN, STREAM_TTL_S, Keys
+from store.scripts import APPEND, FINISH
+
+DEFAULT_USAGE = Usage(100, 20, 1)
+
+
+class ApiServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def start(self) -> ApiServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the API did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@dataclass
+class Fleet:
+    """The API under test plus direct access to its Redis, for playing the worker."""
+
+    api: ApiServer
+    redis: redis.Redis
+    keys: Keys
+
+    @property
+    def url(self) -> str:
+        return self.api.url
+
+    def key_for(self, tenant: str) -> str:
+        key, _ = create_key(self.redis, self.keys, tenant)
+        return key
+
+    def client(self, tenant: str | None = "acme", **kw: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.key_for(tenant)}"} if tenant else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kw)
+
+    # -- the worker's role ------------------------------------------------------------
+
+    def start_task(self, task_id: str, owner: str = "w1/1") -> str:
+        self.redis.set(self.keys.lease(task_id), owner)
+        self.redis.hset(
+            self.keys.task(task_id), mapping={"status": "running", "attempt": owner.split("/")[1]}
+        )
+        self.append(task_id, EventType.STARTED, owner=owner)
+        return owner
+
+    def append(
+        self, task_id: str, etype: EventType, turn: int = 0, owner: str = "w1/1", **data: Any
+    ) -> str:
+        event = Event(etype, turn=turn, attempt=int(owner.split("/")[1]), ts=time.time(), data=data)
+        out = self.redis.eval(
+            APPEND,
+            3,
+            self.keys.task(task_id),
+            self.keys.lease(task_id),
+            self.keys.events(task_id),
+            owner,
+            event.to_json(),
+            STREAM_MAXLEN,
+            "",
+        )
+        assert out, "fenced out"
+        return out.decode()
+
+    def finish(
+        self,
+        task_id: str,
+        status: Status = Status.COMPLETED,
+        owner: str = "w1/1",
+        answer: str | None = "42",
+        correct: bool | None = None,
+        turns: int = 1,
+        usage: Usage = DEFAULT_USAGE,
+    ) -> Any:
+        rec = self.redis.hgetall(self.keys.task(task_id))
+        result = Result(status=status, answer=answer, correct=correct, turns=turns, usage=usage)
+        event = Event(
+            EventType.FINISHED, turn=turns, attempt=1, ts=time.time(), data={"status": status.value}
+        )
+        k = self.keys
+        tenant = rec[b"tenant"].decode()
+        keys = [
+            k.task(task_id),
+            k.lease(task_id),
+            k.running,
+            k.events(task_id),
+            k.tenant_active(tenant),
+        ]
+        if rec.get(b"batch_id"):
+            keys.append(k.batch_counts(rec[b"batch_id"].decode()))
+        return self.redis.eval(
+            FINISH,
+            len(keys),
+            *keys,
+            owner,
+            status.value,
+            json.dumps(result.to_dict()),
+            repr(time.time()),
+            event.to_json(),
+            STREAM_MAXLEN,
+            STREAM_TTL_S,
+            RECORD_TTL_S,
+            task_id,
+        )
+
+
+def fleet_settings(redis_url: str, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "redis_url": redis_url,
+        "key_prefix": "t",
+        "sse_heartbeat_s": 0.5,
+    }
+    return Settings(**{**base, **overrides})
+
+
+@pytest.fixture
+def make_fleet(redis_url: str) -> Iterator[Any]:
+    started: list[Fleet] = []
+
+    def make(**overrides: Any) -> Fleet:
+        settings = fleet_settings(redis_url, **overrides)
+        fleet = Fleet(ApiServer(settings).start(), redis.Redis.from_url(redis_url), Keys("t"))
+        started.append(fleet)
+        return fleet
+
+    yield make
+    for f in started:
+        f.api.stop()
+        f.redis.close()
+
+
+@pytest.fixture
+def fleet(make_fleet: Any) -> Fleet:
+    return make_fleet()  # type: ignore[no-any-return]
+
+
+def spec(prompt: str = "What is 6*7?", **kw: Any) -> dict[str, Any]:
+    return {"prompt": prompt, **kw}
