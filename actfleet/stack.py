@@ -35,7 +35,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(check: object, timeout_s: float, what: str, proc: subprocess.Popen | None = None) -> None:
+def wait_until(
+    check: object, timeout_s: float, what: str, proc: subprocess.Popen | None = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -43,43 +45,68 @@ def wait_until(check: object, timeout_s: float, what: str, proc: subprocess.Pope
         try:
             if check():  # type: ignore[operator]
                 return
-        except Exception:  # noqa: BLE001 - not up yet, whatever the reason
+        except Exception:
             pass
         time.sleep(0.05)
     raise StackError(f"{what} did not become ready within {timeout_s:g}s")
 
 
-@dataclass
 class RedisServer:
-    """A private ``redis-server`` with AOF (everysec) in ``data_dir``, on a free port."""
+    """A private ``redis-server`` with AOF (everysec, no RDB) in ``data_dir``, on a free
+    port; ``restart()`` keeps the port and the AOF, so it models a crash and recovery."""
 
-    data_dir: Path
-    port: int = 0
-    proc: subprocess.Popen | None = None
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> str:
-        if shutil.which("redis-server") is None:
+    def start(self) -> RedisServer:
+        exe = shutil.which("redis-server")
+        if exe is None:
             raise StackError("redis-server is not installed (apt-get install redis-server)")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or free_port()
         self.proc = subprocess.Popen(
             [
-                "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.data_dir), "--save", "", "--appendonly", "yes",
-                "--appendfsync", "everysec", "--protected-mode", "yes",
-                "--maxclients", "10000",
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.data_dir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "everysec",
+                "--protected-mode",
+                "yes",
+                "--maxclients",
+                "10000",
+                "--daemonize",
+                "no",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         client = redis.Redis.from_url(self.url)
-        wait_until(client.ping, 10, "redis-server", self.proc)
-        client.close()
-        return self.url
+        try:
+            wait_until(client.ping, 10, "redis-server", self.proc)
+        finally:
+            client.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save; only what the AOF already holds survives."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
 
     def stop(self) -> None:
         _terminate(self.proc)
@@ -101,15 +128,24 @@ class LocalStack:
     procs: list[subprocess.Popen] = field(default_factory=list)
     worker_procs: list[subprocess.Popen] = field(default_factory=list)
     redis: RedisServer | None = None
+    log_to_console: bool = False
     _tmp: tempfile.TemporaryDirectory | None = None
 
     @property
     def api_url(self) -> str:
         return f"http://{self.api_host}:{self.api_port}"
 
+    @property
+    def metrics_dir(self) -> Path:
+        assert self.state_dir is not None
+        return self.state_dir / "metrics"
+
     def child_env(self) -> dict[str, str]:
         env = {**os.environ, **self.env}
         env["ACTFLEET_REDIS_URL"] = self.redis_url or ""
+        # The API's /metrics aggregates every process's files in here (prometheus_client
+        # multiprocess mode), so the workers' counters show up on the API.
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         env.setdefault("ACTFLEET_LOG_FORMAT", "json")
         return env
 
@@ -119,14 +155,14 @@ class LocalStack:
             self.state_dir = Path(self._tmp.name)
         self.log_dir = self.log_dir or self.state_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        self.metrics_dir.mkdir(parents=True)
         try:
             if self.redis_url is None:
-                self.redis = RedisServer(self.state_dir / "redis")
-                self.redis_url = self.redis.start()
+                self.redis = RedisServer(self.state_dir / "redis").start()
+                self.redis_url = self.redis.url
             self.api_port = self.api_port or free_port()
-            api = self._spawn(
-                "api", ["api", "--host", self.api_host, "--port", str(self.api_port)]
-            )
+            api = self._spawn("api", ["api", "--host", self.api_host, "--port", str(self.api_port)])
             for _ in range(self.workers):
                 self.start_worker()
             wait_until(
@@ -142,29 +178,41 @@ class LocalStack:
 
     def start_worker(self) -> subprocess.Popen:
         n = len(self.worker_procs)
-        proc = self._spawn(
-            f"worker-{n}", ["worker", "--concurrency", str(self.concurrency)]
-        )
+        proc = self._spawn(f"worker-{n}", ["worker", "--concurrency", str(self.concurrency)])
         self.worker_procs.append(proc)
         return proc
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         assert self.log_dir is not None
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "actfleet", *args],
-            env=self.child_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        if self.log_to_console:
+            proc = subprocess.Popen([sys.executable, "-m", "actfleet", *args], env=self.child_env())
+        else:
+            log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "actfleet", *args],
+                env=self.child_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            log.close()
         self.procs.append(proc)
         return proc
 
+    def check(self) -> None:
+        """Raise if a child process has exited."""
+        for proc in self.procs:
+            if proc.poll() is not None:
+                name = " ".join(str(a) for a in proc.args[3:5])  # type: ignore[index]
+                raise StackError(f"`actfleet {name}` exited with status {proc.returncode}")
+
     def stop(self) -> None:
+        from prometheus_client.multiprocess import mark_process_dead
+
         for proc in reversed(self.procs):
             _terminate(proc)
+            if self.state_dir is not None:
+                mark_process_dead(proc.pid, str(self.metrics_dir))
         self.procs.clear()
         if self.redis is not None:
             self.redis.stop()

@@ -256,15 +256,7 @@ class AsyncStore:
             },
         )
         k = self.keys
-        keys = [
-            k.task(task_id),
-            k.lease(task_id),
-            k.running,
-            k.events(task_id),
-            k.tenant_active(tenant),
-        ]
-        if batch_id:
-            keys.append(k.batch_counts(batch_id))
+        keys = k.finish_keys(task_id, tenant, batch_id)
         result = json.dumps(CANCELLED_RESULT.to_dict(), separators=(",", ":"))
         args = [
             "",

@@ -81,3 +81,17 @@ class Keys:
     @property
     def finished_counts(self) -> str:
         return f"{self.prefix}:stats:finished"
+
+    def finish_keys(self, task_id: str, tenant: str, batch_id: str | None) -> list[str]:
+        """The KEYS of ``scripts.FINISH`` for one task, in the script's order."""
+        keys = [
+            self.task(task_id),
+            self.lease(task_id),
+            self.running,
+            self.events(task_id),
+            self.tenant_active(tenant),
+            self.finished_counts,
+        ]
+        if batch_id:
+            keys.append(self.batch_counts(batch_id))
+        return keys

@@ -10,8 +10,9 @@ Register with ``client.register_script(SOURCE)`` on a sync or an asyncio client 
 from __future__ import annotations
 
 # FINISH: move a task to a terminal status exactly once.
-# KEYS: 1 task hash, 2 lease, 3 running zset, 4 events stream, 5 tenant active counter,
-#       6 batch counts hash (optional: pass only when the task belongs to a batch)
+# KEYS (build them with Keys.finish_keys): 1 task hash, 2 lease, 3 running zset,
+#       4 events stream, 5 tenant active counter, 6 fleet-wide finished counts hash,
+#       7 batch counts hash (optional: only when the task belongs to a batch)
 # ARGV: 1 owner ("worker/attempt"; "" = unfenced, allowed only while the task is queued,
 #       which is how the API cancels a task no worker has taken), 2 status, 3 result JSON,
 #       4 finished_at, 5 terminal event JSON, 6 stream maxlen, 7 stream ttl_s,
@@ -34,7 +35,8 @@ redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[9])
 if redis.call('DECR', KEYS[5]) < 0 then redis.call('SET', KEYS[5], 0) end
-if KEYS[6] then redis.call('HINCRBY', KEYS[6], ARGV[2], 1) end
+redis.call('HINCRBY', KEYS[6], ARGV[2], 1)
+if KEYS[7] then redis.call('HINCRBY', KEYS[7], ARGV[2], 1) end
 return id
 """
 
@@ -108,11 +110,14 @@ return {0, cancel}
 # on ARGV[5] (the seq this event gets), so a call retried after a lost reply is a no-op.
 # KEYS: 1 task hash, 2 lease, 3 events stream
 # ARGV: 1 owner, 2 event JSON, 3 stream maxlen, 4 checkpoint JSON ("" = keep), 5 seq
-# Returns: the stream id; 1 if that seq was already written; false if fenced out.
+# Returns: the stream id; 1 if that seq was already written; 0 if the stored seq is behind
+# the caller's (Redis lost recent writes: resume from the stored checkpoint instead);
+# false if fenced out.
 STEP = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 if seq >= tonumber(ARGV[5]) then return 1 end
+if seq + 1 < tonumber(ARGV[5]) then return 0 end
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2])
 redis.call('HSET', KEYS[1], 'seq', ARGV[5])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'checkpoint', ARGV[4]) end

@@ -122,15 +122,8 @@ class Fleet:
         )
         k = self.keys
         tenant = rec[b"tenant"].decode()
-        keys = [
-            k.task(task_id),
-            k.lease(task_id),
-            k.running,
-            k.events(task_id),
-            k.tenant_active(tenant),
-        ]
-        if rec.get(b"batch_id"):
-            keys.append(k.batch_counts(rec[b"batch_id"].decode()))
+        batch_id = rec[b"batch_id"].decode() if rec.get(b"batch_id") else None
+        keys = k.finish_keys(task_id, tenant, batch_id)
         return self.redis.eval(
             FINISH,
             len(keys),

@@ -1,0 +1,303 @@
+"""The worker's side of the task record: claim, lease, append, finish, sweep.
+
+Every transition is one Lua script (``store.scripts``), so it is atomic, and every write a
+worker makes is *fenced* by the owner string ``"{worker_id}/{attempt}"`` it got from
+``claim``: once its lease is gone (expired and swept, or taken by a later attempt) its
+writes are dropped and the caller learns it from the return value.
+
+Redis outages: every call retries connection errors for ``patience_s`` (long enough for a
+Redis restart) before raising ``redis.ConnectionError``. Scripts that are not naturally
+idempotent are made so (``STEP`` carries a sequence number), or are harmless to repeat.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, TypeVar
+
+import redis
+
+from agent.events import Event
+from agent.models import Result, TaskSpec
+from store import scripts
+from store.keys import LEASE_TTL_S, RECORD_TTL_S, STREAM_MAXLEN, STREAM_TTL_S, Keys
+from store.records import TaskRecord
+
+T = TypeVar("T")
+
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+
+
+class Appended(Enum):
+    OK = "ok"
+    FENCED = "fenced"  # this owner no longer holds the lease
+    GAP = "gap"  # Redis is behind this attempt's events
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A delivery this worker now owns, as attempt ``attempt``."""
+
+    record: TaskRecord
+    owner: str  # "{worker_id}/{attempt}": the fencing token for every write
+    attempt: int
+    checkpoint: dict[str, Any] | None  # the loop's state after the last appended step
+    seq: int  # events appended so far by all attempts
+    started_at: float  # when the first attempt started (wall-clock limits span attempts)
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """A delivery to acknowledge and forget: ``missing``, ``terminal`` or ``duplicate``."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseState:
+    held: bool
+    cancel_requested: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SweepOutcome:
+    requeue: tuple[str, ...] = ()  # enqueue a new message for each
+    exhausted: tuple[tuple[str, str], ...] = ()  # (task id, sweeper owner): finish them
+
+
+class TaskStore:
+    """Sync operations on task records for workers. Construction does no I/O."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        *,
+        lease_ttl_s: float = LEASE_TTL_S,
+        stream_maxlen: int = STREAM_MAXLEN,
+        patience_s: float = 120.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.r = client
+        self.keys = keys
+        self.lease_ttl_s = lease_ttl_s
+        self.stream_maxlen = stream_maxlen
+        self.patience_s = patience_s
+        self.clock = clock
+        self._claim = client.register_script(scripts.CLAIM)
+        self._renew = client.register_script(scripts.RENEW)
+        self._step = client.register_script(scripts.STEP)
+        self._release = client.register_script(scripts.RELEASE)
+        self._sweep = client.register_script(scripts.SWEEP)
+        self._finish = client.register_script(scripts.FINISH)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _patient(self, op: Callable[[], T]) -> T:
+        """Run ``op``, retrying while Redis is unreachable, for up to ``patience_s``."""
+        deadline = time.monotonic() + self.patience_s
+        delay = 0.2
+        while True:
+            try:
+                return op()
+            except _REDIS_DOWN:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 3.0)
+
+    def _lease_ms(self) -> int:
+        return int(self.lease_ttl_s * 1000)
+
+    def _expiry_ms(self) -> int:
+        return int((self.clock() + self.lease_ttl_s) * 1000)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        h = self._patient(lambda: self.r.hgetall(self.keys.task(task_id)))
+        return TaskRecord.from_hash(h) if h else None
+
+    def lease_owner(self, task_id: str) -> str | None:
+        v = self._patient(lambda: self.r.get(self.keys.lease(task_id)))
+        return v.decode() if isinstance(v, bytes) else v
+
+    def cancel_requested(self, task_id: str) -> bool:
+        v = self._patient(lambda: self.r.hget(self.keys.task(task_id), "cancel_requested"))
+        return v in (b"1", "1")
+
+    # -- transitions ---------------------------------------------------------------------
+
+    def claim(self, task_id: str, worker_id: str) -> Claim | Dropped:
+        """Take the lease for a delivery of ``task_id`` (attempt + 1), or say why not."""
+        k = self.keys
+        now = self.clock()
+        out = self._patient(
+            lambda: self._claim(
+                keys=[k.task(task_id), k.lease(task_id), k.running],
+                args=[worker_id, repr(now), self._lease_ms(), self._expiry_ms(), task_id],
+            )
+        )
+        if int(out[0]) == 0:
+            return Dropped(_s(out[1]))
+        attempt = int(out[0])
+        record = self.get(task_id)
+        if record is None:  # deleted between the two calls: nothing to run
+            return Dropped("missing")
+        cp = _s(out[1])
+        return Claim(
+            record=record,
+            owner=f"{worker_id}/{attempt}",
+            attempt=attempt,
+            checkpoint=json.loads(cp) if cp else None,
+            seq=int(out[2]),
+            started_at=float(out[3]),
+        )
+
+    def renew(self, leases: Iterable[tuple[str, str, int]]) -> dict[str, LeaseState]:
+        """Renew many leases in one round trip. ``leases``: (task id, owner, attempt)."""
+        items = list(leases)
+        if not items:
+            return {}
+        k = self.keys
+
+        def op() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            expiry = self._expiry_ms()
+            for task_id, owner, attempt in items:
+                self._renew(
+                    keys=[k.task(task_id), k.lease(task_id), k.running],
+                    args=[owner, self._lease_ms(), expiry, task_id, attempt],
+                    client=pipe,
+                )
+            return pipe.execute()
+
+        replies = self._patient(op)
+        return {
+            task_id: LeaseState(held=int(rep[0]) == 1, cancel_requested=_s(rep[1]) == "1")
+            for (task_id, _, _), rep in zip(items, replies, strict=True)
+        }
+
+    def append(
+        self, task_id: str, owner: str, event: Event, seq: int, checkpoint: str | None = None
+    ) -> Appended:
+        """Append ``event`` as the task's ``seq``-th event (with the checkpoint after it).
+
+        Appending the same ``seq`` twice is a no-op (``OK``). ``GAP`` means Redis holds
+        fewer events than the caller wrote (it lost its last writes in a crash): the caller
+        should hand the task back so the next attempt resumes from what was kept.
+        """
+        k = self.keys
+        out = self._patient(
+            lambda: self._step(
+                keys=[k.task(task_id), k.lease(task_id), k.events(task_id)],
+                args=[owner, event.to_json(), self.stream_maxlen, checkpoint or "", seq],
+            )
+        )
+        if out is None:
+            return Appended.FENCED
+        return Appended.GAP if out == 0 else Appended.OK
+
+    def release(self, task_id: str, owner: str, reclaim_after_s: float) -> bool:
+        """Hand the task back unfinished; the sweeper re-enqueues it after
+        ``reclaim_after_s`` (plus the sweep grace) unless a new delivery claims it first."""
+        k = self.keys
+        at_ms = int((self.clock() + reclaim_after_s) * 1000)
+        out = self._patient(
+            lambda: self._release(
+                keys=[k.task(task_id), k.lease(task_id), k.running], args=[owner, at_ms, task_id]
+            )
+        )
+        return int(out) == 1
+
+    def finish(self, record: TaskRecord, owner: str, result: Result, event: Event) -> str | None:
+        """Move the task to ``result.status`` once. Returns the terminal event's stream id,
+        or None if it was already terminal or this owner is fenced out."""
+        if not result.status.terminal:
+            raise ValueError(f"finish needs a terminal status, got {result.status}")
+        k = self.keys
+        task_id = record.id
+        keys_ = k.finish_keys(task_id, record.tenant, record.batch_id)
+        args = [
+            owner,
+            result.status.value,
+            json.dumps(result.to_dict(), separators=(",", ":")),
+            repr(self.clock()),
+            event.to_json(),
+            self.stream_maxlen,
+            STREAM_TTL_S,
+            RECORD_TTL_S,
+            task_id,
+        ]
+        out = self._patient(lambda: self._finish(keys=keys_, args=args))
+        if isinstance(out, bytes | str):
+            return _s(out)
+        return None
+
+    def sweep(
+        self, sweeper_id: str, max_attempts: int, grace_s: float = 10.0, limit: int = 100
+    ) -> SweepOutcome:
+        """Find tasks whose lease expired more than ``grace_s`` ago (the grace lets a live
+        worker take its lease back after a Redis restart first). Each is either handed
+        back to the queue or, when it used up ``max_attempts``, given to the sweeper to
+        finish as ``error``/``worker_lost``."""
+        k = self.keys
+        now_ms = int((self.clock() - grace_s) * 1000)
+        ids = self._patient(
+            lambda: self.r.zrangebyscore(k.running, "-inf", now_ms, start=0, num=limit)
+        )
+        requeue: list[str] = []
+        exhausted: list[tuple[str, str]] = []
+        for raw in ids:
+            task_id = _s(raw)
+
+            def op(t: str = task_id) -> Any:
+                return self._sweep(
+                    keys=[k.task(t), k.lease(t), k.running],
+                    args=[now_ms, max_attempts, t, sweeper_id, self._lease_ms()],
+                )
+
+            out = _s(self._patient(op))
+            if out == "requeue":
+                requeue.append(task_id)
+            elif out == "exhausted":
+                owner = self.lease_owner(task_id)
+                if owner:
+                    exhausted.append((task_id, owner))
+        return SweepOutcome(tuple(requeue), tuple(exhausted))
+
+    def events(self, task_id: str) -> list[Event]:
+        """The task's stream, oldest first (tests, tools)."""
+        entries: Any = self._patient(lambda: self.r.xrange(self.keys.events(task_id)))
+        out = []
+        for _, fields in entries or ():
+            raw = fields.get(b"e", fields.get("e"))
+            out.append(Event.from_dict(json.loads(_s(raw))))
+        return out
+
+    # -- used by tests and tools: create a record as the API would -----------------------
+
+    def create(self, record: TaskRecord) -> None:
+        """Store a new queued record (the API's job in production)."""
+        k = self.keys
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(k.task(record.id), mapping=dict(record.to_hash()))  # type: ignore[arg-type]
+        pipe.zadd(k.tenant_tasks(record.tenant), {record.id: record.created_at})
+        pipe.incr(k.tenant_active(record.tenant))
+        if record.batch_id:
+            pipe.rpush(k.batch_tasks(record.batch_id), record.id)
+        pipe.execute()
+
+
+def new_record(spec: TaskSpec, tenant: str = "t_test", **kw: Any) -> TaskRecord:
+    from store.records import new_task_id
+
+    return TaskRecord(id=kw.pop("id", None) or new_task_id(), tenant=tenant, spec=spec, **kw)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

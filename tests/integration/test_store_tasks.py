@@ -1,0 +1,198 @@
+"""store.tasks against a real redis-server: claims, duplicates, fencing, finish-once, sweep."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from agent.events import Event, EventType
+from agent.models import FailureClass, Result, Status, TaskSpec
+from store.keys import Keys
+from store.tasks import Appended, Claim, Dropped, TaskStore, new_record
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(redis_url: str, clock: Clock) -> TaskStore:
+    return TaskStore(redis.Redis.from_url(redis_url), Keys("t"), lease_ttl_s=30, clock=clock)
+
+
+def queued(store: TaskStore, **kw: object) -> str:
+    rec = new_record(TaskSpec(prompt="2+2?"), **kw)
+    store.create(rec)
+    return rec.id
+
+
+def ev(kind: EventType, turn: int, attempt: int = 1) -> Event:
+    return Event(kind, turn=turn, attempt=attempt, ts=time.time())
+
+
+def done(attempt: int = 1) -> Result:
+    return Result(Status.COMPLETED, answer="4", turns=1, attempt=attempt)
+
+
+def test_first_delivery_takes_the_lease_as_attempt_one(store: TaskStore) -> None:
+    task_id = queued(store)
+
+    claim = store.claim(task_id, "w1")
+
+    assert isinstance(claim, Claim)
+    assert (claim.attempt, claim.owner, claim.seq, claim.checkpoint) == (1, "w1/1", 0, None)
+    rec = store.get(task_id)
+    assert rec is not None and rec.status is Status.RUNNING and rec.attempt == 1
+    assert rec.started_at == pytest.approx(claim.started_at)
+    assert store.lease_owner(task_id) == "w1/1"
+
+
+def test_a_second_delivery_while_the_lease_is_live_is_dropped(store: TaskStore) -> None:
+    task_id = queued(store)
+    store.claim(task_id, "w1")
+
+    assert store.claim(task_id, "w2") == Dropped("duplicate")
+    assert store.get(task_id).attempt == 1  # type: ignore[union-attr]
+
+
+def test_a_late_delivery_of_a_finished_task_is_dropped(store: TaskStore) -> None:
+    task_id = queued(store)
+    claim = store.claim(task_id, "w1")
+    assert isinstance(claim, Claim)
+    assert store.finish(claim.record, claim.owner, done(), ev(EventType.FINISHED, 1))
+
+    assert store.claim(task_id, "w2") == Dropped("terminal")
+    assert store.claim("task_nope", "w2") == Dropped("missing")
+
+
+def test_appends_are_fenced_by_the_lease_and_idempotent_per_seq(store: TaskStore) -> None:
+    task_id = queued(store)
+    claim = store.claim(task_id, "w1")
+    assert isinstance(claim, Claim)
+
+    ok = store.append(task_id, claim.owner, ev(EventType.LLM_REPLY, 1), 1, '{"turn":1}')
+    # the same step again (a retried call whose reply was lost) adds nothing
+    again = store.append(task_id, claim.owner, ev(EventType.LLM_REPLY, 1), 1, '{"turn":1}')
+    # a stale owner writes nothing
+    stale = store.append(task_id, "w0/0", ev(EventType.EXEC_RESULT, 1), 2)
+    # a step beyond what Redis holds (it lost writes in a crash) is refused as a gap
+    gap = store.append(task_id, claim.owner, ev(EventType.LLM_REPLY, 3), 3)
+
+    assert (ok, again, stale, gap) == (Appended.OK, Appended.OK, Appended.FENCED, Appended.GAP)
+
+    assert [(e.type, e.turn) for e in store.events(task_id)] == [(EventType.LLM_REPLY, 1)]
+
+
+def test_a_task_finishes_exactly_once_and_only_by_its_owner(store: TaskStore) -> None:
+    task_id = queued(store, batch_id="batch_1")
+    claim = store.claim(task_id, "w1")
+    assert isinstance(claim, Claim)
+
+    assert store.finish(claim.record, "w9/1", done(), ev(EventType.FINISHED, 1)) is None
+    assert store.finish(claim.record, claim.owner, done(), ev(EventType.FINISHED, 1))
+    assert store.finish(claim.record, claim.owner, done(), ev(EventType.FINISHED, 1)) is None
+
+    rec = store.get(task_id)
+    assert rec is not None and rec.status is Status.COMPLETED and rec.result == done()
+    finished = [e for e in store.events(task_id) if e.type is EventType.FINISHED]
+    assert len(finished) == 1
+    assert store.r.hgetall("t:batch:batch_1:counts") == {b"completed": b"1"}
+    assert store.r.zcard("t:running") == 0
+    assert store.r.ttl(f"t:events:{task_id}") > 0
+
+
+def test_heartbeat_renews_leases_and_reports_cancel_requests(
+    store: TaskStore, clock: Clock
+) -> None:
+    a, b = queued(store), queued(store)
+    ca, cb = store.claim(a, "w1"), store.claim(b, "w1")
+    assert isinstance(ca, Claim) and isinstance(cb, Claim)
+    store.r.hset(f"t:task:{b}", "cancel_requested", "1")
+
+    states = store.renew([(a, ca.owner, 1), (b, cb.owner, 1), (a, "w2/7", 7)])
+
+    assert states[b].held and states[b].cancel_requested
+    assert not states[a].held  # the last entry for ``a`` was a stale owner
+    assert store.renew([(a, ca.owner, 1)])[a].held
+
+
+def test_a_lease_lost_by_a_redis_restart_is_taken_back_by_its_live_owner(
+    store: TaskStore,
+) -> None:
+    task_id = queued(store)
+    claim = store.claim(task_id, "w1")
+    assert isinstance(claim, Claim)
+    store.r.delete(f"t:lease:{task_id}")  # as if the last second of AOF was lost
+
+    assert store.renew([(task_id, claim.owner, claim.attempt)])[task_id].held
+    assert store.lease_owner(task_id) == claim.owner
+
+
+def test_the_sweeper_requeues_a_task_whose_worker_died(store: TaskStore, clock: Clock) -> None:
+    task_id = queued(store)
+    claim = store.claim(task_id, "w1")
+    assert isinstance(claim, Claim)
+    store.append(task_id, claim.owner, ev(EventType.LLM_REPLY, 1), 1, '{"turn":1}')
+    store.r.delete(f"t:lease:{task_id}")  # the worker died; its lease expired
+
+    assert store.sweep("w2", max_attempts=3).requeue == ()  # within the grace period
+    clock.now += 60
+    out = store.sweep("w2", max_attempts=3)
+    assert out.requeue == (task_id,)
+    assert store.sweep("w3", max_attempts=3).requeue == ()  # only one sweeper requeues it
+
+    # the new delivery resumes from the checkpoint as attempt 2, and the old owner is fenced
+    again = store.claim(task_id, "w2")
+    assert isinstance(again, Claim)
+    assert (again.attempt, again.seq, again.checkpoint) == (2, 1, {"turn": 1})
+    assert again.started_at == pytest.approx(claim.started_at)
+    stale = store.append(task_id, claim.owner, ev(EventType.EXEC_RESULT, 1), 2)
+    assert stale is Appended.FENCED
+
+
+def test_a_task_that_keeps_killing_workers_ends_as_worker_lost(
+    store: TaskStore, clock: Clock
+) -> None:
+    task_id = queued(store)
+    for n in (1, 2):
+        assert isinstance(store.claim(task_id, f"w{n}"), Claim)
+        store.r.delete(f"t:lease:{task_id}")
+        clock.now += 60
+        if n < 2:
+            assert store.sweep("s", max_attempts=2).requeue == (task_id,)
+
+    out = store.sweep("s", max_attempts=2)
+    assert out.requeue == () and len(out.exhausted) == 1
+    swept_id, owner = out.exhausted[0]
+    rec = store.get(task_id)
+    assert rec is not None and swept_id == task_id and owner == "s/2"
+    result = Result(Status.ERROR, FailureClass.WORKER_LOST, attempt=2)
+    assert store.finish(rec, owner, result, ev(EventType.FINISHED, 0, 2))
+    assert store.get(task_id).status is Status.ERROR  # type: ignore[union-attr]
+
+
+def test_a_released_task_is_claimable_at_once_and_swept_if_nobody_does(
+    store: TaskStore, clock: Clock
+) -> None:
+    task_id = queued(store)
+    claim = store.claim(task_id, "w1")
+    assert isinstance(claim, Claim)
+
+    assert store.release(task_id, claim.owner, reclaim_after_s=5)
+    assert not store.release(task_id, claim.owner, reclaim_after_s=5)  # fenced now
+    assert store.get(task_id).status is Status.QUEUED  # type: ignore[union-attr]
+
+    clock.now += 60
+    assert store.sweep("w2", max_attempts=3).requeue == (task_id,)
+    assert isinstance(store.claim(task_id, "w2"), Claim)

@@ -1,0 +1,108 @@
+"""The leases a worker process holds, and the heartbeat thread that keeps them.
+
+One ``Heartbeat`` per worker process renews every lease it holds in one pipelined round
+trip per tick. The same round trip reads each task's cancel flag: a cancelled task, or one
+whose lease was lost, has its sandbox closed at once (an execution in flight returns within
+a couple of seconds) and its ``Lease.stopping()`` turns true, which the agent loop polls.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import redis
+import structlog
+
+from store.keys import WORKER_TTL_S
+from store.tasks import TaskStore
+from workers import metrics
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(eq=False)
+class Lease:
+    task_id: str
+    owner: str  # "{worker_id}/{attempt}"
+    attempt: int
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    lost: threading.Event = field(default_factory=threading.Event)
+    sandbox: object | None = None  # anything with close(); closed when the lease stops
+
+    def stopping(self) -> bool:
+        return self.cancelled.is_set() or self.lost.is_set()
+
+    def stop(self, why: threading.Event) -> None:
+        first = not self.stopping()
+        why.set()
+        close = getattr(self.sandbox, "close", None)
+        if first and close is not None:
+            try:
+                close()
+            except Exception:  # closing is best effort; the loop ends either way
+                log.exception("sandbox.close_failed", task_id=self.task_id)
+
+
+class Heartbeat:
+    """Renews this process's leases every ``interval_s`` from a daemon thread."""
+
+    def __init__(self, store: TaskStore, worker_id: str, interval_s: float = 2.0) -> None:
+        self.store = store
+        self.worker_id = worker_id
+        self.interval_s = interval_s
+        self._leases: dict[str, Lease] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases[lease.task_id] = lease
+
+    def remove(self, lease: Lease) -> None:
+        with self._lock:
+            if self._leases.get(lease.task_id) is lease:
+                del self._leases[lease.task_id]
+
+    def leases(self) -> list[Lease]:
+        with self._lock:
+            return list(self._leases.values())
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def beat(self) -> None:
+        """One tick: renew leases, apply cancel requests, publish liveness and gauges."""
+        leases = self.leases()
+        states = self.store.renew((le.task_id, le.owner, le.attempt) for le in leases)
+        for lease in leases:
+            state = states.get(lease.task_id)
+            if state is None:
+                continue
+            if not state.held and not lease.lost.is_set():
+                log.warning("lease.lost", task_id=lease.task_id, owner=lease.owner)
+                lease.stop(lease.lost)
+            elif state.cancel_requested and not lease.cancelled.is_set():
+                log.info("task.cancel_seen", task_id=lease.task_id)
+                lease.stop(lease.cancelled)
+        r = self.store.r
+        pipe = r.pipeline(transaction=False)
+        pipe.set(self.store.keys.worker(self.worker_id), str(len(leases)), ex=int(WORKER_TTL_S))
+        pipe.execute()
+        metrics.QUEUE_DEPTH.set(metrics.queue_depth(lambda n: int(r.llen(n))))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.beat()
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                log.warning("heartbeat.redis_unavailable", error=repr(e))
+            except Exception:
+                log.exception("heartbeat.failed")

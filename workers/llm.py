@@ -1,0 +1,220 @@
+"""The LLM adapter: ``agent.llm.LLM`` over any OpenAI-compatible chat-completions server.
+
+One ``OpenAILLM`` (one ``openai.OpenAI`` client and its connection pool) is shared by every
+agent loop of a worker process; it is thread-safe. Retries are ours alone (the SDK's are
+off): 429, 408, 5xx, connection errors and timeouts are retried with exponential backoff and
+full jitter (or the server's ``Retry-After``), up to ``max_retries`` times and never past
+the request's own ``timeout_s``. Other 4xx raise ``LLMRejected``; retries used up raise
+``LLMError``. SDK exceptions never leave this module untranslated.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import openai
+
+from agent.errors import LLMError, LLMRejected
+from agent.llm import LLMReply, LLMRequest
+
+# Called after every successful request: (model, seconds, prompt_tokens, completion_tokens).
+OnResponse = Callable[[str, float, int, int], None]
+
+PLACEHOLDER_API_KEY = "sk-none"  # local servers ignore the key, but the SDK insists on one
+RETRYABLE_STATUSES = frozenset({408, 429})
+
+
+def compute_backoff(
+    retry: int,
+    *,
+    base_s: float = 0.5,
+    max_s: float = 30.0,
+    retry_after_s: float | None = None,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Seconds to wait before retry number ``retry`` (1 = the first retry).
+
+    Without ``retry_after_s``: full jitter, uniform in ``[0, min(max_s, base_s * 2**(retry-1))]``.
+    With it (the server's ``Retry-After``), exactly that, clamped to ``[0, max_s]``.
+    """
+    if retry_after_s is not None:
+        return min(max(retry_after_s, 0.0), max_s)
+    ceiling = min(max_s, base_s * 2.0 ** min(max(retry - 1, 0), 62))
+    return rand() * ceiling
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds the server asked us to wait, from ``retry-after-ms`` or ``retry-after``
+    (delta seconds or an HTTP date); ``None`` when absent or unreadable."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    ms = lowered.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(float(ms) / 1000.0, 0.0)
+        except ValueError:
+            pass
+    value = lowered.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    now = time.time() if now is None else now
+    return max(when.timestamp() - now, 0.0)
+
+
+class OpenAILLM:
+    """``LLM`` over the ``openai`` SDK's sync client.
+
+    ``base_url`` / ``api_key`` default to the SDK's ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``;
+    without any key a placeholder is sent, so keyless local servers work. ``timeout_s``
+    bounds each HTTP request (and is further cut to what is left of ``request.timeout_s``).
+    ``on_response`` observes each successful request, e.g. for metrics; it must not raise.
+
+    ``LLMReply.latency_s`` is the wall clock of the whole ``complete`` call, retries and
+    backoff included; ``on_response`` gets the duration of the successful request alone.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        max_retries: int = 4,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        on_response: OnResponse | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        if max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
+        key = api_key or os.environ.get("OPENAI_API_KEY") or PLACEHOLDER_API_KEY
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.on_response = on_response
+        self._sleep = sleep
+        # Builds an httpx client (no network I/O); base_url=None lets the SDK read the env.
+        self._client = openai.OpenAI(
+            base_url=base_url, api_key=key, timeout=timeout_s, max_retries=0
+        )
+
+    @property
+    def base_url(self) -> str:
+        return str(self._client.base_url)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def complete(self, request: LLMRequest) -> LLMReply:
+        started = time.monotonic()
+        deadline = None if request.timeout_s is None else started + request.timeout_s
+        retry = 0
+        while True:
+            timeout = self.timeout_s
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    raise LLMError(f"{request.model}: the request's time budget ran out")
+            sent = time.monotonic()
+            try:
+                completion = self._client.chat.completions.create(
+                    model=request.model,
+                    messages=[dict(m) for m in request.messages],  # type: ignore[misc]
+                    temperature=request.temperature,
+                    max_tokens=request.max_tokens,
+                    seed=openai.omit if request.seed is None else request.seed,
+                    stop=list(request.stop) if request.stop else openai.omit,
+                    timeout=timeout,
+                )
+            except openai.APIStatusError as e:
+                status = e.status_code
+                if status < 500 and status not in RETRYABLE_STATUSES:
+                    raise LLMRejected(
+                        f"{request.model}: the server refused the request "
+                        f"(HTTP {status}): {_server_message(e)}"
+                    ) from e
+                failure: Exception = e
+                reason = f"HTTP {status}: {_server_message(e)}"
+                retry_after = parse_retry_after(e.response.headers)
+            except openai.APITimeoutError as e:
+                failure, reason, retry_after = e, f"no reply within {timeout:.3g}s", None
+            except openai.APIConnectionError as e:
+                failure, reason, retry_after = e, f"connection failed: {_cause(e)}", None
+            except openai.OpenAIError as e:  # e.g. a 200 whose body is not a completion
+                raise LLMError(f"{request.model}: unusable reply from the server: {e}") from e
+            else:
+                return self._reply(request.model, completion, sent, started)
+
+            retry += 1
+            if retry > self.max_retries:
+                raise LLMError(
+                    f"{request.model}: gave up after {retry} attempts; last: {reason}"
+                ) from failure
+            delay = compute_backoff(
+                retry,
+                base_s=self.backoff_base_s,
+                max_s=self.backoff_max_s,
+                retry_after_s=retry_after,
+            )
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                raise LLMError(
+                    f"{request.model}: the request's time budget ran out after {retry} "
+                    f"attempts; last: {reason}"
+                ) from failure
+            self._sleep(delay)
+
+    def _reply(self, model: str, completion: Any, sent: float, started: float) -> LLMReply:
+        now = time.monotonic()
+        try:
+            choice = completion.choices[0]
+            content = choice.message.content or ""
+            finish_reason = choice.finish_reason
+            usage = completion.usage
+            prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
+            completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        except (AttributeError, IndexError, TypeError, ValueError) as e:
+            raise LLMError(f"{model}: the server's reply holds no completion ({e!r})") from e
+        if self.on_response is not None:
+            self.on_response(model, now - sent, prompt_tokens, completion_tokens)
+        return LLMReply(
+            content=content,
+            finish_reason=finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            latency_s=now - started,
+        )
+
+
+def _server_message(e: openai.APIStatusError) -> str:
+    """What the server said: the ``error.message`` of an OpenAI-style body, else the body."""
+    body = e.body
+    if isinstance(body, Mapping):
+        message = body.get("message")
+        if isinstance(message, str) and message:
+            return message
+    if isinstance(body, str) and body:
+        return body[:500]
+    return e.message
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost cause's text: the SDK's own message is just "Connection error."."""
+    inner: BaseException = e
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    return str(inner) or type(inner).__name__

@@ -1,0 +1,124 @@
+"""Every Prometheus metric actfleet exports, defined once (names from DESIGN.md).
+
+Multiprocess-safe: when ``PROMETHEUS_MULTIPROC_DIR`` is set (``actfleet up`` sets it for
+the API and the workers it starts) every process writes its samples to files there and
+``registry()`` aggregates them, so one ``/metrics`` shows the whole machine and counters
+survive a worker that was killed. The variable must be set before this module is first
+imported: prometheus-client picks its value store at import time.
+
+This module imports nothing of ours but ``store.keys``, so the API can use it too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+    start_http_server,
+)
+
+from store import keys
+
+_DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+_SHORT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+TASKS_FINISHED = Counter(
+    "actfleet_tasks_finished_total", "Tasks that reached a terminal status.", ["status"]
+)
+TASKS_STARTED = Counter("actfleet_tasks_started_total", "Task attempts started by a worker.")
+TASKS_RETRIED = Counter(
+    "actfleet_tasks_retried_total", "Attempts given back to the queue.", ["reason"]
+)
+DELIVERIES_DROPPED = Counter(
+    "actfleet_deliveries_dropped_total",
+    "Task messages dropped at claim (already finished, or a live attempt owns it).",
+    ["reason"],
+)
+TASK_DURATION = Histogram(
+    "actfleet_task_duration_seconds",
+    "Wall clock from first start to finish.",
+    buckets=_DURATION_BUCKETS,
+)
+TASK_TURNS = Histogram(
+    "actfleet_task_turns", "Turns a finished task took.", buckets=(1, 2, 3, 5, 8, 10, 15, 20, 50)
+)
+LLM_REQUEST = Histogram(
+    "actfleet_llm_request_seconds",
+    "Model server latency per completion.",
+    ["model"],
+    buckets=_SHORT_BUCKETS,
+)
+LLM_TOKENS = Counter("actfleet_llm_tokens_total", "Tokens used.", ["kind"])
+SANDBOX_ACQUIRE = Histogram(
+    "actfleet_sandbox_acquire_seconds",
+    "Time to get a ready sandbox.",
+    ["backend", "pool_hit"],
+    buckets=_SHORT_BUCKETS,
+)
+EXEC = Histogram(
+    "actfleet_exec_seconds", "Time per code execution.", ["backend"], buckets=_SHORT_BUCKETS
+)
+WEBHOOKS = Counter("actfleet_webhook_deliveries_total", "Webhook attempts.", ["outcome"])
+QUEUE_DEPTH = Gauge(
+    "actfleet_queue_depth", "Messages waiting in the task queue.", multiprocess_mode="mostrecent"
+)
+TASKS_RUNNING = Gauge(
+    "actfleet_tasks_running", "Agent loops running now.", multiprocess_mode="livesum"
+)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def registry() -> CollectorRegistry:
+    """The registry to expose: all processes' samples in multiprocess mode, else this one's."""
+    if multiprocess_dir():
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg)
+        return reg
+    from prometheus_client import REGISTRY
+
+    return REGISTRY
+
+
+def render() -> tuple[bytes, str]:
+    """The ``/metrics`` body and its content type."""
+    return generate_latest(registry()), CONTENT_TYPE_LATEST
+
+
+def serve(port: int, host: str = "0.0.0.0") -> None:
+    """Serve ``/metrics`` from a daemon thread."""
+    start_http_server(port, addr=host, registry=registry())
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead process's live gauges (call from a supervisor when a child exits)."""
+    if multiprocess_dir():
+        multiprocess.mark_process_dead(pid)
+
+
+def queue_depth(llen: Callable[[str], int]) -> int:
+    """Messages waiting in the task queue, over kombu's priority sub-queues."""
+    sep = "\x06\x16"
+    names = [keys.TASK_QUEUE] + [f"{keys.TASK_QUEUE}{sep}{p}" for p in (3, 6, 9)]
+    return sum(llen(n) for n in names)
+
+
+class Running:
+    """``with Running():`` counts an agent loop in ``actfleet_tasks_running``."""
+
+    def __enter__(self) -> Running:
+        TASKS_RUNNING.inc()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        TASKS_RUNNING.dec()

@@ -1,0 +1,179 @@
+"""A worker process: the Celery app with its tasks, and the runtime they share.
+
+``WorkerRuntime`` owns what lives as long as the process: the Redis client, the model
+client, the sandbox provider, the heartbeat and sweeper threads, the metrics server. Its
+constructor does no I/O; ``start()`` (on Celery's ``worker_ready``) does.
+
+Run it with ``actfleet worker`` (or ``run_worker(settings)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import redis
+import structlog
+from celery import Celery
+from celery.signals import worker_ready, worker_shutdown
+
+from actfleet.settings import Settings
+from store import keys
+from store.keys import HEARTBEAT_INTERVAL_S, Keys
+from store.tasks import TaskStore
+from workers import metrics, webhooks
+from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
+from workers.leases import Heartbeat
+from workers.runner import Runner
+from workers.sandbox import make_provider
+from workers.sweeper import Sweeper
+
+log = structlog.get_logger(__name__)
+
+
+def redis_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=30,
+        socket_connect_timeout=5,
+        health_check_interval=15,
+        retry_on_timeout=True,
+    )
+
+
+class WorkerRuntime:
+    def __init__(self, settings: Settings, app: Celery) -> None:
+        self.settings = settings
+        self.app = app
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.store = TaskStore(
+            redis_client(settings.redis_url or DEFAULT_REDIS_URL), Keys(settings.key_prefix)
+        )
+        self.heartbeat = Heartbeat(self.store, self.worker_id, interval_s=2.0)
+        self.sweeper = Sweeper(
+            self.store,
+            self.worker_id,
+            max_attempts=settings.max_attempts,
+            enqueue=lambda task_id: enqueue(app, task_id),
+            on_finished=self._schedule_webhook_if_any,
+            interval_s=HEARTBEAT_INTERVAL_S,
+        )
+        self._runner: Runner | None = None
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def runner(self) -> Runner:
+        with self._lock:
+            if self._runner is None:
+                self._runner = self._build_runner()
+            return self._runner
+
+    def _build_runner(self) -> Runner:
+        from workers.llm import OpenAILLM
+
+        def on_response(model: str, seconds: float, prompt: int, completion: int) -> None:
+            metrics.LLM_REQUEST.labels(model).observe(seconds)
+            metrics.LLM_TOKENS.labels("prompt").inc(prompt)
+            metrics.LLM_TOKENS.labels("completion").inc(completion)
+
+        llm = OpenAILLM(
+            timeout_s=self.settings.llm_timeout_s,
+            max_retries=self.settings.llm_max_retries,
+            on_response=on_response,
+        )
+        provider = make_provider(self.settings, self.worker_id)
+        self._pool = ThreadPoolExecutor(
+            self.settings.worker_concurrency, thread_name_prefix="sandbox-start"
+        )
+        return Runner(
+            self.settings,
+            self.store,
+            llm,
+            provider,
+            self.heartbeat,
+            self._pool,
+            worker_id=self.worker_id,
+            on_finished=lambda t: webhooks.schedule(self.app, t),
+        )
+
+    def start(self) -> None:
+        if self.settings.worker_metrics_port:
+            metrics.serve(self.settings.worker_metrics_port)
+        self.runner  # noqa: B018  build the model client and sandbox provider up front
+        self.heartbeat.start()
+        self.sweeper.start()
+        log.info(
+            "worker.started",
+            worker=self.worker_id,
+            concurrency=self.settings.worker_concurrency,
+            metrics_port=self.settings.worker_metrics_port,
+        )
+
+    def close(self) -> None:
+        self.sweeper.close()
+        self.heartbeat.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self._runner.provider if self._runner else None, "close", None)
+        if close is not None:
+            close()
+        log.info("worker.stopped", worker=self.worker_id)
+
+    def deliver_webhook(self, task_id: str) -> None:
+        record = self.store.get(task_id)
+        if record is None or record.spec.webhook is None:
+            return
+        delivery = webhooks.delivery_for(record.public(), record.spec.webhook.url)
+        status = webhooks.deliver(delivery, self.settings.webhook_secret, int(time.time()))
+        outcome = "delivered" if 200 <= status < 300 else "rejected"
+        metrics.WEBHOOKS.labels(outcome).inc()
+        log.info("webhook.sent", task_id=task_id, http_status=status)
+
+    def _schedule_webhook_if_any(self, task_id: str) -> None:
+        record = self.store.get(task_id)
+        if record is not None and record.spec.webhook is not None:
+            webhooks.schedule(self.app, task_id)
+
+
+def make_worker_app(settings: Settings) -> tuple[Celery, WorkerRuntime]:
+    from workers.tasks import register_tasks
+
+    app = make_celery(settings)
+    runtime = WorkerRuntime(settings, app)
+    register_tasks(app, lambda: runtime, settings.webhook_max_attempts)
+
+    def on_ready(sender: object = None, **_: object) -> None:
+        if getattr(sender, "app", None) is app:
+            runtime.start()
+
+    def on_shutdown(sender: object = None, **_: object) -> None:
+        runtime.close()
+
+    worker_ready.connect(on_ready, weak=False)
+    worker_shutdown.connect(on_shutdown, weak=False)
+    return app, runtime
+
+
+def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
+    """Run a worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown)."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per model call is noise
+    app, _ = make_worker_app(settings)
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={settings.worker_concurrency}",
+            f"--queues={keys.TASK_QUEUE},{keys.WEBHOOK_QUEUE}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            f"--hostname=actfleet-{os.getpid()}@{socket.gethostname()}",
+        ]
+    )
