@@ -37,7 +37,12 @@ def fleet_script(turns: int) -> list[dict[str, Any]]:
     ]
     for turn in range(2, turns):
         rules.append({"when": {"turn": turn}, "reply": "<execute>\nx += 1\nprint(x)\n</execute>"})
-    rules.append({"when": {"last_regex": r"Observation:\s*(?P<out>\S+)"}, "reply": "<solution>{out}</solution>"})
+    rules.append(
+        {
+            "when": {"last_regex": r"Observation:\s*(?P<out>\S+)"},
+            "reply": "<solution>{out}</solution>",
+        }
+    )
     return rules
 
 
@@ -95,7 +100,9 @@ def run_fleet_bench(
             )
             say(f"submitting {tasks} tasks of {turns} turns, model latency {latency_s:g}s")
             t0 = time.time()
-            resp = http.post("/v1/batches", content=body, headers={"Content-Type": "application/x-ndjson"})
+            resp = http.post(
+                "/v1/batches", content=body, headers={"Content-Type": "application/x-ndjson"}
+            )
             resp.raise_for_status()
             batch_id = resp.json()["id"]
             submit_s = time.time() - t0
@@ -108,7 +115,7 @@ def run_fleet_bench(
                     break
                 time.sleep(0.2)
             wall_s = time.time() - t0
-            ids = [i.decode() for i in r.lrange(keys.batch_tasks(batch_id), 0, -1)]
+            ids = [i.decode() for i in r.lrange(keys.batch_tasks(batch_id), 0, -1)]  # type: ignore[union-attr]
             pipe = r.pipeline(transaction=False)
             for task_id in ids:
                 pipe.hgetall(keys.task(task_id))

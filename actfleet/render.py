@@ -14,7 +14,9 @@ PREVIEW_CHARS = 1500
 
 
 def _clip(text: str, limit: int = PREVIEW_CHARS) -> str:
-    return text if len(text) <= limit else text[:limit] + f"\n… ({len(text) - limit} more characters)"
+    return (
+        text if len(text) <= limit else text[:limit] + f"\n… ({len(text) - limit} more characters)"
+    )
 
 
 def render_event(console: Console, event: dict[str, Any]) -> None:
@@ -29,7 +31,9 @@ def render_event(console: Console, event: dict[str, Any]) -> None:
         if prose:
             console.print(escape(_clip(prose, 600)))
         if data.get("code"):
-            console.print(Syntax(_clip(data["code"]), "python", theme="ansi_dark", line_numbers=False))
+            console.print(
+                Syntax(_clip(data["code"]), "python", theme="ansi_dark", line_numbers=False)
+            )
         if data.get("answer") is not None:
             console.print(f"[bold green]answer:[/] {escape(str(data['answer']))}")
         if data.get("action") == "none":

@@ -214,6 +214,10 @@ class TaskStore:
         )
         return int(out) == 1
 
+    def worker_alive(self, worker_id: str) -> bool:
+        """Has ``worker_id`` sent a heartbeat within ``WORKER_TTL_S``?"""
+        return bool(self.r.exists(self.keys.worker(worker_id)))
+
     def finish(self, record: TaskRecord, owner: str, result: Result, event: Event) -> str | None:
         """Move the task to ``result.status`` once. Returns the terminal event's stream id,
         or None if it was already terminal or this owner is fenced out."""

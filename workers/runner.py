@@ -194,7 +194,8 @@ class Runner:
     def _start_sandbox(self, record: TaskRecord) -> Sandbox:
         started = time.monotonic()
         sandbox = self.provider.start(record.spec, record.id)
-        metrics.SANDBOX_ACQUIRE.labels(self.settings.sandbox, "unknown").observe(
+        pool_hit = "true" if getattr(sandbox, "pool_hit", False) else "false"
+        metrics.SANDBOX_ACQUIRE.labels(self.settings.sandbox, pool_hit).observe(
             time.monotonic() - started
         )
         return sandbox

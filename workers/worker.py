@@ -31,6 +31,7 @@ from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
 from workers.leases import Heartbeat
 from workers.runner import Runner
 from workers.sandbox import make_provider
+from workers.sandbox.reaper import Reaper
 from workers.sweeper import Sweeper
 
 log = structlog.get_logger(__name__)
@@ -64,6 +65,7 @@ class WorkerRuntime:
             interval_s=HEARTBEAT_INTERVAL_S,
         )
         self._runner: Runner | None = None
+        self._reaper: Reaper | None = None
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
@@ -106,7 +108,9 @@ class WorkerRuntime:
         if self.settings.worker_metrics_port:
             metrics.serve(self.settings.worker_metrics_port)
         self.runner  # noqa: B018  build the model client and sandbox provider up front
-        self.heartbeat.start()
+        self.heartbeat.start()  # first, so this worker counts as alive for every reaper
+        if self.settings.sandbox == "docker":
+            self._start_docker_housekeeping()
         self.sweeper.start()
         log.info(
             "worker.started",
@@ -115,7 +119,22 @@ class WorkerRuntime:
             metrics_port=self.settings.worker_metrics_port,
         )
 
+    def _start_docker_housekeeping(self) -> None:
+        """Remove containers of dead workers and expired ones, now and every minute; fill
+        the warm pool."""
+        import docker
+
+        self._reaper = Reaper(docker.from_env(), self.store.worker_alive)
+        reaped = self._reaper.reap_once()
+        log.info("sandbox.reaped", containers=len(reaped))
+        self._reaper.start(60.0)
+        start_pool = getattr(self.runner.provider, "start_pool", None)
+        if start_pool is not None and self.settings.pool_max > 0:
+            start_pool()
+
     def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.stop()
         self.sweeper.close()
         self.heartbeat.close()
         if self._pool is not None:

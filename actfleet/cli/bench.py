@@ -44,18 +44,13 @@ def bench_sandbox(args: argparse.Namespace) -> int:
     settings = Settings()
     if args.backend:
         settings = settings.model_copy(update={"sandbox": args.backend})
-    provider = make_provider(settings, worker_id="bench")
-    try:
-        if settings.sandbox == "docker":
-            from workers.sandbox.docker_bench import bench_docker
+    if settings.sandbox == "docker":
+        from workers.sandbox.docker_bench import bench_docker
 
-            report = bench_docker(provider, runs=args.runs)
-        else:
-            report = measure(provider, runs=args.runs)
-    finally:
-        close = getattr(provider, "close", None)
-        if close is not None:
-            close()
+        # Its own providers: one without a pool for cold starts, one with for warm acquires.
+        report = bench_docker(args.runs, image=settings.sandbox_image)
+    else:
+        report = measure(make_provider(settings, worker_id="bench"), runs=args.runs)
     _print(report, args.json, "sandbox")
     return 0
 

@@ -19,9 +19,10 @@ from actfleet.cli import CLIError
 from actfleet.render import render_event, result_table
 from actfleet.settings import Settings
 from agent.errors import InfrastructureError, LLMError, SpecError
+from agent.llm import LLM
 from agent.loop import run_codeact
 from agent.models import FailureClass, Result, Status, TaskSpec, Timings
-from agent.sandbox import LazySandbox
+from agent.sandbox import LazySandbox, Sandbox
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         sandbox = LazySandbox(pool.submit(provider.start, spec, task_id))
         stack.callback(sandbox.close)
         started = time.time()
-        result = _drive(spec, llm, sandbox, model, started, console, quiet=False)
+        result = _drive(spec, llm, sandbox, model, started, console)
         result = replace(result, timings=replace(result.timings, sandbox_s=sandbox.waited_s))
 
     if args.json:
@@ -119,13 +120,13 @@ def run(args: argparse.Namespace) -> int:
     return 0 if result.status is Status.COMPLETED and result.correct is not False else 1
 
 
-def _drive(spec, llm, sandbox, model, started, console, quiet) -> Result:  # type: ignore[no-untyped-def]
+def _drive(
+    spec: TaskSpec, llm: LLM, sandbox: Sandbox, model: str, started: float, console: Console
+) -> Result:
     gen = run_codeact(spec, llm, sandbox, model=model, started_at=started)
     try:
         while True:
-            step = next(gen)
-            if not quiet:
-                render_event(console, step.event.to_dict())
+            render_event(console, next(gen).event.to_dict())
     except StopIteration as stop:
         return stop.value
     except InfrastructureError as e:

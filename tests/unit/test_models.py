@@ -67,7 +67,7 @@ def test_a_spec_must_be_an_object(raw: object) -> None:
 
 
 def test_booleans_are_not_numbers() -> None:
-    with pytest.raises(SpecError, match="limits.max_turns: expected an integer, got a boolean"):
+    with pytest.raises(SpecError, match=r"limits\.max_turns: expected an integer, got a boolean"):
         TaskSpec.from_dict({"prompt": "x", "limits": {"max_turns": True}})
 
 
