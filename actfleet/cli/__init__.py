@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from agent.errors import ActfleetError
 
 # Modules that contribute commands, in the order `actfleet --help` lists them.
-_MODULES = ("service", "run", "client", "keys", "bench", "fake_llm")
+_MODULES = ("service", "demo", "run", "client", "keys", "bench", "fake_llm")
 
 
 class CLIError(Exception):

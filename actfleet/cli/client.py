@@ -140,18 +140,18 @@ def batch(args: argparse.Namespace) -> int:
                 console.print(f"queued batch [bold]{batch_id}[/] ({accepted['total']} tasks)")
             return 0
         console.print(f"queued batch [bold]{batch_id}[/] ({accepted['total']} tasks)")
-        status = _wait_with_progress(client, batch_id, accepted["total"], args.poll_s, console)
+        status = wait_with_progress(client, batch_id, accepted["total"], args.poll_s, console)
         out = Path(args.out or f"{batch_id}.jsonl")
-        n = _write_results(client, batch_id, out, trajectory=False)
+        n = write_results(client, batch_id, out, trajectory=False)
     if args.json:
         print(json.dumps({**status, "results_file": str(out)}))
     else:
-        Console(highlight=False).print(_summary_table(status))
+        Console(highlight=False).print(summary_table(status))
         console.print(f"{n} results written to {out}")
     return 0
 
 
-def _wait_with_progress(
+def wait_with_progress(
     client: Client, batch_id: str, total: int, poll_s: float, console: Console
 ) -> dict[str, Any]:
     columns = (
@@ -174,7 +174,7 @@ def _wait_with_progress(
         return client.wait_batch(batch_id, poll_s=poll_s, on_progress=show)
 
 
-def _summary_table(status: dict[str, Any]) -> Table:
+def summary_table(status: dict[str, Any]) -> Table:
     table = Table(show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
@@ -191,7 +191,7 @@ def _summary_table(status: dict[str, Any]) -> Table:
     return table
 
 
-def _write_results(client: Client, batch_id: str, out: Path, trajectory: bool) -> int:
+def write_results(client: Client, batch_id: str, out: Path, trajectory: bool) -> int:
     n = 0
     with out.open("w") as f:
         for line in client.batch_results(batch_id, trajectory=trajectory):
@@ -206,6 +206,6 @@ def export(args: argparse.Namespace) -> int:
             for line in client.batch_results(args.batch_id, trajectory=args.trajectory):
                 print(json.dumps(line, ensure_ascii=False))
             return 0
-        n = _write_results(client, args.batch_id, Path(args.out), args.trajectory)
+        n = write_results(client, args.batch_id, Path(args.out), args.trajectory)
     print(f"{n} results written to {args.out}", file=sys.stderr)
     return 0
