@@ -123,7 +123,7 @@ def run_fleet_bench(
             http.close()
             r.close()
 
-    latencies, overheads = [], []
+    latencies, overheads, llm_extra, loop_extra = [], [], [], []
     statuses: dict[str, int] = {}
     for rec in records:
         statuses[rec.status.value] = statuses.get(rec.status.value, 0) + 1
@@ -135,6 +135,9 @@ def run_fleet_bench(
             run_s = rec.finished_at - rec.started_at
             model_s = res.usage.llm_calls * latency_s
             overheads.append((run_s - model_s - res.timings.exec_s) / res.turns)
+            # where it went: the model client beyond the model's own latency, and the rest
+            llm_extra.append((res.timings.llm_s - model_s) / res.turns)
+            loop_extra.append((run_s - res.timings.llm_s - res.timings.exec_s) / res.turns)
     ideal_s = math.ceil(tasks / concurrency) * turns * latency_s
     return {
         "tasks": tasks,
@@ -156,5 +159,7 @@ def run_fleet_bench(
             "p50": round(percentile(overheads, 0.5) * 1000, 2),
             "p95": round(percentile(overheads, 0.95) * 1000, 2),
             "mean": round(statistics.fmean(overheads) * 1000, 2) if overheads else None,
+            "of_which_model_client_p50": round(percentile(llm_extra, 0.5) * 1000, 2),
+            "of_which_outside_model_calls_p50": round(percentile(loop_extra, 0.5) * 1000, 2),
         },
     }

@@ -346,6 +346,9 @@ class _HTTPServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's connection pool expects
+    # Headers and body go out in separate writes: with Nagle on, the body waits for the
+    # client's delayed ACK (~40 ms a reply). Real servers set TCP_NODELAY too.
+    disable_nagle_algorithm = True
     server: _HTTPServer
     timeout = 300  # an idle kept-alive connection frees its thread after this
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import openai
+from openai.types.chat import ChatCompletion
 
 from agent.errors import LLMError, LLMRejected
 from agent.llm import LLMReply, LLMRequest
@@ -132,14 +133,16 @@ class OpenAILLM:
                     raise LLMError(f"{request.model}: the request's time budget ran out")
             sent = time.monotonic()
             try:
-                completion = self._client.chat.completions.create(
-                    model=request.model,
-                    messages=[dict(m) for m in request.messages],  # type: ignore[misc]
-                    temperature=request.temperature,
-                    max_tokens=request.max_tokens,
-                    seed=openai.omit if request.seed is None else request.seed,
-                    stop=list(request.stop) if request.stop else openai.omit,
-                    timeout=timeout,
+                # The SDK's low-level post rather than chat.completions.create(): create()
+                # re-walks every message through its TypedDict transforms on each call, which
+                # costs more CPU than the whole HTTP exchange and grows with the transcript.
+                # The body is plain JSON already; auth, headers, errors and parsing are the
+                # SDK's as usual.
+                completion = self._client.post(
+                    "/chat/completions",
+                    cast_to=ChatCompletion,
+                    body=_body(request),
+                    options={"timeout": timeout},
                 )
             except openai.APIStatusError as e:
                 status = e.status_code
@@ -218,3 +221,17 @@ def _cause(e: BaseException) -> str:
     while inner.__cause__ is not None:
         inner = inner.__cause__
     return str(inner) or type(inner).__name__
+
+
+def _body(request: LLMRequest) -> dict[str, object]:
+    body: dict[str, object] = {
+        "model": request.model,
+        "messages": [dict(m) for m in request.messages],
+        "temperature": request.temperature,
+        "max_tokens": request.max_tokens,
+    }
+    if request.seed is not None:
+        body["seed"] = request.seed
+    if request.stop:
+        body["stop"] = list(request.stop)
+    return body
