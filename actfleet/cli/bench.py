@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--turns", type=int, default=3, help="T model turns per task (default 3)")
     f.add_argument("--latency", type=float, default=2.0, help="L seconds per model reply")
     f.add_argument("--concurrency", type=int, default=100, help="C tasks in flight")
+    f.add_argument(
+        "--workers", type=int, default=1, help="worker processes sharing the C loops (default 1)"
+    )
     f.add_argument("--backend", choices=["bwrap", "docker"], help="default: ACTFLEET_SANDBOX")
     f.add_argument("--json", action="store_true", help="print one JSON document")
     f.set_defaults(func=bench_fleet)
@@ -67,6 +70,7 @@ def bench_fleet(args: argparse.Namespace) -> int:
         turns=args.turns,
         latency_s=args.latency,
         concurrency=args.concurrency,
+        workers=args.workers,
         progress=None if args.json else Console(stderr=True),
     )
     _print(report, args.json, "fleet")

@@ -22,13 +22,13 @@ of UTF-8 JSON (never pickle). On start the runner sends
 Exit status ``EXIT_OUT_OF_MEMORY`` (86) means the runner itself ran out of memory.
 """
 
-import ast
-import base64
+# Imports are few and cheap on purpose: every sandbox pays for them at start, and a fleet
+# starts many sandboxes. ``_ast`` and ``compile(..., PyCF_ONLY_AST)`` stand in for ``ast``;
+# ``traceback`` and ``linecache`` are imported when first needed.
+import _ast
 import binascii
 import builtins
-import contextlib
 import json
-import linecache
 import os
 import resource
 import signal
@@ -36,8 +36,6 @@ import struct
 import sys
 import threading
 import time
-import traceback
-import types
 
 EXIT_OUT_OF_MEMORY = 86
 EXIT_PROTOCOL = 87
@@ -100,8 +98,10 @@ class _Capture:
             self._reset()
             self.limit = max(4 * max_chars, 64)  # UTF-8: at most 4 bytes a char
             self.done.clear()
-        with contextlib.suppress(OSError):  # undo any os.close(1) / dup2 of the last cell
+        try:  # undo any os.close(1) / dup2 of the last cell
             os.dup2(self.write_end, self.fd)
+        except OSError:
+            pass
 
     def _pump(self) -> None:
         while True:
@@ -149,8 +149,10 @@ class _Capture:
                 del self.tail[:excess]
 
     def end(self, max_chars: int) -> str:
-        with contextlib.suppress(OSError):
+        try:
             os.write(self.fd, self.token)
+        except OSError:
+            pass
         self.done.wait(_END_WAIT_S)
         with self.lock:
             head = bytes(self.head)
@@ -185,11 +187,12 @@ class Runner:
         sys.__stdin__ = sys.stdin  # type: ignore[misc]
         sys.__stdout__ = sys.stdout  # type: ignore[misc]
         sys.__stderr__ = sys.stderr  # type: ignore[misc]
-        module = types.ModuleType("__main__")
+        module = type(sys)("__main__")
         module.__dict__["__builtins__"] = builtins
         sys.modules["__main__"] = module
         self.namespace = module.__dict__
         self.cell = 0
+        self.sources: dict[str, str] = {}
         self.pid = os.getpid()
         self.in_user_code = False
         self.reserve: bytearray | None = bytearray(
@@ -270,8 +273,10 @@ class Runner:
         return {"id": rid, "ok": False, "error": f"unknown op {op!r}"}
 
     def _log(self, text: str) -> None:
-        with contextlib.suppress(OSError):
+        try:
             os.write(self.log_fd, (text + "\n").encode("utf-8", "replace"))
+        except OSError:
+            pass
 
     # -- files --------------------------------------------------------------------------
 
@@ -283,7 +288,7 @@ class Runner:
         if ".." in parts or "" in parts:
             return {"ok": False, "error": "path must not contain '..' or empty parts"}
         try:
-            content = base64.b64decode(request.get("content_b64") or "", validate=True)
+            content = binascii.a2b_base64(request.get("content_b64") or "", strict_mode=True)
         except (binascii.Error, ValueError):
             return {"ok": False, "error": "content_b64 is not valid base64"}
         try:
@@ -304,11 +309,11 @@ class Runner:
 
     def _compile(
         self, code: str, filename: str
-    ) -> tuple[types.CodeType | None, types.CodeType | None]:
-        tree = ast.parse(code, filename, "exec")
+    ) -> tuple[object, object]:
+        tree = compile(code, filename, "exec", _ast.PyCF_ONLY_AST)
         last = None
-        if tree.body and isinstance(tree.body[-1], ast.Expr):
-            last = ast.Expression(tree.body.pop().value)  # type: ignore[attr-defined]
+        if tree.body and isinstance(tree.body[-1], _ast.Expr):
+            last = _ast.Expression(tree.body.pop().value)
         body = compile(tree, filename, "exec") if tree.body else None
         return body, (compile(last, filename, "eval") if last is not None else None)
 
@@ -320,7 +325,9 @@ class Runner:
         max_chars = int(request.get("max_output_chars") or 2000)
         self.cell += 1
         filename = f"<cell {self.cell}>"
-        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        self.sources[filename] = code
+        if "linecache" in sys.modules:  # the user's code uses it (inspect, traceback, ...)
+            self._register_sources()
         self._timeout_message = f"the execution was interrupted after {timeout_s:g} s (time limit)"
         for capture in self.captures:
             capture.begin(max_chars)
@@ -355,8 +362,10 @@ class Runner:
                 os._exit(0)
             duration = time.perf_counter() - started
             for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):  # the user may have closed/replaced it
+                try:
                     stream.flush()
+                except Exception:  # the user may have closed or replaced it
+                    pass
             stdout = self.captures[0].end(max_chars)
             stderr = self.captures[1].end(max_chars)
             if self.reserve is None:
@@ -373,6 +382,9 @@ class Runner:
     def _format_error(self, exc: BaseException, max_chars: int) -> str:
         """A traceback of the user's frames only: the runner's own (the ``exec`` call at
         the bottom, the alarm handler at the top) are dropped."""
+        import traceback
+
+        self._register_sources()
         summary = traceback.TracebackException(type(exc), exc, exc.__traceback__)
         pending = [summary]
         while pending:
@@ -383,6 +395,13 @@ class Runner:
             pending.extend(t for t in (te.__cause__, te.__context__) if t is not None)
         text = "".join(summary.format()).rstrip("\n")
         return cap_text(text, max(max_chars, 2000))
+
+    def _register_sources(self) -> None:
+        """Let linecache (so tracebacks and ``inspect``) see the source of every cell."""
+        import linecache
+
+        for filename, code in self.sources.items():
+            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
 
     def _oom_message(self, in_cell: bool = False) -> str:
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
