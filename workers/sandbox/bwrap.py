@@ -1,6 +1,6 @@
 """The bubblewrap sandbox backend: one runner process per task, no container engine needed.
 
-Each sandbox is ``prlimit <rlimits> -- bwrap <namespaces, mounts> -- python3 runner.py``:
+Each sandbox is ``setpriv <uid> -- nice -- prlimit <rlimits> -- bwrap <namespaces> -- python3 runner.py``:
 
 - namespaces: ``--unshare-all`` (no network, own pid/ipc/uts/cgroup namespaces) plus a user
   namespace in which the code runs as uid 65534 with no capabilities; ``--die-with-parent``
@@ -85,6 +85,7 @@ class BwrapConfig:
     nofile: int
     tmpfs_mb: int
     separate_uids: bool
+    nice: int
 
 
 class BwrapProvider:
@@ -114,6 +115,7 @@ class BwrapProvider:
         nofile: int = 256,
         tmpfs_mb: int = 64,
         separate_uids: bool | None = None,
+        nice: int = 10,
     ) -> None:
         if python is None:
             python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
@@ -130,6 +132,7 @@ class BwrapProvider:
             nofile=nofile,
             tmpfs_mb=tmpfs_mb,
             separate_uids=(os.geteuid() == 0) if separate_uids is None else separate_uids,
+            nice=nice,
         )
 
     def start(self, spec: TaskSpec, task_id: str = "") -> BwrapSandbox:
@@ -437,6 +440,9 @@ class BwrapSandbox:
         ):
             args += ["--setenv", key, value]
         args += ["--", cfg.python, "-I", "-B", SANDBOX_RUNNER_PATH]
+        # Untrusted code yields the CPU to the worker that drives it: a sandbox starting (or
+        # spinning) must not starve the model calls and stream writes of other tasks.
+        prlimit = [_which("nice"), "-n", str(cfg.nice), *prlimit]
         if not cfg.separate_uids:
             return prlimit + args
         # Drop to the sandbox's own host uid with setpriv rather than Popen(user=...): asking
