@@ -117,7 +117,7 @@ def run_fleet_bench(
                     progress.print(f"  {done}/{tasks} finished", end="\r")
                 if done >= tasks:
                     break
-                time.sleep(1.0)
+                time.sleep(2.0)
             ids = [i.decode() for i in r.lrange(keys.batch_tasks(batch_id), 0, -1)]  # type: ignore[union-attr]
             pipe = r.pipeline(transaction=False)
             for task_id in ids:
@@ -144,6 +144,12 @@ def run_fleet_bench(
             llm_extra.append((res.timings.llm_s - model_s) / res.turns)
             loop_extra.append((run_s - res.timings.llm_s - res.timings.exec_s) / res.turns)
     ideal_s = math.ceil(tasks / concurrency) * turns * latency_s
+    import os
+    if os.environ.get("BENCH_TIMELINE"):
+        starts = sorted((r.started_at or 0) - t0 for r in records)
+        ends = sorted((r.finished_at or 0) - t0 for r in records)
+        print("starts", [round(starts[i], 2) for i in (0, 50, 99, 100, 150, 199, 200, 250, 299)])
+        print("ends  ", [round(ends[i], 2) for i in (0, 50, 99, 100, 150, 199, 200, 250, 299)])
     return {
         "tasks": tasks,
         "turns": turns,

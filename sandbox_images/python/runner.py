@@ -23,19 +23,27 @@ Exit status ``EXIT_OUT_OF_MEMORY`` (86) means the runner itself ran out of memor
 """
 
 # Imports are few and cheap on purpose: every sandbox pays for them at start, and a fleet
-# starts many sandboxes. ``_ast`` and ``compile(..., PyCF_ONLY_AST)`` stand in for ``ast``;
-# ``traceback`` and ``linecache`` are imported when first needed.
+# starts many sandboxes. ``json`` and ``signal`` would pull in ``re`` and ``enum`` (about as
+# much CPU as the interpreter's own start), so their C halves are used directly; ``_ast``
+# and ``compile(..., PyCF_ONLY_AST)`` stand in for ``ast``; ``traceback`` and ``linecache``
+# are imported when first needed.
 import _ast
+import _signal
+import _thread
 import binascii
 import builtins
-import json
 import os
 import resource
-import signal
 import struct
 import sys
-import threading
 import time
+
+try:
+    from _json import encode_basestring as _encode_str
+    from _json import make_encoder as _make_encoder
+    from _json import make_scanner as _make_scanner
+except ImportError:  # a Python without the C accelerator: the json package it is
+    _make_scanner = None
 
 EXIT_OUT_OF_MEMORY = 86
 EXIT_PROTOCOL = 87
@@ -44,6 +52,73 @@ _HEADER = struct.Struct(">I")
 _CONTINUATION = bytes(range(0x80, 0xC0))  # UTF-8 continuation bytes: not the start of a char
 _END_WAIT_S = 1.0
 _RUNNER_FILE = __file__  # how long to wait for the capture threads to see the end-of-cell marker
+
+
+def _not_json(value: object) -> object:
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+class _ScanContext:
+    """What ``_json.make_scanner`` reads off a ``json.JSONDecoder``."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    @staticmethod
+    def parse_constant(name: str) -> float:
+        return float(name.replace("Infinity", "inf"))
+
+
+if _make_scanner is not None:
+    _scan = _make_scanner(_ScanContext())
+    _encode = _make_encoder(None, _not_json, _encode_str, None, ":", ",", False, False, True)
+
+    def json_dumps(value: object) -> str:
+        return "".join(_encode(value, 0))
+
+    def json_loads(text: str) -> object:
+        try:
+            value, end = _scan(text, 0)
+        except StopIteration as e:
+            raise ValueError(f"not JSON at character {e.value}") from None
+        if text[end:].strip():
+            raise ValueError(f"extra data after the JSON value at character {end}")
+        return value
+
+else:
+    import json
+
+    def json_dumps(value: object) -> str:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+    json_loads = json.loads
+
+
+class _Event:
+    """``threading.Event`` on a bare lock (``threading`` costs an import of collections)."""
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        if self._lock.locked():
+            try:
+                self._lock.release()
+            except RuntimeError:  # set twice at once
+                pass
+
+    def clear(self) -> None:
+        self._lock.acquire(False)
+
+    def wait(self, timeout_s: float) -> bool:
+        if self._lock.acquire(True, timeout_s):
+            self._lock.release()
+            return True
+        return False
 
 
 class ExecutionTimeout(BaseException):
@@ -80,11 +155,11 @@ class _Capture:
         self.write_end = write_end  # kept so fd 1/2 can be restored if user code closed them
         os.dup2(write_end, fd)
         os.set_inheritable(fd, True)
-        self.lock = threading.Lock()
-        self.done = threading.Event()
+        self.lock = _thread.allocate_lock()
+        self.done = _Event()
         self.limit = 8192
         self._reset()
-        threading.Thread(target=self._pump, daemon=True, name=f"capture-{fd}").start()
+        _thread.start_new_thread(self._pump, ())
 
     def _reset(self) -> None:
         self.head = bytearray()
@@ -199,12 +274,12 @@ class Runner:
             1 << 20
         )  # freed on MemoryError to get room to answer
         self._timeout_message = ""
-        signal.signal(signal.SIGALRM, self._on_alarm)
+        _signal.signal(_signal.SIGALRM, self._on_alarm)
 
     # -- protocol -----------------------------------------------------------------------
 
     def send(self, message: dict) -> None:
-        body = json.dumps(message, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        body = json_dumps(message).encode("utf-8", "surrogatepass")
         data = memoryview(_HEADER.pack(len(body)) + body)
         while data:
             n = os.write(self.proto_out, data)
@@ -233,7 +308,7 @@ class Runner:
         body = self._read_exact(length)
         if body is None:
             return None
-        message = json.loads(body.decode("utf-8"))
+        message = json_loads(body.decode("utf-8"))
         if not isinstance(message, dict):
             raise ValueError("a request must be a JSON object")
         return message
@@ -307,9 +382,7 @@ class Runner:
         if self.in_user_code:
             raise ExecutionTimeout(self._timeout_message)
 
-    def _compile(
-        self, code: str, filename: str
-    ) -> tuple[object, object]:
+    def _compile(self, code: str, filename: str) -> tuple[object, object]:
         tree = compile(code, filename, "exec", _ast.PyCF_ONLY_AST)
         last = None
         if tree.body and isinstance(tree.body[-1], _ast.Expr):
@@ -337,7 +410,7 @@ class Runner:
         try:
             try:
                 body, last = self._compile(code, filename)
-                signal.setitimer(signal.ITIMER_REAL, max(timeout_s, 0.001))
+                _signal.setitimer(_signal.ITIMER_REAL, max(timeout_s, 0.001))
                 self.in_user_code = True
                 try:
                     if body is not None:
@@ -348,13 +421,13 @@ class Runner:
                             value = cap_text(repr(result), max_chars)
                 finally:
                     self.in_user_code = False
-                    signal.setitimer(signal.ITIMER_REAL, 0)
+                    _signal.setitimer(_signal.ITIMER_REAL, 0)
             except ExecutionTimeout as e:
                 timed_out = True
                 error = self._format_error(e, max_chars)
             except MemoryError as e:
                 self.reserve = None  # room to format the error
-                error = self._format_error(e, max_chars) + "\n" + self._oom_message(in_cell=True)
+                error = self._format_oom(e) + "\n" + self._oom_message(in_cell=True)
             except BaseException as e:  # SystemExit and KeyboardInterrupt included: keep serving
                 error = self._format_error(e, max_chars)
         finally:
@@ -395,6 +468,22 @@ class Runner:
             pending.extend(t for t in (te.__cause__, te.__context__) if t is not None)
         text = "".join(summary.format()).rstrip("\n")
         return cap_text(text, max(max_chars, 2000))
+
+    def _format_oom(self, exc: MemoryError) -> str:
+        """The traceback of a MemoryError, built by hand: importing ``traceback`` may need
+        more memory than there is."""
+        lines = ["Traceback (most recent call last):"]
+        tb = exc.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if code.co_filename != _RUNNER_FILE:
+                lines.append(f'  File "{code.co_filename}", line {tb.tb_lineno}, in {code.co_name}')
+                source = self.sources.get(code.co_filename, "").splitlines()
+                if 0 < tb.tb_lineno <= len(source):
+                    lines.append("    " + source[tb.tb_lineno - 1].strip())
+            tb = tb.tb_next
+        lines.append(f"MemoryError: {exc}" if str(exc) else "MemoryError")
+        return "\n".join(lines)
 
     def _register_sources(self) -> None:
         """Let linecache (so tracebacks and ``inspect``) see the source of every cell."""
