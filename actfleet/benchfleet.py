@@ -46,6 +46,17 @@ def fleet_script(turns: int) -> list[dict[str, Any]]:
     return rules
 
 
+def _wait_for_pools(r: redis.Redis, keys: Keys, workers: int, size: int) -> None:
+    """Until every worker reports ``size`` idle sandboxes (its status key), or 120 s."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        statuses = [r.get(k) for k in r.scan_iter(keys.worker("*"))]
+        idle = [json.loads(s).get("pool_idle", 0) for s in statuses if s]
+        if len(idle) >= workers and min(idle) >= size:
+            return
+        time.sleep(0.5)
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -63,6 +74,7 @@ def run_fleet_bench(
     latency_s: float,
     concurrency: int,
     workers: int = 1,
+    warm_pool: bool = True,
     progress: Console | None = None,
 ) -> dict[str, Any]:
     if tasks < 1 or turns < 1 or concurrency < 1 or latency_s < 0:
@@ -78,7 +90,13 @@ def run_fleet_bench(
             "ACTFLEET_MAX_ACTIVE_PER_TENANT": str(max(tasks, 1000)),
         }
         per_worker = math.ceil(concurrency / workers)
-        say(f"starting the stack: {workers} worker process(es) x {per_worker} loops, {settings.sandbox}")
+        if warm_pool:  # as an operator would size it: a warm sandbox per loop
+            env |= {"ACTFLEET_POOL_MIN": str(per_worker), "ACTFLEET_POOL_MAX": str(per_worker)}
+        else:
+            env |= {"ACTFLEET_POOL_MIN": "0", "ACTFLEET_POOL_MAX": "0"}
+        say(
+            f"starting the stack: {workers} worker process(es) x {per_worker} loops, {settings.sandbox}"
+        )
         with LocalStack(
             redis_url=settings.redis_url, workers=workers, concurrency=per_worker, env=env
         ) as stack:
@@ -86,6 +104,9 @@ def run_fleet_bench(
             r = redis.Redis.from_url(stack.redis_url)
             keys = Keys(settings.key_prefix)
             api_key, _ = create_key(r, keys, "bench", "bench fleet")
+            if warm_pool:
+                say("waiting for the workers' warm pools to fill")
+                _wait_for_pools(r, keys, workers, per_worker)
             body = "\n".join(
                 json.dumps(
                     {
@@ -144,18 +165,13 @@ def run_fleet_bench(
             llm_extra.append((res.timings.llm_s - model_s) / res.turns)
             loop_extra.append((run_s - res.timings.llm_s - res.timings.exec_s) / res.turns)
     ideal_s = math.ceil(tasks / concurrency) * turns * latency_s
-    import os
-    if os.environ.get("BENCH_TIMELINE"):
-        starts = sorted((r.started_at or 0) - t0 for r in records)
-        ends = sorted((r.finished_at or 0) - t0 for r in records)
-        print("starts", [round(starts[i], 2) for i in (0, 50, 99, 100, 150, 199, 200, 250, 299)])
-        print("ends  ", [round(ends[i], 2) for i in (0, 50, 99, 100, 150, 199, 200, 250, 299)])
     return {
         "tasks": tasks,
         "turns": turns,
         "latency_s": latency_s,
         "concurrency": concurrency,
         "worker_processes": workers,
+        "warm_pool": warm_pool,
         "backend": settings.sandbox,
         "statuses": statuses,
         "submit_s": round(submit_s, 3),

@@ -14,7 +14,8 @@ Layout (``{p}`` is the configurable prefix, ``af`` by default)::
     {p}:apikey:{sha256}        hash    tenant, name, created_at (the key itself is never stored)
     {p}:apikeys                zset    sha256 -> created_at: every key, for `keys list`
     {p}:stats:finished         hash    terminal status -> count, fleet-wide (FINISH bumps it)
-    {p}:worker:{id}            string  a worker's heartbeat, with a TTL
+    {p}:worker:{id}            string  a worker's heartbeat, with a TTL: JSON status
+                                       {"leases": n, "pool_idle": n}
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ a couple of seconds) and its ``Lease.stopping()`` turns true, which the agent lo
 
 from __future__ import annotations
 
+import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -55,6 +57,8 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # extra facts for the worker's status key (e.g. the warm pool's size)
+        self.status: Callable[[], dict[str, object]] = dict
 
     def add(self, lease: Lease) -> None:
         with self._lock:
@@ -94,7 +98,8 @@ class Heartbeat:
                 lease.stop(lease.cancelled)
         r = self.store.r
         pipe = r.pipeline(transaction=False)
-        pipe.set(self.store.keys.worker(self.worker_id), str(len(leases)), ex=int(WORKER_TTL_S))
+        status = json.dumps({"leases": len(leases), **self.status()})
+        pipe.set(self.store.keys.worker(self.worker_id), status, ex=int(WORKER_TTL_S))
         pipe.execute()
         metrics.QUEUE_DEPTH.set(metrics.queue_depth(lambda n: int(r.llen(n))))
 

@@ -115,6 +115,10 @@ class WorkerRuntime:
         self.heartbeat.start()  # first, so this worker counts as alive for every reaper
         if self.settings.sandbox == "docker":
             self._start_docker_housekeeping()
+        start_pool = getattr(self.runner.provider, "start_pool", None)
+        if start_pool is not None:
+            start_pool()
+        self.heartbeat.status = self._status
         self.sweeper.start()
         log.info(
             "worker.started",
@@ -124,17 +128,22 @@ class WorkerRuntime:
         )
 
     def _start_docker_housekeeping(self) -> None:
-        """Remove containers of dead workers and expired ones, now and every minute; fill
-        the warm pool."""
+        """Remove containers of dead workers and expired ones, now and every minute."""
         import docker
 
         self._reaper = Reaper(docker.from_env(), self.store.worker_alive)
         reaped = self._reaper.reap_once()
         log.info("sandbox.reaped", containers=len(reaped))
         self._reaper.start(60.0)
-        start_pool = getattr(self.runner.provider, "start_pool", None)
-        if start_pool is not None and self.settings.pool_max > 0:
-            start_pool()
+
+    def _status(self) -> dict[str, object]:
+        """What the worker's status key says besides its leases."""
+        provider = self.runner.provider
+        if hasattr(provider, "pool_idle"):
+            return {"pool_idle": provider.pool_idle()}
+        if hasattr(provider, "pool_stats"):
+            return {"pool_idle": sum(s.idle for s in provider.pool_stats().values())}
+        return {}
 
     def close(self) -> None:
         if self._reaper is not None:

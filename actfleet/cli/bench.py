@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from rich.console import Console
@@ -33,7 +34,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--latency", type=float, default=2.0, help="L seconds per model reply")
     f.add_argument("--concurrency", type=int, default=100, help="C tasks in flight")
     f.add_argument(
-        "--workers", type=int, default=1, help="worker processes sharing the C loops (default 1)"
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes sharing the C loops (default: one per core)",
+    )
+    f.add_argument(
+        "--no-warm-pool",
+        dest="warm_pool",
+        action="store_false",
+        help="start every sandbox cold (default: a warm pool of C sandboxes)",
     )
     f.add_argument("--backend", choices=["bwrap", "docker"], help="default: ACTFLEET_SANDBOX")
     f.add_argument("--json", action="store_true", help="print one JSON document")
@@ -71,6 +81,7 @@ def bench_fleet(args: argparse.Namespace) -> int:
         latency_s=args.latency,
         concurrency=args.concurrency,
         workers=args.workers,
+        warm_pool=args.warm_pool,
         progress=None if args.json else Console(stderr=True),
     )
     _print(report, args.json, "fleet")

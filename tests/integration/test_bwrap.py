@@ -232,3 +232,37 @@ def test_close_from_another_thread_ends_an_execute_in_flight(provider: BwrapProv
     assert time.monotonic() - started < 3
     assert result.state_lost
     assert sb.execute("1", 5, 1000).state_lost
+
+
+def test_a_warm_pool_serves_tasks_with_default_limits_and_cold_starts_the_rest() -> None:
+    # Given a provider with a warm pool of two runners
+    provider = BwrapProvider(pool_min_size=2, pool_max_size=2)
+    provider.start_pool()
+    try:
+        deadline = time.monotonic() + 20
+        while provider.pool_idle() < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert provider.pool_idle() == 2
+        # When a task with default limits starts, it gets a warm runner with its own files
+        # and setup_code applied
+        content = base64.b64encode(b"42").decode()
+        spec = make_spec(
+            files=[{"path": "n.txt", "content_b64": content}], setup_code="TOOL = 'ready'"
+        )
+        warm = provider.start(spec, "warm-task")
+        assert warm.pool_hit
+        result = warm.execute("print(open('n.txt').read(), TOOL)", 5, 1000)
+        assert result.stdout.strip() == "42 ready"
+        # and a task that asks for other limits gets a runner started for it
+        cold = provider.start(make_spec(sandbox={"memory_mb": 128}), "cold-task")
+        assert not cold.pool_hit
+        big = cold.execute("b = bytearray(200 * 1024 * 1024)", 5, 1000)
+        assert big.error is not None and "MemoryError" in big.error
+        pids = [(sb, sb.pid) for sb in (warm, cold)]
+        warm.close()
+        cold.close()
+        assert all(processes_of(sb, pid) == [] for sb, pid in pids)
+    finally:
+        provider.close()
+    # Then closing the provider leaves none of the pool's runners behind
+    assert provider.pool_idle() == 0

@@ -30,4 +30,9 @@ def make_provider(settings: Settings, worker_id: str) -> SandboxProvider:
         )
     from workers.sandbox.bwrap import BwrapProvider
 
-    return BwrapProvider()
+    return BwrapProvider(
+        pool_min_size=settings.pool_min,
+        pool_max_size=settings.pool_max,
+        pool_idle_ttl_s=settings.pool_idle_s,
+        pool_max_age_s=settings.pool_max_age_s,
+    )

@@ -37,6 +37,7 @@ from pathlib import Path
 from agent.errors import SandboxError, SetupError
 from agent.models import TaskSpec
 from agent.sandbox import ExecResult
+from workers.sandbox.pool import WarmPool
 from workers.sandbox.protocol import (
     DEFAULT_GRACE_S,
     PipeChannel,
@@ -116,6 +117,10 @@ class BwrapProvider:
         tmpfs_mb: int = 64,
         separate_uids: bool | None = None,
         nice: int = 10,
+        pool_min_size: int = 0,
+        pool_max_size: int = 0,
+        pool_idle_ttl_s: float = 300.0,
+        pool_max_age_s: float = 1800.0,
     ) -> None:
         if python is None:
             python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
@@ -134,19 +139,72 @@ class BwrapProvider:
             separate_uids=(os.geteuid() == 0) if separate_uids is None else separate_uids,
             nice=nice,
         )
+        self._pool: WarmPool[BwrapSandbox] | None = None
+        self._pool_sizes = (pool_min_size, pool_max_size, pool_idle_ttl_s, pool_max_age_s)
 
     def start(self, spec: TaskSpec, task_id: str = "") -> BwrapSandbox:
-        """A ready sandbox with ``spec.files`` written and ``spec.setup_code`` run.
+        """A ready sandbox with ``spec.files`` written and ``spec.setup_code`` run: a warm
+        one from the pool when the task's limits are the pool's, else a new one.
 
         Raises ``SetupError`` if setup_code fails, ``SandboxError`` if no sandbox started.
         """
-        sandbox = BwrapSandbox(self.config, spec, task_id)
+        pool = self._pool
+        warm = pool.acquire() if pool is not None and _limits(spec) == _limits(_POOLED) else None
+        sandbox = warm or BwrapSandbox(self.config, spec, task_id)
         try:
-            sandbox.boot()
+            if warm is not None:
+                warm.adopt(spec, task_id)
+            else:
+                sandbox.boot()
         except BaseException:
             sandbox.close()
             raise
         return sandbox
+
+    def start_pool(self) -> None:
+        """Keep runners started ahead of demand (for tasks with the default limits), so a
+        burst of tasks does not start a burst of interpreters at once. A no-op when the
+        provider was made with ``pool_max_size=0``."""
+        min_size, max_size, idle_ttl_s, max_age_s = self._pool_sizes
+        if self._pool is not None or max_size <= 0:
+            return
+
+        def create() -> BwrapSandbox:
+            sandbox = BwrapSandbox(self.config, _POOLED, "")
+            sandbox.boot()
+            return sandbox
+
+        self._pool = WarmPool(
+            create,
+            BwrapSandbox.close,
+            min_size=min_size,
+            max_size=max_size,
+            idle_ttl_s=idle_ttl_s,
+            max_age_s=max_age_s,
+            healthy=BwrapSandbox.alive,
+            name="bwrap",
+        )
+        self._pool.start()
+
+    def pool_idle(self) -> int:
+        return self._pool.stats().idle if self._pool is not None else 0
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+_POOLED = TaskSpec(prompt="")
+
+
+def _limits(spec: TaskSpec) -> tuple[int, int]:
+    """What a runner process is started with (its rlimits): the pool's key."""
+    return spec.sandbox.memory_mb, _cpu_s(spec)
+
+
+def _cpu_s(spec: TaskSpec) -> int:
+    return int(max(2 * spec.limits.timeout_s, 60))
 
 
 class BwrapSandbox:
@@ -185,12 +243,26 @@ class BwrapSandbox:
         """The host directory mounted at ``/work`` inside the sandbox."""
         return self._root / "work" if self._root else None
 
+    pool_hit = False
+
     def boot(self) -> None:
         """Start the runner, write the files, run setup_code (``SetupError`` if it fails)."""
         with self._exec_lock:
             if self._closed:
                 raise SandboxError("the sandbox is closed")
             self._start_runner()
+
+    def adopt(self, spec: TaskSpec, task_id: str) -> None:
+        """Give a pooled sandbox (started for ``_POOLED``) to a task: write its files and
+        run its setup_code, as ``boot`` does for a new one."""
+        with self._exec_lock:
+            if self._closed or self._client is None:
+                raise SandboxError("the pooled sandbox is gone")
+            self.spec, self.task_id, self.pool_hit = spec, task_id, True
+            self._apply_task()
+
+    def alive(self) -> bool:
+        return not self._closed and self._proc is not None and self._proc.poll() is None
 
     def execute(self, code: str, timeout_s: float, max_output_chars: int) -> ExecResult:
         with self._exec_lock:
@@ -391,9 +463,9 @@ class BwrapSandbox:
 
     def _command(self) -> list[str]:
         assert self._root is not None
-        cfg, limits = self.config, self.spec.limits
+        cfg = self.config
         memory_bytes = self.spec.sandbox.memory_mb * 1024 * 1024
-        cpu_s = int(max(2 * limits.timeout_s, 60))
+        cpu_s = _cpu_s(self.spec)
         prlimit = [
             _which(cfg.prlimit),
             f"--as={memory_bytes}",
