@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import anyio.to_thread
 from celery import Celery
 
+import store.queue
 from actfleet.settings import Settings
 from agent.errors import InfrastructureError
 from store.keys import RUN_TASK, TASK_QUEUE
@@ -26,15 +27,8 @@ class EnqueueError(InfrastructureError):
 
 
 def make_celery(settings: Settings) -> Celery:
-    """The worker package's app when it is importable (same broker options, same routing);
-    a minimal producer-only app otherwise."""
-    try:
-        from workers.celery_app import make_celery as make_worker_celery
-    except ImportError:
-        app = Celery("actfleet", broker=settings.redis_url, set_as_current=False)
-        app.conf.task_default_queue = TASK_QUEUE
-        return app
-    return make_worker_celery(settings)
+    """A producer with the workers' broker options and routing (``store.queue``)."""
+    return store.queue.make_celery(settings.redis_url, time_limit_s=settings.task_time_limit_s)
 
 
 class Enqueuer:

@@ -1,0 +1,94 @@
+"""The Celery app both sides build, configured for long agent tasks on the Redis broker.
+
+Producer (the API, which only enqueues by name) and consumer (the workers) build it here, so
+they agree on queues, routing, serialization and transport options.
+
+Delivery guarantees (the Redis broker is at-least-once), and how they fit together:
+
+* ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only after
+  the task returned; a worker that dies leaves it unacknowledged.
+* ``worker_prefetch_multiplier = 1``: a worker reserves no more messages than it has
+  threads, so nothing waits in a dead worker's memory.
+* ``visibility_timeout`` is twice the hard time limit, so kombu never re-delivers a message
+  whose task still legitimately runs. Recovery from a dead worker does not wait for it: the
+  task's lease expires within ``LEASE_TTL_S`` and a live worker's sweeper re-enqueues it
+  (``workers.runner``). A late re-delivery is then dropped by the claim.
+* ``unacked_restore_interval`` / ``unacked_restore_throttle``: check for messages past
+  their visibility timeout every 10 s instead of every ~100 s.
+* The threads pool runs ``worker_concurrency`` agent loops per process (they wait on the
+  model). It cannot enforce Celery's time limits; they are set for other pools, and the
+  loop enforces ``limits.timeout_s`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from store import keys
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_TIME_LIMIT_S = 4 * 3600.0
+
+
+def celery_config(
+    redis_url: str | None,
+    *,
+    concurrency: int = 1,
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+) -> dict[str, Any]:
+    hard = time_limit_s
+    return {
+        "broker_url": redis_url or DEFAULT_REDIS_URL,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,  # reconnect forever after a Redis restart
+        "broker_transport_options": {
+            "visibility_timeout": int(2 * hard),
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+            "socket_timeout": 30,
+            "socket_connect_timeout": 5,
+            "health_check_interval": 15,
+            "retry_on_timeout": True,
+        },
+        "result_backend": None,  # results live in the task record, not in Celery
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": keys.TASK_QUEUE,
+        "task_routes": {
+            keys.RUN_TASK: {"queue": keys.TASK_QUEUE},
+            keys.DELIVER_WEBHOOK: {"queue": keys.WEBHOOK_QUEUE},
+        },
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "task_time_limit": hard,
+        "task_soft_time_limit": hard - 60,
+        "worker_prefetch_multiplier": 1,
+        "worker_pool": "threads",
+        "worker_concurrency": concurrency,
+        "worker_hijack_root_logger": False,  # structlog owns logging
+        "worker_redirect_stdouts": False,
+        "worker_send_task_events": False,
+        "worker_enable_remote_control": False,  # no pidbox queues in Redis
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "worker_soft_shutdown_timeout": 5.0,
+    }
+
+
+def make_celery(
+    redis_url: str | None,
+    *,
+    concurrency: int = 1,
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S,
+) -> Celery:
+    """An app that can enqueue by name; the worker adds its tasks (``workers.tasks``)."""
+    app = Celery("actfleet", set_as_current=False)
+    app.conf.update(celery_config(redis_url, concurrency=concurrency, time_limit_s=time_limit_s))
+    return app
+
+
+def enqueue(app: Celery, task_id: str) -> None:
+    app.send_task(keys.RUN_TASK, args=[task_id], queue=keys.TASK_QUEUE)
