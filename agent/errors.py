@@ -9,6 +9,7 @@
           +-- LLMError        the model server failed after the adapter's own retries
           |    +-- LLMRejected  the server refused the request (4xx): retrying will not help
           +-- SandboxError    a sandbox could not be started or its runner broke the protocol
+               +-- SandboxRefused  the task asks for what the server does not allow
 
 A model's mistakes (bad code, wrong answer, running out of turns) are never exceptions: they
 are observations and failed statuses.
@@ -51,3 +52,9 @@ class LLMRejected(LLMError):
 
 class SandboxError(InfrastructureError):
     """A sandbox could not be started, or its runner broke the protocol."""
+
+
+class SandboxRefused(SandboxError):
+    """The task asks for an image or network access this server does not allow."""
+
+    retryable = False

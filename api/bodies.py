@@ -7,11 +7,13 @@ stays the one validator, and so that a 10,000-line batch is reported line by lin
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
+from actfleet.settings import Settings
 from agent.errors import SpecError
 from agent.models import TaskSpec
 from api.errors import ApiError
@@ -61,14 +63,42 @@ def parse_json(body: bytes, what: str = "the request body") -> Any:
         ) from e
 
 
-def parse_spec(body: bytes) -> TaskSpec:
+Policy = Callable[[TaskSpec], list[str]]
+
+
+def server_policy(settings: Settings) -> Policy:
+    """What this server refuses in a spec that is valid as such: network access it does not
+    grant, a sandbox image it does not run. Refused at the door, not after queueing."""
+
+    def check(spec: TaskSpec) -> list[str]:
+        problems = []
+        if spec.sandbox.network and not settings.sandbox_allow_network:
+            problems.append(
+                "sandbox.network: this server does not give tasks network access; "
+                "leave it out or set it to false"
+            )
+        image = spec.sandbox.image
+        if image is not None and image != settings.sandbox_image:
+            problems.append(
+                f"sandbox.image: this server runs tasks in {settings.sandbox_image!r} only; "
+                "leave it out"
+            )
+        return problems
+
+    return check
+
+
+def parse_spec(body: bytes, policy: Policy) -> TaskSpec:
     raw = parse_json(body)
     try:
-        return TaskSpec.from_dict(raw)
+        spec = TaskSpec.from_dict(raw)
     except SpecError as e:
-        raise ApiError(
-            422, "the task spec is invalid: " + "; ".join(e.problems), problems=e.problems
-        ) from e
+        problems = e.problems
+    else:
+        problems = policy(spec)
+        if not problems:
+            return spec
+    raise ApiError(422, "the task spec is invalid: " + "; ".join(problems), problems=problems)
 
 
 @dataclass
@@ -79,7 +109,7 @@ class BatchInput:
     bad_json: bool = False
 
 
-def parse_batch(body: bytes, max_tasks: int) -> list[TaskSpec]:
+def parse_batch(body: bytes, max_tasks: int, policy: Policy) -> list[TaskSpec]:
     """Every spec of a JSONL file (or a JSON array), or one error listing every bad line.
 
     Line numbers are 1-based lines of the file (blank lines are skipped but counted); for a
@@ -111,6 +141,7 @@ def parse_batch(body: bytes, max_tasks: int) -> list[TaskSpec]:
             except SpecError as e:
                 problems.extend(e.problems)
             else:
+                problems.extend(policy(spec))
                 if spec.custom_id is not None:
                     if spec.custom_id in seen:
                         problems.append(

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.auth import Tenant
-from api.bodies import parse_batch, read_body
+from api.bodies import parse_batch, read_body, server_policy
 from api.errors import not_found
 from api.schemas import ERRORS, BatchAccepted, BatchCancelled, BatchOut, ErrorOut, TaskSpecIn
 from api.submit import submit
@@ -51,7 +51,7 @@ async def create_batch(request: Request, response: Response, tenant: Tenant) -> 
     line is reported with its number and what to fix."""
     settings = request.app.state.settings
     body = await read_body(request, settings.max_request_bytes)
-    specs = parse_batch(body, settings.max_batch_tasks)
+    specs = parse_batch(body, settings.max_batch_tasks, server_policy(settings))
     batch = BatchRecord(id=new_batch_id(), tenant=tenant, total=len(specs), created_at=time.time())
     await submit(request.app.state, tenant, specs, batch)
     url = f"/v1/batches/{batch.id}"

@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from agent.models import Status
 from api.auth import Tenant
-from api.bodies import parse_spec, read_body
+from api.bodies import parse_spec, read_body, server_policy
 from api.errors import ApiError, not_found
 from api.schemas import ERRORS, ErrorOut, TaskAccepted, TaskOut, TaskPage, TaskSpecIn
 from api.sse import check_event_id, event_stream
@@ -41,7 +41,7 @@ _SPEC_BODY = {
 async def create_task(request: Request, response: Response, tenant: Tenant) -> dict[str, Any]:
     """Queue one task. The body is a task spec (see the schema); answers 202 with its id."""
     settings = request.app.state.settings
-    spec = parse_spec(await read_body(request, settings.max_request_bytes))
+    spec = parse_spec(await read_body(request, settings.max_request_bytes), server_policy(settings))
     [rec] = await submit(request.app.state, tenant, [spec])
     url = f"/v1/tasks/{rec.id}"
     response.headers["Location"] = url

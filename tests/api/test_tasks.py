@@ -66,6 +66,25 @@ def test_an_invalid_spec_gets_422_listing_every_problem(fleet: Fleet) -> None:
     assert fleet.redis.llen(TASK_QUEUE) == 0
 
 
+def test_what_the_server_does_not_grant_is_refused_before_queueing(fleet: Fleet) -> None:
+    # Given a server that gives tasks no network and runs one sandbox image
+    wants_network = {"prompt": "x", "sandbox": {"network": True}}
+    other_image = {"prompt": "x", "sandbox": {"image": "python:3.12"}}
+    with fleet.client() as c:
+        # When tasks ask for more, alone or in a batch
+        one = c.post("/v1/tasks", json=wants_network)
+        batch = c.post("/v1/batches", json=[{"prompt": "fine"}, other_image])
+    # Then they get a 422 that says what to change, and nothing is queued
+    assert one.status_code == 422
+    assert one.json()["detail"]["problems"][0].startswith(
+        "sandbox.network: this server does not give tasks network access"
+    )
+    assert batch.status_code == 422
+    [error] = batch.json()["detail"]["errors"]
+    assert error["line"] == 2 and error["problems"][0].startswith("sandbox.image:")
+    assert fleet.redis.llen(TASK_QUEUE) == 0
+
+
 def test_malformed_json_gets_400_with_line_and_column(fleet: Fleet) -> None:
     with fleet.client() as c:
         r = c.post("/v1/tasks", content=b'{"prompt": "x",\n "limits": {,}}')

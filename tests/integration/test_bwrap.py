@@ -266,3 +266,31 @@ def test_a_warm_pool_serves_tasks_with_default_limits_and_cold_starts_the_rest()
         provider.close()
     # Then closing the provider leaves none of the pool's runners behind
     assert provider.pool_idle() == 0
+
+
+def test_network_is_given_only_when_the_server_allows_it() -> None:
+    import socket
+
+    from agent.errors import SandboxRefused
+
+    # Given a service listening on the host's loopback
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    connect = (
+        f"import socket\nsocket.create_connection(('127.0.0.1', {port}), 2).close()\nprint('ok')"
+    )
+    wants = make_spec(sandbox={"network": True})
+    try:
+        # When the server does not allow network, a task that asks for it is refused
+        with pytest.raises(SandboxRefused):
+            BwrapProvider().start(wants, "t")
+        # and a task that does not ask cannot connect
+        with BwrapProvider().start(make_spec(), "t") as sb:
+            assert sb.execute(connect, 5, 1000).error is not None
+        # When it allows network, the task that asks can connect
+        with BwrapProvider(allow_network=True).start(wants, "t") as sb:
+            assert sb.execute(connect, 5, 1000).stdout.strip() == "ok"
+    finally:
+        server.close()

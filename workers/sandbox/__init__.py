@@ -35,4 +35,5 @@ def make_provider(settings: Settings, worker_id: str) -> SandboxProvider:
         pool_max_size=settings.pool_max,
         pool_idle_ttl_s=settings.pool_idle_s,
         pool_max_age_s=settings.pool_max_age_s,
+        allow_network=settings.sandbox_allow_network,
     )

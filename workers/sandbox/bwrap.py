@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import SandboxError, SetupError
+from agent.errors import SandboxError, SandboxRefused, SetupError
 from agent.models import TaskSpec
 from agent.sandbox import ExecResult
 from workers.sandbox.pool import WarmPool
@@ -121,6 +121,7 @@ class BwrapProvider:
         pool_max_size: int = 0,
         pool_idle_ttl_s: float = 300.0,
         pool_max_age_s: float = 1800.0,
+        allow_network: bool = False,
     ) -> None:
         if python is None:
             python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
@@ -140,6 +141,7 @@ class BwrapProvider:
             nice=nice,
         )
         self._pool: WarmPool[BwrapSandbox] | None = None
+        self.allow_network = allow_network
         self._pool_sizes = (pool_min_size, pool_max_size, pool_idle_ttl_s, pool_max_age_s)
 
     def start(self, spec: TaskSpec, task_id: str = "") -> BwrapSandbox:
@@ -148,6 +150,8 @@ class BwrapProvider:
 
         Raises ``SetupError`` if setup_code fails, ``SandboxError`` if no sandbox started.
         """
+        if spec.sandbox.network and not self.allow_network:
+            raise SandboxRefused("this server does not give tasks network access")
         pool = self._pool
         warm = pool.acquire() if pool is not None and _limits(spec) == _limits(_POOLED) else None
         sandbox = warm or BwrapSandbox(self.config, spec, task_id)
@@ -198,9 +202,9 @@ class BwrapProvider:
 _POOLED = TaskSpec(prompt="")
 
 
-def _limits(spec: TaskSpec) -> tuple[int, int]:
-    """What a runner process is started with (its rlimits): the pool's key."""
-    return spec.sandbox.memory_mb, _cpu_s(spec)
+def _limits(spec: TaskSpec) -> tuple[int, int, bool]:
+    """What a runner process is started with (rlimits, network): the pool's key."""
+    return spec.sandbox.memory_mb, _cpu_s(spec), spec.sandbox.network
 
 
 def _cpu_s(spec: TaskSpec) -> int:
@@ -479,6 +483,8 @@ class BwrapSandbox:
         tmpfs_bytes = str(cfg.tmpfs_mb * 1024 * 1024)
         root = str(self._root)
         args = [_which(cfg.bwrap), "--unshare-all", "--unshare-user", "--disable-userns"]
+        if self.spec.sandbox.network:  # the provider allowed it (start() checked)
+            args.append("--share-net")
         args += ["--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID)]
         args += ["--die-with-parent", "--new-session", "--hostname", "sandbox"]
         args += ["--ro-bind", "/usr", "/usr"]

@@ -39,7 +39,7 @@ import docker
 import docker.errors
 import structlog
 
-from agent.errors import SandboxError, SetupError
+from agent.errors import SandboxError, SandboxRefused, SetupError
 from agent.models import SandboxSpec, TaskSpec
 from agent.sandbox import ExecResult
 from workers.sandbox.docker_attach import AttachChannel
@@ -80,12 +80,6 @@ __all__ = [
 ]
 
 EXIT_OUT_OF_MEMORY = 86  # the runner's own exit status after a MemoryError it can't report
-
-
-class SandboxRefused(SandboxError):
-    """The task asks for an image or network access this server does not allow."""
-
-    retryable = False
 
 
 @dataclass(eq=False)
