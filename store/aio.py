@@ -11,20 +11,20 @@ task is still queued, finishes it at once with ``FINISH`` unfenced (owner ``""``
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from agent.errors import ActfleetError
 from agent.events import Event, EventType
+from agent.loop import finished_event
 from agent.models import FailureClass, Result, Status, TaskSpec
-from store.keys import RECORD_TTL_S, STREAM_MAXLEN, STREAM_TTL_S, Keys
+from store.keys import STREAM_MAXLEN, Keys
 from store.records import RecordError, TaskRecord, new_task_id
-from store.scripts import FINISH
+from store.scripts import FINISH, finish_call
 
 WRITE_CHUNK = 500  # tasks per MULTI/EXEC when submitting
 
@@ -241,47 +241,31 @@ class AsyncStore:
         self, task_id: str, tenant: str, batch_id: str | None, attempt: int
     ) -> tuple[list[str], list[Any]]:
         """The KEYS and ARGV of an unfenced FINISH to ``cancelled`` (see store.scripts)."""
-        now = time.time()
-        event = Event(
-            EventType.FINISHED,
-            turn=0,
-            attempt=attempt,
-            ts=now,
-            data={
-                "status": Status.CANCELLED.value,
-                "failure_class": FailureClass.CANCELLED.value,
-                "answer": None,
-                "turns": 0,
-                "error": CANCELLED_RESULT.error,
-            },
+        return self._finish_queued_call(
+            task_id, tenant, batch_id, replace(CANCELLED_RESULT, attempt=attempt)
         )
-        k = self.keys
-        keys = k.finish_keys(task_id, tenant, batch_id)
-        result = json.dumps(CANCELLED_RESULT.to_dict(), separators=(",", ":"))
-        args = [
-            "",
-            Status.CANCELLED.value,
-            result,
-            repr(now),
-            event.to_json(),
-            STREAM_MAXLEN,
-            STREAM_TTL_S,
-            RECORD_TTL_S,
+
+    def _finish_queued_call(
+        self, task_id: str, tenant: str, batch_id: str | None, result: Result
+    ) -> tuple[list[str], list[Any]]:
+        now = time.time()
+        return finish_call(
+            self.keys,
             task_id,
-        ]
-        return keys, args
+            tenant,
+            batch_id,
+            owner="",  # unfenced: FINISH allows it only while the task is still queued
+            result=result,
+            event=finished_event(result, now),
+            finished_at=now,
+        )
 
     async def fail_tasks(self, records: Sequence[TaskRecord], reason: str) -> None:
         """Finish still-queued tasks as ``error`` (used when the broker refused them)."""
-        result = Result(status=Status.ERROR, failure_class=FailureClass.INTERNAL, error=reason)
         pipe = self.client.pipeline(transaction=False)
         for rec in records:
-            keys, args = self.finish_cancelled_call(rec.id, rec.tenant, rec.batch_id, rec.attempt)
-            event = Event.from_dict(json.loads(args[4]))
-            data = {**event.data, "status": "error", "failure_class": "internal", "error": reason}
-            args[1] = Status.ERROR.value
-            args[2] = json.dumps(result.to_dict(), separators=(",", ":"))
-            args[4] = Event(event.type, 0, event.attempt, event.ts, data).to_json()
+            result = Result(Status.ERROR, FailureClass.INTERNAL, error=reason, attempt=rec.attempt)
+            keys, args = self._finish_queued_call(rec.id, rec.tenant, rec.batch_id, result)
             await self._finish(keys=keys, args=args, client=pipe)
         await pipe.execute()
 

@@ -14,6 +14,8 @@ Layout (``{p}`` is the configurable prefix, ``af`` by default)::
     {p}:apikey:{sha256}        hash    tenant, name, created_at (the key itself is never stored)
     {p}:apikeys                zset    sha256 -> created_at: every key, for `keys list`
     {p}:stats:finished         hash    terminal status -> count, fleet-wide (FINISH bumps it)
+    {p}:webhooks:due           zset    task id -> when its webhook is overdue (FINISH adds
+                                       it; a delivery's final outcome removes it)
     {p}:worker:{id}            string  a worker's heartbeat, with a TTL: JSON status
                                        {"leases": n, "pool_idle": n}
 """
@@ -35,6 +37,7 @@ RECORD_TTL_S = 30 * 24 * 3600  # task and batch records after they finish
 LEASE_TTL_S = 30.0  # a lease not renewed for this long is expired
 HEARTBEAT_INTERVAL_S = 5.0  # how often a worker renews its leases and its own heartbeat
 WORKER_TTL_S = 30.0
+WEBHOOK_GRACE_S = 60.0  # a finished task's webhook not settled by then is re-sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,19 +83,9 @@ class Keys:
         return f"{self.prefix}:apikeys"
 
     @property
+    def webhook_outbox(self) -> str:
+        return f"{self.prefix}:webhooks:due"
+
+    @property
     def finished_counts(self) -> str:
         return f"{self.prefix}:stats:finished"
-
-    def finish_keys(self, task_id: str, tenant: str, batch_id: str | None) -> list[str]:
-        """The KEYS of ``scripts.FINISH`` for one task, in the script's order."""
-        keys = [
-            self.task(task_id),
-            self.lease(task_id),
-            self.running,
-            self.events(task_id),
-            self.tenant_active(tenant),
-            self.finished_counts,
-        ]
-        if batch_id:
-            keys.append(self.batch_counts(batch_id))
-        return keys

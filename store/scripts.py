@@ -9,14 +9,20 @@ Register with ``client.register_script(SOURCE)`` on a sync or an asyncio client 
 
 from __future__ import annotations
 
+import json
+
+from agent.events import Event
+from agent.models import Result
+from store.keys import RECORD_TTL_S, STREAM_MAXLEN, STREAM_TTL_S, WEBHOOK_GRACE_S, Keys
+
 # FINISH: move a task to a terminal status exactly once.
-# KEYS (build them with Keys.finish_keys): 1 task hash, 2 lease, 3 running zset,
-#       4 events stream, 5 tenant active counter, 6 fleet-wide finished counts hash,
-#       7 batch counts hash (optional: only when the task belongs to a batch)
+# KEYS: 1 task hash, 2 lease, 3 running zset, 4 events stream, 5 tenant active counter,
+#       6 fleet-wide finished counts hash, 7 webhook outbox zset, 8 batch counts hash
+#       (optional: only when the task belongs to a batch). Build the call with finish_call.
 # ARGV: 1 owner ("worker/attempt"; "" = unfenced, allowed only while the task is queued,
 #       which is how the API cancels a task no worker has taken), 2 status, 3 result JSON,
 #       4 finished_at, 5 terminal event JSON, 6 stream maxlen, 7 stream ttl_s,
-#       8 record ttl_s, 9 task id
+#       8 record ttl_s, 9 task id, 10 webhook grace_s
 # Returns: the terminal event's stream id; 0 if already terminal; -1 if fenced out;
 #          -2 if there is no such task.
 FINISH = """
@@ -36,9 +42,52 @@ redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[9])
 if redis.call('DECR', KEYS[5]) < 0 then redis.call('SET', KEYS[5], 0) end
 redis.call('HINCRBY', KEYS[6], ARGV[2], 1)
-if KEYS[7] then redis.call('HINCRBY', KEYS[7], ARGV[2], 1) end
+if redis.call('HEXISTS', KEYS[1], 'webhook_url') == 1 then
+  redis.call('ZADD', KEYS[7], tonumber(ARGV[4]) + tonumber(ARGV[10]), ARGV[9])
+end
+if KEYS[8] then redis.call('HINCRBY', KEYS[8], ARGV[2], 1) end
 return id
 """
+
+
+def finish_call(
+    keys: Keys,
+    task_id: str,
+    tenant: str,
+    batch_id: str | None,
+    *,
+    owner: str,
+    result: Result,
+    event: Event,
+    finished_at: float,
+    stream_maxlen: int = STREAM_MAXLEN,
+) -> tuple[list[str], list[str | int | float]]:
+    """The KEYS and ARGV of ``FINISH`` for one task."""
+    names = [
+        keys.task(task_id),
+        keys.lease(task_id),
+        keys.running,
+        keys.events(task_id),
+        keys.tenant_active(tenant),
+        keys.finished_counts,
+        keys.webhook_outbox,
+    ]
+    if batch_id:
+        names.append(keys.batch_counts(batch_id))
+    args: list[str | int | float] = [
+        owner,
+        result.status.value,
+        json.dumps(result.to_dict(), separators=(",", ":")),
+        repr(finished_at),
+        event.to_json(),
+        stream_maxlen,
+        STREAM_TTL_S,
+        RECORD_TTL_S,
+        task_id,
+        WEBHOOK_GRACE_S,
+    ]
+    return names, args
+
 
 # APPEND: add one event to a task's stream, and optionally its checkpoint, while the
 # caller owns the lease.
@@ -161,4 +210,14 @@ end
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('HSET', KEYS[1], 'status', 'queued')
 return 'requeue'
+"""
+
+# OVERDUE_WEBHOOKS: take up to ARGV[3] outbox entries due before ARGV[1] (now) and push
+# each ARGV[2] seconds ahead. KEYS: 1 outbox. Returns the task ids taken.
+OVERDUE_WEBHOOKS = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+for _, id in ipairs(due) do
+  redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), id)
+end
+return due
 """

@@ -24,7 +24,7 @@ import redis
 from agent.events import Event
 from agent.models import Result, TaskSpec
 from store import scripts
-from store.keys import LEASE_TTL_S, RECORD_TTL_S, STREAM_MAXLEN, STREAM_TTL_S, Keys
+from store.keys import LEASE_TTL_S, STREAM_MAXLEN, Keys
 from store.records import TaskRecord
 
 T = TypeVar("T")
@@ -94,6 +94,7 @@ class TaskStore:
         self._release = client.register_script(scripts.RELEASE)
         self._sweep = client.register_script(scripts.SWEEP)
         self._finish = client.register_script(scripts.FINISH)
+        self._overdue = client.register_script(scripts.OVERDUE_WEBHOOKS)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -121,6 +122,30 @@ class TaskStore:
     def get(self, task_id: str) -> TaskRecord | None:
         h = self._patient(lambda: self.r.hgetall(self.keys.task(task_id)))
         return TaskRecord.from_hash(h) if h else None
+
+    # -- the webhook outbox (FINISH adds a task with a webhook; see store.keys) ----------
+
+    def defer_webhook(self, task_id: str, delay_s: float) -> None:
+        """A delivery of ``task_id`` is under way: not overdue for ``delay_s`` more."""
+        self._patient(
+            lambda: self.r.zadd(
+                self.keys.webhook_outbox, {task_id: self.clock() + delay_s}, xx=True
+            )
+        )
+
+    def settle_webhook(self, task_id: str) -> None:
+        """The delivery reached a final outcome (delivered, refused, or given up)."""
+        self._patient(lambda: self.r.zrem(self.keys.webhook_outbox, task_id))
+
+    def overdue_webhooks(self, redo_after_s: float, limit: int = 100) -> list[str]:
+        """Tasks whose webhook is overdue (its worker died before delivering), each pushed
+        ``redo_after_s`` into the future so that only one sweeper re-sends it."""
+        out = self._patient(
+            lambda: self._overdue(
+                keys=[self.keys.webhook_outbox], args=[self.clock(), redo_after_s, limit]
+            )
+        )
+        return [_s(i) for i in out]
 
     def lease_owner(self, task_id: str) -> str | None:
         v = self._patient(lambda: self.r.get(self.keys.lease(task_id)))
@@ -223,20 +248,17 @@ class TaskStore:
         or None if it was already terminal or this owner is fenced out."""
         if not result.status.terminal:
             raise ValueError(f"finish needs a terminal status, got {result.status}")
-        k = self.keys
-        task_id = record.id
-        keys_ = k.finish_keys(task_id, record.tenant, record.batch_id)
-        args = [
-            owner,
-            result.status.value,
-            json.dumps(result.to_dict(), separators=(",", ":")),
-            repr(self.clock()),
-            event.to_json(),
-            self.stream_maxlen,
-            STREAM_TTL_S,
-            RECORD_TTL_S,
-            task_id,
-        ]
+        keys_, args = scripts.finish_call(
+            self.keys,
+            record.id,
+            record.tenant,
+            record.batch_id,
+            owner=owner,
+            result=result,
+            event=event,
+            finished_at=self.clock(),
+            stream_maxlen=self.stream_maxlen,
+        )
         out = self._patient(lambda: self._finish(keys=keys_, args=args))
         if isinstance(out, bytes | str):
             return _s(out)

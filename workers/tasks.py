@@ -48,7 +48,11 @@ def register_tasks(
     def deliver_webhook(self: Task, task_id: str) -> None:
         from workers.webhooks import WebhookError, backoff_s
 
+        retries = self.request.retries
+        retry_in_s = backoff_s(retries) if retries < webhook_attempts - 1 else None
         try:
-            runtime().deliver_webhook(task_id)
+            runtime().deliver_webhook(task_id, retry_in_s)
         except WebhookError as e:
-            raise self.retry(exc=e, countdown=backoff_s(self.request.retries)) from e
+            if retry_in_s is None:
+                return  # given up (and settled): logged by the runtime
+            raise self.retry(exc=e, countdown=retry_in_s) from e

@@ -25,7 +25,7 @@ from celery.signals import worker_ready, worker_shutdown
 
 from actfleet.settings import Settings
 from store import keys
-from store.keys import HEARTBEAT_INTERVAL_S, Keys
+from store.keys import HEARTBEAT_INTERVAL_S, WEBHOOK_GRACE_S, Keys
 from store.tasks import TaskStore
 from workers import metrics, webhooks
 from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
@@ -157,12 +157,27 @@ class WorkerRuntime:
             close()
         log.info("worker.stopped", worker=self.worker_id)
 
-    def deliver_webhook(self, task_id: str) -> None:
+    def deliver_webhook(self, task_id: str, retry_in_s: float | None) -> None:
+        """POST the task's webhook once. A final outcome settles it in the outbox; a failure
+        worth retrying raises ``WebhookError`` after deferring the outbox entry past the
+        retry (``retry_in_s``; None: no retry left, so the delivery is given up)."""
         record = self.store.get(task_id)
         if record is None or record.spec.webhook is None:
+            self.store.settle_webhook(task_id)
             return
         delivery = webhooks.delivery_for(record.public(), record.spec.webhook.url)
-        status = webhooks.deliver(delivery, self.settings.webhook_secret, int(time.time()))
+        try:
+            status = webhooks.deliver(delivery, self.settings.webhook_secret, int(time.time()))
+        except webhooks.WebhookError as e:
+            if retry_in_s is None:
+                self.store.settle_webhook(task_id)
+                metrics.WEBHOOKS.labels("given_up").inc()
+                log.error("webhook.given_up", task_id=task_id, error=str(e))
+            else:
+                self.store.defer_webhook(task_id, retry_in_s + WEBHOOK_GRACE_S)
+                metrics.WEBHOOKS.labels("retrying").inc()
+            raise
+        self.store.settle_webhook(task_id)
         outcome = "delivered" if 200 <= status < 300 else "rejected"
         metrics.WEBHOOKS.labels(outcome).inc()
         log.info("webhook.sent", task_id=task_id, http_status=status)

@@ -6,7 +6,6 @@ lease, APPEND events, FINISH), which is exactly what a worker does to the store.
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -24,8 +23,8 @@ from agent.events import Event, EventType
 from agent.models import Result, Status, Usage
 from api.app import create_app
 from store.apikeys import create_key
-from store.keys import RECORD_TTL_S, STREAM_MAXLEN, STREAM_TTL_S, Keys
-from store.scripts import APPEND, FINISH
+from store.keys import STREAM_MAXLEN, Keys
+from store.scripts import APPEND, FINISH, finish_call
 
 DEFAULT_USAGE = Usage(100, 20, 1)
 
@@ -120,24 +119,19 @@ class Fleet:
         event = Event(
             EventType.FINISHED, turn=turns, attempt=1, ts=time.time(), data={"status": status.value}
         )
-        k = self.keys
         tenant = rec[b"tenant"].decode()
         batch_id = rec[b"batch_id"].decode() if rec.get(b"batch_id") else None
-        keys = k.finish_keys(task_id, tenant, batch_id)
-        return self.redis.eval(
-            FINISH,
-            len(keys),
-            *keys,
-            owner,
-            status.value,
-            json.dumps(result.to_dict()),
-            repr(time.time()),
-            event.to_json(),
-            STREAM_MAXLEN,
-            STREAM_TTL_S,
-            RECORD_TTL_S,
+        keys, args = finish_call(
+            self.keys,
             task_id,
+            tenant,
+            batch_id,
+            owner=owner,
+            result=result,
+            event=event,
+            finished_at=time.time(),
         )
+        return self.redis.eval(FINISH, len(keys), *keys, *args)
 
 
 def fleet_settings(redis_url: str, **overrides: Any) -> Settings:
