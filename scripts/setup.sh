@@ -26,9 +26,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 if ! .venv/bin/python -c "import actfleet, pytest, ruff" >/dev/null 2>&1 \
     || [ pyproject.toml -nt .venv/.installed ]; then
-    say "installing actfleet into .venv"
-    .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e '.[dev]'
+    say "installing actfleet into .venv (log: .venv/install.log)"
+    if ! { .venv/bin/python -m pip install --upgrade pip \
+        && .venv/bin/python -m pip install -e '.[dev]'; } >.venv/install.log 2>&1; then
+        tail -n 30 .venv/install.log >&2
+        exit 1
+    fi
     touch .venv/.installed
 fi
 

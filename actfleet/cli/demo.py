@@ -10,13 +10,17 @@ is the server named by ``OPENAI_BASE_URL`` when it is set; otherwise the scripte
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import redis
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from actfleet.cli import CLIError
 from actfleet.cli.client import summary_table, wait_with_progress, write_results
@@ -44,6 +48,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo-results.jsonl", help="results file (%(default)s)")
     p.add_argument("--concurrency", type=int, default=8, help="agent loops (%(default)s)")
     p.set_defaults(func=demo)
+
+
+MAX_TASK_ROWS = 50
+
+
+def task_table(results: list[dict[str, Any]]) -> Table:
+    table = Table(title="tasks")
+    for column in ("custom_id", "status", "answer", "correct", "turns"):
+        table.add_column(column)
+    for r in results:
+        correct = {True: "yes", False: "no", None: "-"}[r.get("correct")]
+        table.add_row(
+            str(r.get("custom_id") or r.get("task_id")),
+            str(r.get("status")),
+            escape(str(r.get("answer"))[:60]),
+            correct,
+            str(r.get("turns")),
+        )
+    return table
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -87,6 +110,10 @@ def demo(args: argparse.Namespace) -> int:
         )
         status = wait_with_progress(client, accepted["id"], accepted["total"], 0.5, console)
         n = write_results(client, accepted["id"], Path(args.out), trajectory=True)
-    Console(highlight=False).print(summary_table(status))
+    out = Console(highlight=False)
+    results = [json.loads(line) for line in Path(args.out).read_text().splitlines()]
+    if len(results) <= MAX_TASK_ROWS:
+        out.print(task_table(results))
+    out.print(summary_table(status))
     console.print(f"{n} results (with trajectories) written to {args.out}")
     return 0
