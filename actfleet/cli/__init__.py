@@ -12,6 +12,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from actfleet.logging import configure_logging
 from agent.errors import ActfleetError
 
 # Modules that contribute commands, in the order `actfleet --help` lists them.
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Logs go to stderr (stdout is for results, and for one JSON document with --json);
+    # the servers reconfigure from their settings.
+    configure_logging("WARNING", "console")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
