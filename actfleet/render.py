@@ -50,7 +50,11 @@ def render_event(console: Console, event: dict[str, Any]) -> None:
     elif kind == "task.finished":
         console.print(f"[bold]finished:[/] {data.get('status')}")
     elif kind == "task.retrying":
-        console.print(f"[yellow]retrying:[/] {escape(str(data.get('reason', '')))}")
+        console.print(
+            f"[yellow]retrying[/] as attempt {data.get('next_attempt')} in "
+            f"{data.get('delay_s', 0):g}s ({data.get('failure_class')}): "
+            f"{escape(str(data.get('error', '')))}"
+        )
     else:
         console.print(f"[dim]{kind}[/] {escape(str(data)) if data else ''}")
 

@@ -110,6 +110,12 @@ def up(args: argparse.Namespace) -> int:
             f"actfleet up: redis {stack.redis_url}  state {args.state_dir}  (Ctrl-C stops)",
             file=sys.stderr,
         )
+        model_server = os.environ.get("OPENAI_BASE_URL") or "the openai SDK's default"
+        print(
+            f"actfleet up: model {settings.model} at {model_server} (OPENAI_BASE_URL); "
+            f"sandboxes: {settings.sandbox}",
+            file=sys.stderr,
+        )
         while True:
             stack.check()
             time.sleep(0.5)
