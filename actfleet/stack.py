@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,14 +36,14 @@ def free_port() -> int:
 
 
 def wait_until(
-    check: object, timeout_s: float, what: str, proc: subprocess.Popen | None = None
+    check: Callable[[], object], timeout_s: float, what: str, proc: subprocess.Popen | None = None
 ) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise StackError(f"{what} exited with status {proc.returncode} while starting")
         try:
-            if check():  # type: ignore[operator]
+            if check():
                 return
         except Exception:
             pass

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import redis
 import structlog
 
+from agent.sandbox import Sandbox
 from store.keys import WORKER_TTL_S
 from store.tasks import TaskStore
 from workers import metrics
@@ -30,7 +31,7 @@ class Lease:
     attempt: int
     cancelled: threading.Event = field(default_factory=threading.Event)
     lost: threading.Event = field(default_factory=threading.Event)
-    sandbox: object | None = None  # anything with close(); closed when the lease stops
+    sandbox: Sandbox | None = None  # closed when the lease stops
 
     def stopping(self) -> bool:
         return self.cancelled.is_set() or self.lost.is_set()
@@ -38,10 +39,9 @@ class Lease:
     def stop(self, why: threading.Event) -> None:
         first = not self.stopping()
         why.set()
-        close = getattr(self.sandbox, "close", None)
-        if first and close is not None:
+        if first and self.sandbox is not None:
             try:
-                close()
+                self.sandbox.close()
             except Exception:  # closing is best effort; the loop ends either way
                 log.exception("sandbox.close_failed", task_id=self.task_id)
 

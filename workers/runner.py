@@ -125,7 +125,7 @@ class Runner:
         finally:
             self.heartbeat.remove(lease)
             if lease.sandbox is not None:
-                lease.sandbox.close()  # type: ignore[attr-defined]
+                lease.sandbox.close()
 
     # -- the attempt ---------------------------------------------------------------------
 

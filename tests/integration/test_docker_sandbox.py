@@ -261,7 +261,8 @@ def test_fork_bomb_stays_under_the_pids_limit(sandbox: DockerSandbox) -> None:
 
     started = time.monotonic()
     r = sandbox.execute("import os\nwhile True:\n    os.fork()", 2, 2000)
-    assert time.monotonic() - started < 2 + 3
+    # a liveness bound, not a speed target: killing ~256 spinning processes takes a moment
+    assert time.monotonic() - started < 2 + 10
     assert r.timed_out or r.error or r.state_lost
     r = sandbox.execute("6 * 7", 10, 2000)  # the worker and the session go on
     assert r.value == "42"
