@@ -219,7 +219,7 @@ def test_network_egress_fails(sandbox: DockerSandbox) -> None:
         "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=3)", 10, 2000
     )
     assert r.error is not None and "Network is unreachable" in r.error, r.error
-    r = sandbox.execute("import socket\nsocket.getaddrinfo('pypi.org', 443)", 10, 2000)
+    r = sandbox.execute("import socket\nsocket.getaddrinfo('example.com', 443)", 10, 2000)
     assert r.error is not None and "gaierror" in r.error
 
 
