@@ -35,9 +35,10 @@ class ApiError(ActfleetError):
 
 
 def _describe(status: int, detail: Any) -> str:
+    where = f"HTTP {status}: " if status else ""  # 0: the API was not reached at all
     if not isinstance(detail, dict):
-        return f"HTTP {status}: {detail}"
-    lines = [f"HTTP {status}: {detail.get('message', detail)}"]
+        return f"{where}{detail}"
+    lines = [f"{where}{detail.get('message', detail)}"]
     for err in detail.get("errors") or []:
         for p in err.get("problems", []):
             lines.append(f"  line {err.get('line')}: {p}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -18,24 +19,43 @@ from rich.table import Table
 from actfleet.settings import Settings
 
 
+def _at_least(low: float, kind: Callable[[str], float] = int) -> Callable[[str], float]:
+    """An argparse type: a number of ``kind`` that is at least ``low``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
+        return value
+
+    return parse
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure a sandbox backend or the whole fleet")
     kinds = p.add_subparsers(dest="bench", metavar="KIND", required=True)
 
     s = kinds.add_parser("sandbox", help="cold start, warm acquire and exec round trip")
     s.add_argument("--backend", choices=["bwrap", "docker"], help="default: ACTFLEET_SANDBOX")
-    s.add_argument("--runs", type=int, default=50, help="samples per figure (default 50)")
+    s.add_argument("--runs", type=_at_least(1), default=50, help="samples per figure (default 50)")
     s.add_argument("--json", action="store_true", help="print one JSON document")
     s.set_defaults(func=bench_sandbox)
 
     f = kinds.add_parser("fleet", help="N tasks of T turns through API, queue and workers")
-    f.add_argument("--tasks", type=int, default=300, help="N tasks (default 300)")
-    f.add_argument("--turns", type=int, default=3, help="T model turns per task (default 3)")
-    f.add_argument("--latency", type=float, default=2.0, help="L seconds per model reply")
-    f.add_argument("--concurrency", type=int, default=100, help="C tasks in flight")
+    f.add_argument("--tasks", type=_at_least(1), default=300, help="N tasks (default 300)")
+    f.add_argument(
+        "--turns", type=_at_least(1), default=3, help="T model turns per task (default 3)"
+    )
+    f.add_argument(
+        "--latency", type=_at_least(0, float), default=2.0, help="L seconds per model reply"
+    )
+    f.add_argument("--concurrency", type=_at_least(1), default=100, help="C tasks in flight")
     f.add_argument(
         "--workers",
-        type=int,
+        type=_at_least(1),
         default=os.cpu_count() or 1,
         help="worker processes sharing the C loops (default: one per core)",
     )
