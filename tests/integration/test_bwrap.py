@@ -6,6 +6,7 @@ import base64
 import os
 import shutil
 import subprocess
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -294,3 +295,36 @@ def test_network_is_given_only_when_the_server_allows_it() -> None:
             assert sb.execute(connect, 5, 1000).stdout.strip() == "ok"
     finally:
         server.close()
+
+
+@pytest.mark.skipif(
+    BwrapProvider().cgroups() is None, reason="needs writable cgroup v1 memory and pids"
+)
+def test_the_memory_limit_holds_for_all_of_a_sandboxs_processes_together() -> None:
+    # Given a 256 MB sandbox, whose rlimits alone allow each process 256 MB of address space
+    provider = BwrapProvider()
+    cgroups = provider.cgroups()
+    assert cgroups is not None
+    sb = provider.start(make_spec(sandbox={"memory_mb": 256}), "t")
+    name = sb.work_dir.parent.name if sb.work_dir else ""
+    # When five processes each take 70 MB at once (350 MB in all)
+    code = textwrap.dedent(
+        """
+        import os, time
+        kids = []
+        for _ in range(5):
+            pid = os.fork()
+            if pid == 0:
+                b = bytearray(70 << 20)
+                time.sleep(2)
+                os._exit(0)
+            kids.append(pid)
+        print(sum(os.WIFSIGNALED(os.waitpid(k, 0)[1]) for k in kids))
+        """
+    )
+    result = sb.execute(code, 20, 1000)
+    # Then the kernel kills some of them, and the sandbox's cgroups go with it
+    assert result.state_lost or int(result.stdout) >= 1
+    assert cgroups.oom_killed(name)
+    sb.close()
+    assert not any((base / name).exists() for base in cgroups.bases.values())

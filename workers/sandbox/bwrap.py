@@ -1,6 +1,7 @@
 """The bubblewrap sandbox backend: one runner process per task, no container engine needed.
 
-Each sandbox is ``setpriv <uid> -- nice -- prlimit <rlimits> -- bwrap <namespaces> -- python3 runner.py``:
+Each sandbox is ``[join cgroups] setpriv <uid> nice prlimit <rlimits> bwrap <namespaces>
+python3 runner.py``:
 
 - namespaces: ``--unshare-all`` (no network, own pid/ipc/uts/cgroup namespaces) plus a user
   namespace in which the code runs as uid 65534 with no capabilities; ``--die-with-parent``
@@ -14,6 +15,9 @@ Each sandbox is ``setpriv <uid> -- nice -- prlimit <rlimits> -- bwrap <namespace
   file size, open files, no core dumps. When the worker runs as root, each sandbox runs under
   its own host uid so ``RLIMIT_NPROC`` bounds that sandbox only (a fork bomb stays inside;
   the kernel does not apply ``RLIMIT_NPROC`` to host root).
+- cgroups (``cgroups.py``, where v1 memory and pids are writable): ``memory_mb`` and the
+  process cap hold for all of the sandbox's processes together.
+- the network, when the server allows it and the task asks: ``--share-net``.
 
 A sandbox whose code would not stop, ran out of memory or crashed is killed; the next
 ``execute`` starts a fresh runner and re-applies the task's files and ``setup_code``.
@@ -37,6 +41,7 @@ from pathlib import Path
 from agent.errors import SandboxError, SandboxRefused, SetupError
 from agent.models import TaskSpec
 from agent.sandbox import ExecResult
+from workers.sandbox.cgroups import Cgroups, join_command
 from workers.sandbox.pool import WarmPool
 from workers.sandbox.protocol import (
     DEFAULT_GRACE_S,
@@ -122,6 +127,7 @@ class BwrapProvider:
         pool_idle_ttl_s: float = 300.0,
         pool_max_age_s: float = 1800.0,
         allow_network: bool = False,
+        use_cgroups: bool = True,
     ) -> None:
         if python is None:
             python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
@@ -142,6 +148,8 @@ class BwrapProvider:
         )
         self._pool: WarmPool[BwrapSandbox] | None = None
         self.allow_network = allow_network
+        self._cgroups: Cgroups | bool | None = use_cgroups  # True: detect at first start
+        self._cgroups_lock = threading.Lock()
         self._pool_sizes = (pool_min_size, pool_max_size, pool_idle_ttl_s, pool_max_age_s)
 
     def start(self, spec: TaskSpec, task_id: str = "") -> BwrapSandbox:
@@ -154,7 +162,7 @@ class BwrapProvider:
             raise SandboxRefused("this server does not give tasks network access")
         pool = self._pool
         warm = pool.acquire() if pool is not None and _limits(spec) == _limits(_POOLED) else None
-        sandbox = warm or BwrapSandbox(self.config, spec, task_id)
+        sandbox = warm or BwrapSandbox(self.config, spec, task_id, self.cgroups())
         try:
             if warm is not None:
                 warm.adopt(spec, task_id)
@@ -174,7 +182,7 @@ class BwrapProvider:
             return
 
         def create() -> BwrapSandbox:
-            sandbox = BwrapSandbox(self.config, _POOLED, "")
+            sandbox = BwrapSandbox(self.config, _POOLED, "", self.cgroups())
             sandbox.boot()
             return sandbox
 
@@ -189,6 +197,13 @@ class BwrapProvider:
             name="bwrap",
         )
         self._pool.start()
+
+    def cgroups(self) -> Cgroups | None:
+        """The per-sandbox cgroups, found at the first start (None: rlimits only)."""
+        with self._cgroups_lock:
+            if self._cgroups is True:
+                self._cgroups = Cgroups.detect()
+            return self._cgroups or None
 
     def pool_idle(self) -> int:
         return self._pool.stats().idle if self._pool is not None else 0
@@ -217,8 +232,12 @@ class BwrapSandbox:
     ``execute`` calls are serialised; ``close`` may come from any thread at any time.
     """
 
-    def __init__(self, config: BwrapConfig, spec: TaskSpec, task_id: str) -> None:
+    def __init__(
+        self, config: BwrapConfig, spec: TaskSpec, task_id: str, cgroups: Cgroups | None = None
+    ) -> None:
         self.config = config
+        self.cgroups = cgroups
+        self._cgroup_procs: list[Path] = []
         self.spec = spec
         self.task_id = task_id
         self.restarts = 0
@@ -403,7 +422,12 @@ class BwrapSandbox:
     def _death_note(self, returncode: int | None) -> str:
         memory_mb = self.spec.sandbox.memory_mb
         log = self._log_tail()
-        if returncode == RUNNER_EXIT_OUT_OF_MEMORY or "out of memory" in log:
+        oom_killed = (
+            self.cgroups is not None
+            and self._root is not None
+            and (self.cgroups.oom_killed(self._root.name))
+        )
+        if returncode == RUNNER_EXIT_OUT_OF_MEMORY or "out of memory" in log or oom_killed:
             why = f"ran out of memory (limit {memory_mb} MB)"
         elif returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
             why = f"was killed, most likely for running out of memory (limit {memory_mb} MB)"
@@ -439,6 +463,8 @@ class BwrapSandbox:
         self._stop_runner()
         self._proc = None
         if self._root is not None:
+            if self._cgroup_procs and self.cgroups is not None:
+                self.cgroups.remove(self._root.name)
             shutil.rmtree(self._root, ignore_errors=True)
 
     # -- host-side setup ----------------------------------------------------------------
@@ -522,13 +548,23 @@ class BwrapSandbox:
         # spinning) must not starve the model calls and stream writes of other tasks.
         prlimit = [_which("nice"), "-n", str(cfg.nice), *prlimit]
         if not cfg.separate_uids:
-            return prlimit + args
+            return self._in_cgroups(prlimit + args)
         # Drop to the sandbox's own host uid with setpriv rather than Popen(user=...): asking
         # Popen to change ids rules out vfork, and a full fork() of a worker running a hundred
         # threads costs milliseconds of CPU under the GIL for every sandbox started.
         uid = str(self.host_uid)
         setpriv = [_which("setpriv"), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
-        return setpriv + prlimit + args
+        return self._in_cgroups(setpriv + prlimit + args)
+
+    def _in_cgroups(self, command: list[str]) -> list[str]:
+        """The command, run inside this sandbox's cgroups (memory for all its processes
+        together, and a pids cap) when the host has them; made at the first start."""
+        if self.cgroups is None or self._root is None:
+            return command
+        if not self._cgroup_procs:
+            memory = self.spec.sandbox.memory_mb * 1024 * 1024
+            self._cgroup_procs = self.cgroups.create(self._root.name, memory, self.config.nproc)
+        return join_command(self._cgroup_procs, command)
 
     def _log_tail(self) -> str:
         if self._root is None:
