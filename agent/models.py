@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from agent.errors import SpecError
+from agent.errors import InfrastructureError, LLMError, LLMRejected, SpecError
 
 GRADERS = ("exact", "numeric", "contains", "regex", "python_literal")
 ACTION_FORMATS = ("code", "json", "text")
@@ -62,6 +62,15 @@ class FailureClass(StrEnum):
     WORKER_LOST = "worker_lost"  # error: the task kept killing its worker
     INTERNAL = "internal"  # error: a bug of ours
     CANCELLED = "cancelled"  # cancelled by the caller
+
+    @classmethod
+    def of_fault(cls, error: InfrastructureError) -> FailureClass:
+        """The failure class of a task that ended on an infrastructure fault."""
+        if isinstance(error, LLMRejected):
+            return cls.LLM_REJECTED
+        if isinstance(error, LLMError):
+            return cls.LLM_ERROR
+        return cls.SANDBOX_ERROR
 
 
 @dataclass(frozen=True, slots=True)

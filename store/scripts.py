@@ -89,18 +89,6 @@ def finish_call(
     return names, args
 
 
-# APPEND: add one event to a task's stream, and optionally its checkpoint, while the
-# caller owns the lease.
-# KEYS: 1 task hash, 2 lease, 3 events stream
-# ARGV: 1 owner, 2 event JSON, 3 stream maxlen, 4 checkpoint JSON ("" = keep the old one)
-# Returns: the stream id, or false if fenced out.
-APPEND = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
-local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2])
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'checkpoint', ARGV[4]) end
-return id
-"""
-
 # --- worker-side transitions (store.tasks) ---------------------------------------------
 # A task's hash also holds, once a worker has run it: "checkpoint" (the loop's state after
 # its last appended step), "seq" (how many events this task's workers appended; an append

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import structlog
 
 from actfleet.settings import Settings
-from agent.errors import InfrastructureError, LLMError, LLMRejected
+from agent.errors import InfrastructureError
 from agent.events import Event, EventType, bound
 from agent.llm import LLM
 from agent.loop import Checkpoint, Step, finished_event, run_codeact
@@ -65,14 +65,6 @@ class Regressed(Exception):
 def retry_backoff_s(attempt: int, base_s: float, max_s: float) -> float:
     """Delay before the attempt after ``attempt``: base, 2*base, 4*base, ... capped."""
     return float(min(max_s, base_s * 2 ** max(attempt - 1, 0)))
-
-
-def failure_class(e: InfrastructureError) -> FailureClass:
-    if isinstance(e, LLMRejected):
-        return FailureClass.LLM_REJECTED
-    if isinstance(e, LLMError):
-        return FailureClass.LLM_ERROR
-    return FailureClass.SANDBOX_ERROR
 
 
 class Runner:
@@ -220,7 +212,7 @@ class Runner:
     def _infra_fault(
         self, claim: Claim, lease: Lease, e: InfrastructureError, seq: int, turn: int
     ) -> Done | RetryAfter:
-        fc = failure_class(e)
+        fc = FailureClass.of_fault(e)
         if lease.lost.is_set():  # the fault is the sandbox we closed on purpose
             raise Fenced
         if lease.cancelled.is_set():

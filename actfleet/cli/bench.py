@@ -70,13 +70,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.set_defaults(func=bench_fleet)
 
 
+def _settings(backend: str | None) -> Settings:
+    settings = Settings()
+    return settings.model_copy(update={"sandbox": backend}) if backend else settings
+
+
 def bench_sandbox(args: argparse.Namespace) -> int:
     from workers.sandbox import make_provider
     from workers.sandbox.bench import bench_sandbox as measure
 
-    settings = Settings()
-    if args.backend:
-        settings = settings.model_copy(update={"sandbox": args.backend})
+    settings = _settings(args.backend)
     if settings.sandbox == "docker":
         from workers.sandbox.docker_bench import bench_docker
 
@@ -91,9 +94,7 @@ def bench_sandbox(args: argparse.Namespace) -> int:
 def bench_fleet(args: argparse.Namespace) -> int:
     from actfleet.benchfleet import run_fleet_bench
 
-    settings = Settings()
-    if args.backend:
-        settings = settings.model_copy(update={"sandbox": args.backend})
+    settings = _settings(args.backend)
     report = run_fleet_bench(
         settings,
         tasks=args.tasks,

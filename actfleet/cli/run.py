@@ -18,7 +18,7 @@ from rich.console import Console
 from actfleet.cli import CLIError
 from actfleet.render import render_event, result_table
 from actfleet.settings import Settings
-from agent.errors import InfrastructureError, LLMError, SpecError
+from agent.errors import InfrastructureError, SpecError
 from agent.llm import LLM
 from agent.loop import run_codeact
 from agent.models import FailureClass, Result, Status, TaskSpec, Timings
@@ -130,10 +130,9 @@ def _drive(
     except StopIteration as stop:
         return stop.value
     except InfrastructureError as e:
-        failure = FailureClass.LLM_ERROR if isinstance(e, LLMError) else FailureClass.SANDBOX_ERROR
         return Result(
             Status.ERROR,
-            failure,
+            FailureClass.of_fault(e),
             error=str(e),
             timings=Timings(total_s=time.time() - started),
         )

@@ -1,7 +1,7 @@
 """The real API over real HTTP: uvicorn in a thread on a free port, a real redis-server.
 
 No worker runs here: tests play the worker's role through the same Lua scripts (take a
-lease, APPEND events, FINISH), which is exactly what a worker does to the store.
+lease, STEP events, FINISH), which is exactly what a worker does to the store.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from agent.models import Result, Status, Usage
 from api.app import create_app
 from store.apikeys import create_key
 from store.keys import STREAM_MAXLEN, Keys
-from store.scripts import APPEND, FINISH, finish_call
+from store.scripts import FINISH, STEP, finish_call
 
 DEFAULT_USAGE = Usage(100, 20, 1)
 
@@ -90,8 +90,9 @@ class Fleet:
         self, task_id: str, etype: EventType, turn: int = 0, owner: str = "w1/1", **data: Any
     ) -> str:
         event = Event(etype, turn=turn, attempt=int(owner.split("/")[1]), ts=time.time(), data=data)
+        seq = int(self.redis.hget(self.keys.task(task_id), "seq") or 0) + 1
         out = self.redis.eval(
-            APPEND,
+            STEP,
             3,
             self.keys.task(task_id),
             self.keys.lease(task_id),
@@ -100,8 +101,9 @@ class Fleet:
             event.to_json(),
             STREAM_MAXLEN,
             "",
+            seq,
         )
-        assert out, "fenced out"
+        assert isinstance(out, bytes), f"not appended: {out!r}"
         return out.decode()
 
     def finish(
