@@ -1,6 +1,6 @@
 """The FastAPI app factory: ``create_app(settings)``; run it with uvicorn.
 
-Construction does no I/O: the Redis client, the store and the Celery producer are built in
+Construction does no I/O: the Redis client, the store and the enqueuer are built in
 the lifespan and hung on ``app.state`` (settings, keys, redis, store, batches, enqueuer,
 metrics), which is what routes use.
 """
@@ -23,7 +23,7 @@ from agent.errors import ActfleetError
 from api import routes_batches, routes_tasks
 from api.errors import install_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware, render
-from api.queue import Enqueuer, make_celery
+from api.queue import Enqueuer
 from store.aio import AsyncStore
 from store.batches import BatchStore
 from store.keys import Keys
@@ -42,16 +42,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not settings.redis_url:
             raise ActfleetError("ACTFLEET_REDIS_URL is not set: the API needs Redis")
         client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
-        enqueuer = Enqueuer(make_celery(settings))
         store = AsyncStore(client, app.state.keys)
         app.state.redis = client
         app.state.store = store
         app.state.batches = BatchStore(store)
-        app.state.enqueuer = enqueuer
+        app.state.enqueuer = Enqueuer(client)
         try:
             yield
         finally:
-            enqueuer.close()
             await client.aclose()
 
     app = FastAPI(

@@ -1,0 +1,82 @@
+"""The API's bulk enqueue writes the same broker messages Celery's ``send_task`` writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from kombu import Connection
+
+from api.queue import EnqueueError, Enqueuer
+from store import keys
+from store.queue import make_celery, run_task_message
+
+# What differs from one message to the next, or names the sending process.
+_PER_MESSAGE = {"id", "root_id", "correlation_id", "delivery_tag", "origin", "reply_to"}
+
+
+def _shape(message: dict) -> dict:
+    """The message without its per-message ids, nested dicts flattened for comparison."""
+    return {
+        "top": {k: v for k, v in message.items() if k not in ("headers", "properties")},
+        "headers": {k: v for k, v in message["headers"].items() if k not in _PER_MESSAGE},
+        "properties": {k: v for k, v in message["properties"].items() if k not in _PER_MESSAGE},
+    }
+
+
+def test_bulk_message_matches_what_send_task_writes(redis_url: str) -> None:
+    # given the message Celery itself writes for run_task("task_a")
+    app = make_celery(redis_url)
+    app.send_task(keys.RUN_TASK, args=["task_a"], queue=keys.TASK_QUEUE)
+    r = redis.Redis.from_url(redis_url)
+    celery_message = json.loads(r.rpop(keys.TASK_QUEUE))  # type: ignore[arg-type]
+    app.close()
+    # when the bulk path builds one for the same task
+    ours = json.loads(run_task_message("task_a"))
+    # then they agree on every field but the per-message ids
+    assert _shape(ours) == _shape(celery_message)
+    assert set(ours["headers"]) == set(celery_message["headers"])
+    assert set(ours["properties"]) | {"reply_to"} == set(celery_message["properties"])
+    # and each message carries its own ids
+    again = json.loads(run_task_message("task_a"))
+    assert again["headers"]["id"] != ours["headers"]["id"]
+    assert again["properties"]["delivery_tag"] != ours["properties"]["delivery_tag"]
+
+
+def test_a_kombu_consumer_gets_every_task_once_in_submission_order(redis_url: str) -> None:
+    # given 2,500 task ids (more than one LPUSH chunk) enqueued in bulk
+    ids = [f"task_{i:05d}" for i in range(2500)]
+
+    async def enqueue() -> None:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        await Enqueuer(client).enqueue(ids)
+        await client.aclose()
+
+    asyncio.run(enqueue())
+    # when a kombu consumer on the Redis transport drains the queue
+    got = []
+    with Connection(redis_url) as conn, conn.SimpleQueue(keys.TASK_QUEUE) as queue:
+        for _ in ids:
+            message = queue.get(timeout=5)
+            assert message.headers["task"] == keys.RUN_TASK
+            args, kwargs, _embed = message.payload
+            assert kwargs == {}
+            got.append(args[0])
+            message.ack()
+    # then it decoded every message, in the order given
+    assert got == ids
+
+
+def test_an_unreachable_broker_is_an_enqueue_error() -> None:
+    async def enqueue() -> None:
+        client = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+        try:
+            await Enqueuer(client).enqueue(["task_x"])
+        finally:
+            await client.aclose()
+
+    with pytest.raises(EnqueueError, match="the broker refused the task messages"):
+        asyncio.run(enqueue())
