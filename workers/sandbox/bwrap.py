@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -591,12 +592,31 @@ def _kill_sandbox(proc: subprocess.Popen[bytes]) -> None:
     for child in _children(proc.pid):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(child, signal.SIGKILL)
-    try:
-        proc.wait(timeout=2)
-    except subprocess.TimeoutExpired:
+    if not _exited_within(proc, 2.0):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc.wait()
+
+
+def _exited_within(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Whether ``proc`` exits within ``timeout_s``, woken by its pidfd the moment it does
+    (``Popen.wait(timeout)`` polls with sleeps that add milliseconds to every close)."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except OSError:  # gone already, or no pidfd on this kernel
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    try:
+        if proc.poll() is not None:  # reaped meanwhile: the fd may name a newer process
+            return True
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(timeout_s * 1000))
+    finally:
+        os.close(fd)
 
 
 def _children(pid: int) -> list[int]:
