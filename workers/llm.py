@@ -11,14 +11,13 @@ the request's own ``timeout_s``. Other 4xx raise ``LLMRejected``; retries used u
 from __future__ import annotations
 
 import email.utils
+import json
 import os
 import random
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import openai
-from openai.types.chat import ChatCompletion
 
 from agent.errors import LLMError, LLMRejected
 from agent.llm import LLMReply, LLMRequest
@@ -134,13 +133,13 @@ class OpenAILLM:
             sent = time.monotonic()
             try:
                 # The SDK's low-level post rather than chat.completions.create(): create()
-                # re-walks every message through its TypedDict transforms on each call, which
-                # costs more CPU than the whole HTTP exchange and grows with the transcript.
-                # The body is plain JSON already; auth, headers, errors and parsing are the
-                # SDK's as usual.
-                completion = self._client.post(
+                # re-walks every message through its TypedDict transforms on each call, and
+                # building the pydantic ChatCompletion costs another third of the call's CPU;
+                # the body is plain JSON already and ``_reply`` reads three fields. Auth,
+                # headers and errors are the SDK's as usual.
+                raw = self._client.post(
                     "/chat/completions",
-                    cast_to=ChatCompletion,
+                    cast_to=bytes,
                     body=_body(request),
                     options={"timeout": timeout},
                 )
@@ -161,7 +160,7 @@ class OpenAILLM:
             except openai.OpenAIError as e:  # e.g. a 200 whose body is not a completion
                 raise LLMError(f"{request.model}: unusable reply from the server: {e}") from e
             else:
-                return self._reply(request.model, completion, sent, started)
+                return self._reply(request.model, raw, sent, started)
 
             retry += 1
             if retry > self.max_retries:
@@ -181,16 +180,19 @@ class OpenAILLM:
                 ) from failure
             self._sleep(delay)
 
-    def _reply(self, model: str, completion: Any, sent: float, started: float) -> LLMReply:
+    def _reply(self, model: str, raw: bytes, sent: float, started: float) -> LLMReply:
         now = time.monotonic()
         try:
-            choice = completion.choices[0]
-            content = choice.message.content or ""
-            finish_reason = choice.finish_reason
-            usage = completion.usage
-            prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
-            completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
-        except (AttributeError, IndexError, TypeError, ValueError) as e:
+            completion = json.loads(raw)
+            choice = completion["choices"][0]
+            content = choice["message"].get("content") or ""
+            finish_reason = choice.get("finish_reason")
+            usage = completion.get("usage") or {}
+            prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            completion_tokens = int(usage.get("completion_tokens") or 0)
+            if not isinstance(content, str):
+                raise TypeError(f"message.content is {type(content).__name__}, not a string")
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise LLMError(f"{model}: the server's reply holds no completion ({e!r})") from e
         if self.on_response is not None:
             self.on_response(model, now - sent, prompt_tokens, completion_tokens)

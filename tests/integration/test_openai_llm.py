@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
@@ -187,3 +189,32 @@ def test_reads_the_sdk_environment_and_needs_no_key(
 
     assert llm.base_url.rstrip("/") == server.url
     assert llm.complete(request()).content == "Hi there, how can I help?"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b'{"object": "error"}', b'{"choices": []}', b'{"choices": [{"message": 3}]}'],
+)
+def test_a_200_that_is_no_completion_is_an_llm_error(body: bytes, sleeps: list[float]) -> None:
+    # given a server that answers 200 with something other than a chat completion
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with HTTPServer(("127.0.0.1", 0), Handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+        llm = OpenAILLM(base_url=url, max_retries=3, sleep=sleeps.append)
+        # then the adapter says so, without retrying a reply that will not change
+        with pytest.raises(LLMError, match="holds no completion"):
+            llm.complete(request())
+        httpd.shutdown()
+    assert sleeps == []
