@@ -1,8 +1,8 @@
 """A scripted OpenAI-compatible chat-completions server, over real HTTP.
 
 For tests, demos and load tests: ``POST /v1/chat/completions`` (non-streaming),
-``GET /v1/models``, ``GET /healthz``. Every request gets its own thread and sleeps the
-configured latency, so concurrent requests do not wait for each other.
+``GET /v1/models``, ``GET /healthz``. Replies wait out the configured latency without
+blocking one another, so concurrent requests do not wait for each other.
 
 A script is a JSON list of rules; the first rule whose ``when`` holds answers::
 
@@ -29,20 +29,22 @@ Like real servers, a reply is cut before the first of the request's ``stop`` seq
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import contextlib
+import functools
 import json
 import re
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 NO_MATCH_REPLY = "<solution>no rule matched</solution>"
 FAKE_MODEL = "actfleet-fake"
@@ -241,6 +243,9 @@ class FakeLLMServer:
     ``script``: rules (``Rule`` objects or their JSON form); ``None`` = ``DEFAULT_SCRIPT``.
     ``latency_s`` applies to every reply unless its rule says otherwise. ``requests`` keeps
     the JSON bodies of the last 1000 chat requests, for tests to inspect.
+
+    One asyncio loop in one thread serves every connection: a thread per connection spent
+    most of its CPU fighting over the GIL once a load test kept a hundred of them open.
     """
 
     def __init__(
@@ -258,42 +263,53 @@ class FakeLLMServer:
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
         self._fired = [0] * len(self.rules)
         self._lock = threading.Lock()
-        self._httpd: _HTTPServer | None = None
+        self._bound_port: int | None = None
         self._thread: threading.Thread | None = None
+        self._request_stop: Callable[[], object] | None = None
+        self._connections: set[asyncio.Task[None]] = set()
 
     @property
     def url(self) -> str:
         """The base URL for ``OPENAI_BASE_URL`` (ends in ``/v1``); valid after ``start()``."""
-        if self._httpd is None:
+        if self._bound_port is None:
             raise RuntimeError("the server is not started")
         host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
-        return f"http://{host}:{self._httpd.server_address[1]}/v1"
+        return f"http://{host}:{self._bound_port}/v1"
 
     def start(self) -> str:
-        httpd = _HTTPServer((self.host, self.port), _Handler)
-        httpd.fake = self
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="fake-llm", daemon=True
-        )
-        self._thread.start()
+        if self._thread is not None:
+            raise RuntimeError("the server is already started")
+        # Bound here, not in the loop's thread, so that "address in use" raises to the caller.
+        sock = socket.create_server((self.host, self.port), backlog=_BACKLOG)
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        thread = threading.Thread(target=self._run, args=(sock, started), name="fake-llm")
+        thread.daemon = True
+        thread.start()
+        try:
+            started.result()
+        except BaseException:
+            thread.join()
+            raise
+        self._thread = thread
+        self._bound_port = sock.getsockname()[1]
         return self.url
 
     def serve_forever(self) -> None:
         """Block until ``stop()`` (from another thread) or Ctrl-C."""
-        while self._thread is not None and self._thread.is_alive():
-            self._thread.join(0.5)
+        # Joined in slices: an unbounded join would hold off Ctrl-C's KeyboardInterrupt.
+        while (thread := self._thread) is not None and thread.is_alive():
+            thread.join(0.5)
 
     def stop(self) -> None:
-        httpd, self._httpd = self._httpd, None
-        if httpd is None:
+        """Stop serving and drop kept-alive connections, so clients see the server gone."""
+        thread, self._thread = self._thread, None
+        if thread is None:
             return
-        httpd.shutdown()
-        httpd.close_connections()
-        httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
+        self._bound_port = None
+        if self._request_stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already ended
+                self._request_stop()
+        thread.join(5)
 
     def __enter__(self) -> FakeLLMServer:
         self.start()
@@ -315,104 +331,192 @@ class FakeLLMServer:
                 return rule, groups
         return None, {}
 
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024  # listen backlog: bursts of connections must not be refused
-    fake: FakeLLMServer
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._open: set[socket.socket] = set()
-        self._open_lock = threading.Lock()
-        super().__init__(*args, **kwargs)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._open_lock:
-            self._open.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._open_lock:
-            self._open.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        """Drop kept-alive connections, so a stopped server really stops answering."""
-        with self._open_lock:
-            for sock in list(self._open):
-                with contextlib.suppress(OSError):  # already closed by the client
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's connection pool expects
-    # Headers and body go out in separate writes: with Nagle on, the body waits for the
-    # client's delayed ACK (~40 ms a reply). Real servers set TCP_NODELAY too.
-    disable_nagle_algorithm = True
-    server: _HTTPServer
-    timeout = 300  # an idle kept-alive connection frees its thread after this
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # silent: a load test would drown stderr
-
-    def do_GET(self) -> None:
-        if self.path.rstrip("/") == "/healthz":
-            self._send(200, {"status": "ok"})
-        elif self.path.rstrip("/") == "/v1/models":
-            model = {"id": FAKE_MODEL, "object": "model", "created": 0, "owned_by": "actfleet"}
-            self._send(200, {"object": "list", "data": [model]})
-        else:
-            self._error(404, f"no route for GET {self.path}", "not_found")
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            self._error(404, f"no route for POST {self.path}", "not_found")
-            return
+    def _run(self, sock: socket.socket, started: concurrent.futures.Future[None]) -> None:
         try:
-            request = json.loads(body)
+            asyncio.run(self._serve(sock, started))
+        except BaseException as e:
+            if started.done():
+                raise  # a crash while serving: the thread reports it
+            started.set_exception(e)  # a failure to start: start() raises it
+        finally:
+            sock.close()
+
+    async def _serve(self, sock: socket.socket, started: concurrent.futures.Future[None]) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        server = await asyncio.start_server(
+            self._converse, sock=sock, backlog=_BACKLOG, limit=_MAX_HEAD
+        )
+        self._request_stop = functools.partial(loop.call_soon_threadsafe, stopping.set)
+        started.set_result(None)
+        await stopping.wait()
+        server.close()
+        connections = list(self._connections)
+        for task in connections:
+            task.cancel()
+        await asyncio.gather(*connections, return_exceptions=True)
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer a connection's requests one at a time, so pipelined replies keep their order.
+
+        asyncio's TCP transports already set TCP_NODELAY: each reply is one write that must
+        not wait for the client's delayed ACK.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            while True:
+                try:
+                    request = await _read_request(reader)
+                except _BadRequest as e:
+                    writer.write(_encode(e.reply, close=True))
+                    break
+                if request is None:
+                    break
+                reply = self._answer(request)
+                # Other methods get a 501 with a body, which a HEAD client would not read.
+                keep_alive = request.keep_alive and request.method in ("GET", "POST")
+                data = _encode(reply, close=not keep_alive)
+                if reply.delay_s > 0:
+                    # Encoded before the wait: when a burst of replies falls due together,
+                    # each has only its write left, so none goes out late.
+                    await asyncio.sleep(reply.delay_s)
+                writer.write(data)
+                if not keep_alive:
+                    break
+                await writer.drain()
+        except ConnectionError:
+            pass  # the client left; nobody is waiting for an answer
+        except asyncio.CancelledError:
+            # stop(): drop the connection without flushing. Not re-raised: on Python 3.11
+            # a cancelled connection task makes asyncio log a spurious error.
+            writer.transport.abort()
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    def _answer(self, request: _Request) -> _Reply:
+        path = request.target.partition("?")[0].rstrip("/")
+        if request.method == "GET":
+            if path == "/healthz":
+                return _Reply(200, {"status": "ok"})
+            if path == "/v1/models":
+                model = {"id": FAKE_MODEL, "object": "model", "created": 0, "owned_by": "actfleet"}
+                return _Reply(200, {"object": "list", "data": [model]})
+            return _failure(404, f"no route for GET {request.target}", "not_found")
+        if request.method != "POST":
+            return _failure(501, f"unsupported method {request.method}")
+        if path != "/v1/chat/completions":
+            return _failure(404, f"no route for POST {request.target}", "not_found")
+        try:
+            body = json.loads(request.body)
         except (UnicodeDecodeError, json.JSONDecodeError):
-            self._error(400, "the request body is not valid JSON")
-            return
-        messages = request.get("messages") if isinstance(request, dict) else None
+            return _failure(400, "the request body is not valid JSON")
+        messages = body.get("messages") if isinstance(body, dict) else None
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            self._error(400, "'messages' must be a list of objects")
-            return
-        if request.get("stream"):
-            self._error(400, "streaming is not supported by the fake server; omit 'stream'")
-            return
-        fake = self.server.fake
-        fake.requests.append(request)
-        rule, groups = fake.pick(Conversation.of(messages))
-        latency = fake.latency_s if rule is None or rule.latency_s is None else rule.latency_s
-        if latency > 0:
-            time.sleep(latency)
-        headers = dict(rule.headers) if rule else {}
+            return _failure(400, "'messages' must be a list of objects")
+        if body.get("stream"):
+            return _failure(400, "streaming is not supported by the fake server; omit 'stream'")
+        self.requests.append(body)
+        rule, groups = self.pick(Conversation.of(messages))
+        latency = self.latency_s if rule is None or rule.latency_s is None else rule.latency_s
+        headers = rule.headers if rule else ()
         if rule is not None and rule.status is not None:
             message = rule.error or _phrase(rule.status)
-            self._error(rule.status, message, "fake_error", headers)
-            return
-        self._send(200, _completion(request, messages, rule, groups), headers)
+            return _failure(rule.status, message, "fake_error", headers, latency)
+        return _Reply(200, _completion(body, messages, rule, groups), headers, latency)
 
-    def _error(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        self._send(status, {"error": {"message": message, "type": kind, "code": status}}, headers)
 
-    def _send(self, status: int, payload: object, headers: Mapping[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
+_BACKLOG = 1024  # bursts of connections must not be refused
+_MAX_HEAD = 64 * 1024  # request line and headers
+_MAX_BODY = 64 * 1024 * 1024  # beyond this, a Content-Length is a broken client's
+
+
+class _Request(NamedTuple):
+    method: str
+    target: str
+    keep_alive: bool
+    body: bytes
+
+
+class _Reply(NamedTuple):
+    status: int
+    payload: object
+    headers: Sequence[tuple[str, str]] = ()
+    delay_s: float = 0.0  # the model's latency: how long to wait before sending
+
+
+def _failure(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    headers: Sequence[tuple[str, str]] = (),
+    delay_s: float = 0.0,
+) -> _Reply:
+    error = {"message": message, "type": kind, "code": status}
+    return _Reply(status, {"error": error}, headers, delay_s)
+
+
+class _BadRequest(Exception):
+    """A request that cannot be framed: answered with ``reply``, then the connection closes
+    (where the next request would start is unknown)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.reply = _failure(status, message)
+
+
+async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
+    """The next request on a connection; ``None`` when the client has gone."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    except asyncio.LimitOverrunError:
+        raise _BadRequest(f"the request line and headers exceed {_MAX_HEAD} bytes") from None
+    # Blank lines before a request are allowed (RFC 9112 2.2), e.g. after a body.
+    request_line, *lines = head[:-4].decode("latin-1").lstrip("\r\n").split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not all(parts) or parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
+        raise _BadRequest(f"malformed request line {request_line[:100]!r}")
+    method, target, version = parts
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise _BadRequest(f"malformed header line {line[:100]!r}")
+        name, value = name.lower(), value.strip(" \t")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    if "transfer-encoding" in headers:
+        raise _BadRequest("chunked request bodies are not supported; send Content-Length", 411)
+    length = headers.get("content-length", "0")
+    if not (length.isascii() and length.isdigit()):
+        raise _BadRequest(f"invalid Content-Length {length[:100]!r}")
+    if int(length) > _MAX_BODY:
+        raise _BadRequest(f"the request body exceeds {_MAX_BODY} bytes", 413)
+    try:
+        body = await reader.readexactly(int(length))
+    except asyncio.IncompleteReadError:
+        return None
+    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    # HTTP/1.0 keep-alive is opt-in and needs more headers; none of our clients use it.
+    keep_alive = version == "HTTP/1.1" and "close" not in tokens
+    return _Request(method, target, keep_alive, body)
+
+
+def _encode(reply: _Reply, *, close: bool) -> bytes:
+    """The whole response in one buffer, for one write."""
+    body = json.dumps(reply.payload).encode()
+    lines = [
+        f"HTTP/1.1 {reply.status} {_phrase(reply.status)}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *(f"{name}: {value}" for name, value in reply.headers),
+        *(["Connection: close"] if close else []),
+    ]
+    # "replace": a script's non-Latin-1 header value must not kill the connection
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body
 
 
 def _phrase(status: int) -> str:
