@@ -25,10 +25,10 @@ class Enqueuer:
         self.client = client
 
     async def enqueue(self, task_ids: Sequence[str]) -> None:
-        """Queue ``task_ids`` in order; all chunks go out in one pipeline."""
+        """Queue ``task_ids`` in order, all or none (one MULTI/EXEC for every chunk)."""
         if not task_ids:
             return
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.client.pipeline(transaction=True)
         for queue, messages in run_task_pushes(task_ids):
             pipe.lpush(queue, *messages)
         try:

@@ -108,7 +108,7 @@ def enqueue(app: Celery, task_id: str) -> None:
 # format is Celery's documented task message protocol (version 2) inside kombu's Redis
 # envelope, so the API writes it directly: thousands of messages in one LPUSH, about 20 us
 # each. tests/integration/test_queue.py checks it field for field against ``send_task`` and
-# has a real worker consume it.
+# decodes it with a kombu consumer; the end-to-end tests run real workers on it.
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
