@@ -5,6 +5,11 @@ Figures: throughput, task latency p50/p95 (created -> finished), orchestration o
 per turn (a task's run time not spent in the model or in user code, divided by its turns)
 and efficiency = ideal time / actual time, where ideal = ceil(N / C) * T * L: what a fleet
 with no overhead at all would need.
+
+Two figures say where the rest goes between tasks: ``first_wave_started_s``, when the C-th
+task started (after submission began), and ``dispatch_gap_ms``, how long a freed loop waits
+for its next task: the k-th task to start after the first wave should start the moment the
+k-th task finished, and the gap is the difference.
 """
 
 from __future__ import annotations
@@ -164,6 +169,10 @@ def run_fleet_bench(
             # where it went: the model client beyond the model's own latency, and the rest
             llm_extra.append((res.timings.llm_s - model_s) / res.turns)
             loop_extra.append((run_s - res.timings.llm_s - res.timings.exec_s) / res.turns)
+    started = sorted(rec.started_at - t0 for rec in records if rec.started_at is not None)
+    finished = sorted(rec.finished_at - t0 for rec in records if rec.finished_at is not None)
+    first_wave = started[: min(concurrency, len(started))]
+    gaps = [s - f for s, f in zip(started[concurrency:], finished, strict=False)]
     ideal_s = math.ceil(tasks / concurrency) * turns * latency_s
     return {
         "tasks": tasks,
@@ -179,6 +188,11 @@ def run_fleet_bench(
         "ideal_s": round(ideal_s, 3),
         "efficiency": round(ideal_s / wall_s, 4) if wall_s else 0.0,
         "throughput_tasks_per_s": round(tasks / wall_s, 3),
+        "first_wave_started_s": round(first_wave[-1], 3) if first_wave else None,
+        "dispatch_gap_ms": {  # none when every task fits in the first wave
+            "p50": round(percentile(gaps, 0.5) * 1000, 2) if gaps else None,
+            "p95": round(percentile(gaps, 0.95) * 1000, 2) if gaps else None,
+        },
         "task_latency_s": {
             "p50": round(percentile(latencies, 0.5), 3),
             "p95": round(percentile(latencies, 0.95), 3),
