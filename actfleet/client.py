@@ -95,6 +95,35 @@ class SSEParser:
         return None
 
 
+class _Resumable:
+    """A task's event stream across reconnects, for both clients: where it resumes
+    (``Last-Event-ID``), and how long to wait after a dropped connection, or when to give up.
+    """
+
+    def __init__(self, task_id: str, last_event_id: str | None, reconnects: int) -> None:
+        self.task_id = task_id
+        self.path = f"/v1/tasks/{task_id}/events"
+        self.last_event_id = last_event_id
+        self.reconnects = reconnects
+        self.failures = 0
+
+    def options(self) -> dict[str, Any]:
+        """The request's headers and timeout: no read timeout, a task may be quiet for long."""
+        headers = {"Last-Event-ID": self.last_event_id} if self.last_event_id else {}
+        return {"headers": headers, "timeout": httpx.Timeout(60, read=None)}
+
+    def seen(self, ev: StreamEvent) -> None:
+        self.last_event_id = ev.id
+        self.failures = 0
+
+    def backoff_s(self, error: httpx.TransportError) -> float:
+        """The delay before reconnecting; ``ApiError`` once ``reconnects`` ran out."""
+        self.failures += 1
+        if self.failures > self.reconnects:
+            raise ApiError(0, f"lost the event stream of {self.task_id}: {error}") from error
+        return min(0.2 * 2**self.failures, 5.0)
+
+
 def _batch_content(body: BatchBody) -> bytes:
     if isinstance(body, bytes):
         return body
@@ -164,35 +193,24 @@ class Client(_Base):
         self, task_id: str, last_event_id: str | None = None, reconnects: int = 20
     ) -> Iterator[StreamEvent]:
         """Every event after ``last_event_id`` (all when None), until ``task.finished``."""
-        failures = 0
+        stream = _Resumable(task_id, last_event_id, reconnects)
         while True:
-            headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
             try:
-                with self.http.stream(
-                    "GET",
-                    f"/v1/tasks/{task_id}/events",
-                    headers=headers,
-                    timeout=httpx.Timeout(60, read=None),
-                ) as resp:
+                with self.http.stream("GET", stream.path, **stream.options()) as resp:
                     if not resp.is_success:
                         resp.read()
                         _check(resp)
                     parser = SSEParser()
                     for line in resp.iter_lines():
                         ev = parser.feed(line)
-                        if ev is None:
-                            continue
-                        last_event_id = ev.id
-                        failures = 0
-                        yield ev
-                        if ev.terminal:
-                            return
+                        if ev is not None:
+                            stream.seen(ev)
+                            yield ev
+                            if ev.terminal:
+                                return
                 return  # the server closed the stream: the task is over
             except httpx.TransportError as e:
-                failures += 1
-                if failures > reconnects:
-                    raise ApiError(0, f"lost the event stream of {task_id}: {e}") from e
-                time.sleep(min(0.2 * 2**failures, 5.0))
+                time.sleep(stream.backoff_s(e))
 
     def submit_batch(self, body: BatchBody) -> dict[str, Any]:
         return self._call(
@@ -289,35 +307,25 @@ class AsyncClient(_Base):
     async def events(
         self, task_id: str, last_event_id: str | None = None, reconnects: int = 20
     ) -> AsyncIterator[StreamEvent]:
-        failures = 0
+        """Every event after ``last_event_id`` (all when None), until ``task.finished``."""
+        stream = _Resumable(task_id, last_event_id, reconnects)
         while True:
-            headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
             try:
-                async with self.http.stream(
-                    "GET",
-                    f"/v1/tasks/{task_id}/events",
-                    headers=headers,
-                    timeout=httpx.Timeout(60, read=None),
-                ) as resp:
+                async with self.http.stream("GET", stream.path, **stream.options()) as resp:
                     if not resp.is_success:
                         await resp.aread()
                         _check(resp)
                     parser = SSEParser()
                     async for line in resp.aiter_lines():
                         ev = parser.feed(line)
-                        if ev is None:
-                            continue
-                        last_event_id = ev.id
-                        failures = 0
-                        yield ev
-                        if ev.terminal:
-                            return
-                return
+                        if ev is not None:
+                            stream.seen(ev)
+                            yield ev
+                            if ev.terminal:
+                                return
+                return  # the server closed the stream: the task is over
             except httpx.TransportError as e:
-                failures += 1
-                if failures > reconnects:
-                    raise ApiError(0, f"lost the event stream of {task_id}: {e}") from e
-                await asyncio.sleep(min(0.2 * 2**failures, 5.0))
+                await asyncio.sleep(stream.backoff_s(e))
 
     async def submit_batch(self, body: BatchBody) -> dict[str, Any]:
         return await self._call(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 
 import httpx
+import pytest
 
-from actfleet.client import Client, SSEParser, StreamEvent
+from actfleet.client import ApiError, AsyncClient, Client, SSEParser, StreamEvent
 from agent.events import EventType
 from tests.api.conftest import Fleet, spec
 
@@ -105,6 +107,84 @@ def test_the_client_follows_a_stream_across_a_dropped_connection(fleet: Fleet) -
         rest = list(client.events(task_id, last_event_id=first.id))
     assert first.type == "task.queued"
     assert [e.type for e in rest] == ["task.started", "llm.reply", "task.finished"]
+
+
+class FlakyTransport(httpx.BaseTransport):
+    """A real HTTP transport whose first ``drops`` connections fail, recording every
+    request's Last-Event-ID."""
+
+    def __init__(self, drops: int) -> None:
+        self.real = httpx.HTTPTransport()
+        self.drops = drops
+        self.resumed_from: list[str | None] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.resumed_from.append(request.headers.get("Last-Event-ID"))
+        if self.drops > 0:
+            self.drops -= 1
+            raise httpx.ConnectError("connection dropped", request=request)
+        return self.real.handle_request(request)
+
+
+class AsyncFlakyTransport(httpx.AsyncBaseTransport):
+    def __init__(self, drops: int) -> None:
+        self.real = httpx.AsyncHTTPTransport()
+        self.drops = drops
+        self.resumed_from: list[str | None] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.resumed_from.append(request.headers.get("Last-Event-ID"))
+        if self.drops > 0:
+            self.drops -= 1
+            raise httpx.ConnectError("connection dropped", request=request)
+        return await self.real.handle_async_request(request)
+
+
+def _task_with_events(fleet: Fleet, key: str) -> tuple[str, str]:
+    """A finished task of four events; returns its id and the first event's stream id."""
+    with Client(fleet.url, key) as client:
+        task_id = client.submit(spec())["id"]
+        fleet.start_task(task_id)
+        fleet.append(task_id, EventType.LLM_REPLY, turn=1)
+        fleet.finish(task_id)
+        first = next(iter(client.events(task_id)))
+    return task_id, first.id
+
+
+def test_both_clients_reconnect_after_failed_connections_from_the_last_event(
+    fleet: Fleet,
+) -> None:
+    # given a task whose first event a client has seen
+    key = fleet.key_for("acme")
+    task_id, first_id = _task_with_events(fleet, key)
+
+    # when the sync client's next two connections fail
+    flaky = FlakyTransport(drops=2)
+    with Client(fleet.url, key, transport=flaky) as client:
+        rest = [e.type for e in client.events(task_id, last_event_id=first_id)]
+
+    async def follow() -> tuple[list[str], AsyncFlakyTransport]:
+        transport = AsyncFlakyTransport(drops=2)
+        async with AsyncClient(fleet.url, key, transport=transport) as client:
+            types = [e.type async for e in client.events(task_id, last_event_id=first_id)]
+        return types, transport
+
+    # and so do the asyncio client's
+    async_rest, async_flaky = asyncio.run(follow())
+
+    # then each retried from the event it had seen and got the rest exactly once
+    assert rest == async_rest == ["task.started", "llm.reply", "task.finished"]
+    assert flaky.resumed_from == async_flaky.resumed_from == [first_id] * 3
+
+
+def test_a_stream_that_keeps_failing_gives_up_after_its_reconnects(fleet: Fleet) -> None:
+    key = fleet.key_for("acme")
+    task_id, _ = _task_with_events(fleet, key)
+    with (
+        Client(fleet.url, key, transport=FlakyTransport(drops=10)) as client,
+        pytest.raises(ApiError, match=f"lost the event stream of {task_id}"),
+    ):
+        list(client.events(task_id, reconnects=1))
 
 
 def test_a_cancelled_queued_task_streams_its_terminal_event(fleet: Fleet) -> None:
