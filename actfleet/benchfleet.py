@@ -6,6 +6,11 @@ per turn (a task's run time not spent in the model or in user code, divided by i
 and efficiency = ideal time / actual time, where ideal = ceil(N / C) * T * L: what a fleet
 with no overhead at all would need.
 
+``model_server_late_ms`` is how long after L fake-llm itself sent its replies: it shares
+the machine with the fleet, and its lateness counts as overhead in the figures above
+(strictly: model time is taken as exactly L per call), though a remote model would not
+add it.
+
 Two figures say where the rest goes between tasks: ``first_wave_started_s``, when the C-th
 task started (after submission began), and ``dispatch_gap_ms``, how long a freed loop waits
 for its next task: the k-th task to start after the first wave should start the moment the
@@ -153,6 +158,7 @@ def run_fleet_bench(
             wall_s = max(r.finished_at or t0 for r in records) - t0
             http.close()
             r.close()
+        late = list(llm.late_s)
 
     latencies, overheads, llm_extra, loop_extra = [], [], [], []
     statuses: dict[str, int] = {}
@@ -196,6 +202,10 @@ def run_fleet_bench(
         "task_latency_s": {
             "p50": round(percentile(latencies, 0.5), 3),
             "p95": round(percentile(latencies, 0.95), 3),
+        },
+        "model_server_late_ms": {  # fake-llm's own lateness past L (a remote model has none)
+            "p50": round(percentile(late, 0.5) * 1000, 2),
+            "p95": round(percentile(late, 0.95) * 1000, 2),
         },
         "overhead_per_turn_ms": {
             "p50": round(percentile(overheads, 0.5) * 1000, 2),

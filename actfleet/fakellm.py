@@ -242,7 +242,9 @@ class FakeLLMServer:
 
     ``script``: rules (``Rule`` objects or their JSON form); ``None`` = ``DEFAULT_SCRIPT``.
     ``latency_s`` applies to every reply unless its rule says otherwise. ``requests`` keeps
-    the JSON bodies of the last 1000 chat requests, for tests to inspect.
+    the JSON bodies of the last 1000 chat requests, for tests to inspect. ``late_s`` keeps,
+    per reply sent, how long after its latency it went out (the server's own lateness,
+    which benchmarks must not blame on the client).
 
     One asyncio loop in one thread serves every connection: a thread per connection spent
     most of its CPU fighting over the GIL once a load test kept a hundred of them open.
@@ -261,6 +263,7 @@ class FakeLLMServer:
         self.port = port
         self.latency_s = latency_s
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
+        self.late_s: collections.deque[float] = collections.deque(maxlen=1_000_000)
         self._fired = [0] * len(self.rules)
         self._lock = threading.Lock()
         self._bound_port: int | None = None
@@ -374,6 +377,7 @@ class FakeLLMServer:
                     break
                 if request is None:
                     break
+                received = time.monotonic()
                 reply = self._answer(request)
                 # Other methods get a 501 with a body, which a HEAD client would not read.
                 keep_alive = request.keep_alive and request.method in ("GET", "POST")
@@ -383,6 +387,7 @@ class FakeLLMServer:
                     # each has only its write left, so none goes out late.
                     await asyncio.sleep(reply.delay_s)
                 writer.write(data)
+                self.late_s.append(time.monotonic() - received - reply.delay_s)
                 if not keep_alive:
                     break
                 await writer.drain()

@@ -192,6 +192,9 @@ def test_concurrent_requests_are_not_serialized() -> None:
     # then they all finish in about one latency, not fifty
     assert codes == [200] * 50
     assert elapsed < 1.5
+    # and the server logged how late past its latency each reply went out
+    assert len(server.late_s) == 50
+    assert all(-0.001 < late < 0.5 for late in server.late_s)
 
 
 def test_per_rule_latency_overrides_the_servers() -> None:
