@@ -98,8 +98,9 @@ def finish_call(
 # CLAIM: take a delivered task, unless it is finished or someone holds a live lease.
 # KEYS: 1 task hash, 2 lease, 3 running zset
 # ARGV: 1 worker id, 2 now (unix s), 3 lease ttl ms, 4 lease expiry (unix ms), 5 task id
-# Returns: {attempt, checkpoint or "", seq, started_at} on success; {0, reason} when the
-#          delivery must be dropped (reason: "missing", "terminal", "duplicate").
+# Returns: {attempt, checkpoint or "", seq, started_at, the record after the claim (HGETALL)}
+#          on success; {0, reason} when the delivery must be dropped (reason: "missing",
+#          "terminal", "duplicate").
 CLAIM = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {0, 'missing'} end
@@ -116,7 +117,7 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 local cp = redis.call('HGET', KEYS[1], 'checkpoint') or ''
 local seq = redis.call('HGET', KEYS[1], 'seq') or '0'
-return {attempt, cp, seq, started}
+return {attempt, cp, seq, started, redis.call('HGETALL', KEYS[1])}
 """
 
 # RENEW: extend a lease held by ARGV[1]; run pipelined for all of a worker's tasks.

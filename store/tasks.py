@@ -170,12 +170,10 @@ class TaskStore:
         if int(out[0]) == 0:
             return Dropped(_s(out[1]))
         attempt = int(out[0])
-        record = self.get(task_id)
-        if record is None:  # deleted between the two calls: nothing to run
-            return Dropped("missing")
+        fields = out[4]  # the record as the claim left it, flat: [field, value, ...]
         cp = _s(out[1])
         return Claim(
-            record=record,
+            record=TaskRecord.from_hash(dict(zip(fields[::2], fields[1::2], strict=True))),
             owner=f"{worker_id}/{attempt}",
             attempt=attempt,
             checkpoint=json.loads(cp) if cp else None,

@@ -52,6 +52,7 @@ def test_first_delivery_takes_the_lease_as_attempt_one(store: TaskStore) -> None
 
     assert isinstance(claim, Claim)
     assert (claim.attempt, claim.owner, claim.seq, claim.checkpoint) == (1, "w1/1", 0, None)
+    assert claim.record == store.get(task_id)  # the record as the claim left it
     rec = store.get(task_id)
     assert rec is not None and rec.status is Status.RUNNING and rec.attempt == 1
     assert rec.started_at == pytest.approx(claim.started_at)
