@@ -243,7 +243,7 @@ class FakeLLMServer:
     ``script``: rules (``Rule`` objects or their JSON form); ``None`` = ``DEFAULT_SCRIPT``.
     ``latency_s`` applies to every reply unless its rule says otherwise. ``requests`` keeps
     the JSON bodies of the last 1000 chat requests, for tests to inspect. ``late_s`` keeps,
-    per reply sent, how long after its latency it went out (the server's own lateness,
+    for the last 100,000 replies sent, how long after its latency each went out (the server's own lateness,
     which benchmarks must not blame on the client).
 
     One asyncio loop in one thread serves every connection: a thread per connection spent
@@ -263,7 +263,7 @@ class FakeLLMServer:
         self.port = port
         self.latency_s = latency_s
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
-        self.late_s: collections.deque[float] = collections.deque(maxlen=1_000_000)
+        self.late_s: collections.deque[float] = collections.deque(maxlen=100_000)
         self._fired = [0] * len(self.rules)
         self._lock = threading.Lock()
         self._bound_port: int | None = None
