@@ -68,6 +68,16 @@ read -r py_ver py_arch < <(docker run --rm --entrypoint python3 "$base" -c \
 py_tag="cp${py_ver/./}"
 say "base $base: Python $py_ver on $py_arch"
 
+# Wheels for the base's Python and architecture into $wheels; arguments: what to download.
+download_wheels() {
+    "$(host_python)" -m pip download --disable-pip-version-check --quiet \
+        --only-binary=:all: --implementation cp --python-version "$py_ver" --abi "$py_tag" \
+        --abi abi3 --abi none \
+        --platform "manylinux_2_28_$py_arch" --platform "manylinux_2_17_$py_arch" \
+        --platform "manylinux2014_$py_arch" --platform any \
+        -d "$wheels" "$@"
+}
+
 # 2. The build context.
 ctx="$cache/service-context"
 wheels="$cache/service-wheels"  # kept across runs; copied into the context
@@ -98,12 +108,7 @@ req_hash="$( { cat "$req"; echo "$py_ver $py_arch"; } | sha256sum | cut -c1-16)"
 if [ "$force" = 1 ] || [ "$(cat "$wheels/.requirements-hash" 2>/dev/null)" != "$req_hash" ]; then
     say "pip download the wheels for Python $py_ver ($py_arch) into $wheels"
     rm -rf "$wheels" && mkdir -p "$wheels"
-    "$(host_python)" -m pip download --disable-pip-version-check --quiet \
-        --only-binary=:all: --implementation cp --python-version "$py_ver" --abi "$py_tag" \
-        --abi abi3 --abi none \
-        --platform "manylinux_2_28_$py_arch" --platform "manylinux_2_17_$py_arch" \
-        --platform "manylinux2014_$py_arch" --platform any \
-        -d "$wheels" -r "$req"
+    download_wheels -r "$req"
     # pip evaluates environment markers against the host's interpreter, not the base's (e.g.
     # redis needs async-timeout only below Python 3.11.3): resolve inside the base image,
     # offline, and fetch whatever it still misses.
@@ -115,12 +120,7 @@ if [ "$force" = 1 ] || [ "$(cat "$wheels/.requirements-hash" 2>/dev/null)" != "$
             | sed -n 's/.*No matching distribution found for \([^ ]*\).*/\1/p' | head -n 1)"
         [ -n "$missing" ] || break
         say "the base also needs $missing: downloading it"
-        "$(host_python)" -m pip download --disable-pip-version-check --quiet \
-            --only-binary=:all: --implementation cp --python-version "$py_ver" --abi "$py_tag" \
-            --abi abi3 --abi none \
-            --platform "manylinux_2_28_$py_arch" --platform "manylinux_2_17_$py_arch" \
-            --platform "manylinux2014_$py_arch" --platform any \
-            -d "$wheels" "$missing"
+        download_wheels "$missing"
     done
     echo "$req_hash" >"$wheels/.requirements-hash"
 fi
