@@ -23,6 +23,7 @@ import structlog
 from celery import Celery
 from celery.signals import worker_ready, worker_shutdown
 
+from actfleet.heap import freeze_startup_heap
 from actfleet.settings import Settings
 from store import keys
 from store.keys import HEARTBEAT_INTERVAL_S, WEBHOOK_GRACE_S, Keys
@@ -120,11 +121,13 @@ class WorkerRuntime:
             start_pool()
         self.heartbeat.status = self._status
         self.sweeper.start()
+        frozen = freeze_startup_heap()  # last: everything the process keeps exists now
         log.info(
             "worker.started",
             worker=self.worker_id,
             concurrency=self.settings.worker_concurrency,
             metrics_port=self.settings.worker_metrics_port,
+            frozen_objects=frozen,
         )
 
     def _start_docker_housekeeping(self) -> None:

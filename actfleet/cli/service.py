@@ -76,9 +76,12 @@ def api(args: argparse.Namespace) -> int:
         raise CLIError("set ACTFLEET_REDIS_URL (or use `actfleet up`)")
     import uvicorn
 
+    from actfleet.heap import freeze_startup_heap
     from api.app import create_app
 
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
+    app = create_app(settings)
+    freeze_startup_heap()
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None)
     return 0
 
 
