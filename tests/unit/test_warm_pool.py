@@ -47,7 +47,14 @@ def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> None:
 
 
 def make_pool(factory: Factory, clock: Clock, **kw: float) -> WarmPool[int]:
-    args = {"min_size": 1, "max_size": 3, "idle_ttl_s": 10.0, "max_age_s": 100.0, **kw}
+    args = {
+        "min_size": 1,
+        "max_size": 3,
+        "idle_ttl_s": 10.0,
+        "max_age_s": 100.0,
+        "refill_quiet_s": 0.0,
+        **kw,
+    }
     return WarmPool(factory.create, factory.destroy, clock=clock, **args)  # type: ignore[arg-type]
 
 
@@ -147,3 +154,28 @@ def test_close_destroys_idle_items() -> None:
 def test_rejects_bad_sizes() -> None:
     with pytest.raises(ValueError):
         WarmPool(lambda: 1, lambda i: None, min_size=3, max_size=2)
+
+
+def test_refills_wait_for_a_lull_in_acquires_unless_one_missed() -> None:
+    factory, clock = Factory(), Clock()
+    pool = make_pool(factory, clock, min_size=3, refill_quiet_s=1.0)
+    pool.start()
+    try:
+        assert pool.wait_ready(timeout_s=5)
+        assert pool.acquire() is not None and pool.acquire() is not None  # a burst of hits
+        time.sleep(0.2)
+        assert pool.stats().idle == 1, "refilled in the middle of a burst"
+        clock.now += 0.5
+        assert pool.acquire() is not None  # the burst goes on: the lull starts again
+        clock.now += 0.7  # 1.2 s since the burst began, 0.7 s since its last acquire
+        time.sleep(0.2)
+        assert pool.stats().idle == 0
+        clock.now += 0.4  # a second without an acquire: now it refills
+        eventually(lambda: pool.stats().idle == 3)
+
+        for _ in range(3):
+            assert pool.acquire() is not None
+        assert pool.acquire() is None  # demand outran the pool: no waiting for a lull
+        eventually(lambda: pool.stats().idle >= 3)
+    finally:
+        pool.close()

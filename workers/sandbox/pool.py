@@ -10,6 +10,12 @@ without an acquire, ``target`` falls back to ``min_size`` and surplus items idle
 than ``idle_ttl_s`` are destroyed. Any item older than ``max_age_s`` is destroyed and, while
 under ``target``, replaced. ``stats()`` reports hits and misses for the
 ``actfleet_sandbox_acquire_seconds{pool_hit}`` metric.
+
+Pacing: refills wait for a lull. While items are being handed out, the maintainer makes
+nothing until ``refill_quiet_s`` has passed without a hit, so a burst of task starts
+(a whole wave of a batch) does not compete with a burst of sandbox starts for the CPU; the
+items are made in the quiet that follows, while the tasks wait on their model. A miss
+(demand outran the pool) ends the wait at once.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class WarmPool(Generic[T]):
         max_size: int = 4,
         idle_ttl_s: float = 300.0,
         max_age_s: float = 1800.0,
+        refill_quiet_s: float = 0.25,
         healthy: Callable[[T], bool] | None = None,
         name: str = "pool",
         clock: Callable[[], float] = time.monotonic,
@@ -80,6 +87,7 @@ class WarmPool(Generic[T]):
         self.max_size = max_size
         self.idle_ttl_s = idle_ttl_s
         self.max_age_s = max_age_s
+        self.refill_quiet_s = refill_quiet_s
         self.name = name
         self._clock = clock
         self._cond = threading.Condition()
@@ -87,6 +95,8 @@ class WarmPool(Generic[T]):
         self._starting = 0
         self._target = min_size
         self._last_acquire = clock()
+        self._last_hit = float("-inf")  # refills wait refill_quiet_s after it
+        self._missed = False  # a miss since the pool was last full: refill without waiting
         self._closed = False
         self._thread: threading.Thread | None = None
         self.hits = 0
@@ -132,8 +142,10 @@ class WarmPool(Generic[T]):
                 if found is not None:
                     self._idle.remove(found)
                     self.hits += 1
+                    self._last_hit = now
                 else:
                     self.misses += 1
+                    self._missed = True
                     self._target = min(self.max_size, self._target + 1)
                 self._cond.notify_all()
                 return found.item if found is not None else None
@@ -192,9 +204,14 @@ class WarmPool(Generic[T]):
                 now = self._clock()
                 self._expire(now, doomed)
                 need = self._target - len(self._idle) - self._starting
+                lull_in = self._last_hit + self.refill_quiet_s - now
                 if need <= 0 or doomed:
                     if not doomed:
+                        self._missed = False  # full again, counting items being made
                         self._cond.wait(self._next_wakeup_s(now))
+                    need = 0
+                elif lull_in > 0 and not self._missed:
+                    self._cond.wait(lull_in)  # a hit meanwhile pushes the lull back
                     need = 0
                 else:
                     self._starting += 1
