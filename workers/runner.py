@@ -81,6 +81,7 @@ class Runner:
         *,
         worker_id: str,
         on_finished: Callable[[str], None] = lambda task_id: None,
+        sandbox_closer: Executor | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -90,6 +91,7 @@ class Runner:
         self.sandbox_starter = sandbox_starter
         self.worker_id = worker_id
         self.on_finished = on_finished
+        self.sandbox_closer = sandbox_closer
 
     def run(self, task_id: str) -> Done | RetryAfter:
         structlog.contextvars.clear_contextvars()
@@ -117,7 +119,19 @@ class Runner:
         finally:
             self.heartbeat.remove(lease)
             if lease.sandbox is not None:
-                lease.sandbox.close()
+                self._dispose(lease.sandbox)
+
+    def _dispose(self, sandbox: Sandbox) -> None:
+        """Close a finished attempt's sandbox on the closer's thread when there is one: the
+        kill, reap and clean-up then no longer hold up this loop's next task (at the end of
+        a wave of a batch, a whole wave of loops is waiting on them)."""
+        if self.sandbox_closer is not None:
+            try:
+                self.sandbox_closer.submit(sandbox.close)
+                return
+            except RuntimeError:  # the worker is shutting down: close it here
+                pass
+        sandbox.close()
 
     # -- the attempt ---------------------------------------------------------------------
 

@@ -73,6 +73,7 @@ class WorkerRuntime:
         self._reaper: Reaper | None = None
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._closer: ThreadPoolExecutor | None = None
 
     @property
     def runner(self) -> Runner:
@@ -98,6 +99,7 @@ class WorkerRuntime:
         self._pool = ThreadPoolExecutor(
             self.settings.worker_concurrency, thread_name_prefix="sandbox-start"
         )
+        self._closer = ThreadPoolExecutor(2, thread_name_prefix="sandbox-close")
         return Runner(
             self.settings,
             self.store,
@@ -107,6 +109,7 @@ class WorkerRuntime:
             self._pool,
             worker_id=self.worker_id,
             on_finished=lambda t: webhooks.schedule(self.app, t),
+            sandbox_closer=self._closer,
         )
 
     def start(self) -> None:
@@ -155,6 +158,8 @@ class WorkerRuntime:
         self.heartbeat.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._closer is not None:
+            self._closer.shutdown(wait=True)  # every finished task's sandbox goes
         close = getattr(self._runner.provider if self._runner else None, "close", None)
         if close is not None:
             close()
