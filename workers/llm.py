@@ -1,7 +1,7 @@
 """The LLM adapter: ``agent.llm.LLM`` over any OpenAI-compatible chat-completions server.
 
-One ``OpenAILLM`` (one ``openai.OpenAI`` client and its connection pool) is shared by every
-agent loop of a worker process; it is thread-safe. Retries are ours alone (the SDK's are
+One ``OpenAILLM`` (one ``openai.OpenAI`` client and one pool of connections) is shared by
+every agent loop of a worker process; it is thread-safe. Retries are ours alone (the SDK's are
 off): 429, 408, 5xx, connection errors and timeouts are retried with exponential backoff and
 full jitter (or the server's ``Retry-After``), up to ``max_retries`` times and never past
 the request's own ``timeout_s``. Other 4xx raise ``LLMRejected``; retries used up raise
@@ -15,18 +15,23 @@ import json
 import os
 import random
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Mapping
+from typing import Literal
 
 import openai
 
 from agent.errors import LLMError, LLMRejected
 from agent.llm import LLMReply, LLMRequest
+from workers.modelwire import Answer, Wire, WireFailed, WireTimeout
 
 # Called after every successful request: (model, seconds, prompt_tokens, completion_tokens).
 OnResponse = Callable[[str, float, int, int], None]
 
 PLACEHOLDER_API_KEY = "sk-none"  # local servers ignore the key, but the SDK insists on one
 RETRYABLE_STATUSES = frozenset({408, 429})
+Transport = Literal["wire", "sdk"]
 
 
 def compute_backoff(
@@ -73,13 +78,29 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     return max(when.timestamp() - now, 0.0)
 
 
+class ServerAnswer(Exception):
+    """An HTTP answer that is no completion (its status, headers and body in ``answer``),
+    chained under the ``LLMError`` it led to."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__(f"HTTP {answer.status}: {_server_message(answer.body)}")
+        self.answer = answer
+
+
 class OpenAILLM:
-    """``LLM`` over the ``openai`` SDK's sync client.
+    """``LLM`` for any OpenAI-compatible chat-completions server, configured by the
+    ``openai`` SDK.
 
     ``base_url`` / ``api_key`` default to the SDK's ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``;
     without any key a placeholder is sent, so keyless local servers work. ``timeout_s``
     bounds each HTTP request (and is further cut to what is left of ``request.timeout_s``).
     ``on_response`` observes each successful request, e.g. for metrics; it must not raise.
+
+    The SDK client decides the URL and every header (auth, user agent, platform headers).
+    The requests go over ``workers.modelwire`` (kept-alive ``http.client`` connections: a
+    fifth of the SDK's CPU per call), except where the SDK must handle them itself: an
+    HTTP proxy configured for the server's URL, or SDK-managed credentials (no API-key
+    header); ``transport`` forces one ("wire" or "sdk").
 
     ``LLMReply.latency_s`` is the wall clock of the whole ``complete`` call, retries and
     backoff included; ``on_response`` gets the duration of the successful request alone.
@@ -96,6 +117,7 @@ class OpenAILLM:
         backoff_max_s: float = 30.0,
         on_response: OnResponse | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        transport: Transport | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
@@ -112,12 +134,23 @@ class OpenAILLM:
         self._client = openai.OpenAI(
             base_url=base_url, api_key=key, timeout=timeout_s, max_retries=0
         )
+        url = str(self._client.base_url.join("chat/completions"))
+        headers = {**self._client.default_headers, **self._client.auth_headers}
+        if transport is None:
+            sdk_only = _proxied(url) or "Authorization" not in headers
+            transport = "sdk" if sdk_only else "wire"
+        self.transport: Transport = transport
+        self._wire: Wire | None = None
+        if transport == "wire":
+            self._wire = Wire(url, {k: v for k, v in headers.items() if isinstance(v, str)})
 
     @property
     def base_url(self) -> str:
         return str(self._client.base_url)
 
     def close(self) -> None:
+        if self._wire is not None:
+            self._wire.close()
         self._client.close()
 
     def complete(self, request: LLMRequest) -> LLMReply:
@@ -132,35 +165,20 @@ class OpenAILLM:
                     raise LLMError(f"{request.model}: the request's time budget ran out")
             sent = time.monotonic()
             try:
-                # The SDK's low-level post rather than chat.completions.create(): create()
-                # re-walks every message through its TypedDict transforms on each call, and
-                # building the pydantic ChatCompletion costs another third of the call's CPU;
-                # the body is plain JSON already and ``_reply`` reads three fields. Auth,
-                # headers and errors are the SDK's as usual.
-                raw = self._client.post(
-                    "/chat/completions",
-                    cast_to=bytes,
-                    body=_body(request),
-                    options={"timeout": timeout},
-                )
-            except openai.APIStatusError as e:
-                status = e.status_code
-                if status < 500 and status not in RETRYABLE_STATUSES:
-                    raise LLMRejected(
-                        f"{request.model}: the server refused the request "
-                        f"(HTTP {status}): {_server_message(e)}"
-                    ) from e
+                answer = self._send(request, timeout)
+            except (WireTimeout, WireFailed) as e:
                 failure: Exception = e
-                reason = f"HTTP {status}: {_server_message(e)}"
-                retry_after = parse_retry_after(e.response.headers)
-            except openai.APITimeoutError as e:
-                failure, reason, retry_after = e, f"no reply within {timeout:.3g}s", None
-            except openai.APIConnectionError as e:
-                failure, reason, retry_after = e, f"connection failed: {_cause(e)}", None
-            except openai.OpenAIError as e:  # e.g. a 200 whose body is not a completion
-                raise LLMError(f"{request.model}: unusable reply from the server: {e}") from e
+                reason, retry_after = str(e), None
             else:
-                return self._reply(request.model, raw, sent, started)
+                if 200 <= answer.status < 300:
+                    return self._reply(request.model, answer.body, sent, started)
+                failure = ServerAnswer(answer)
+                reason = str(failure)
+                if answer.status < 500 and answer.status not in RETRYABLE_STATUSES:
+                    raise LLMRejected(
+                        f"{request.model}: the server refused the request ({reason})"
+                    ) from failure
+                retry_after = parse_retry_after(answer.headers)
 
             retry += 1
             if retry > self.max_retries:
@@ -179,6 +197,30 @@ class OpenAILLM:
                     f"attempts; last: {reason}"
                 ) from failure
             self._sleep(delay)
+
+    def _send(self, request: LLMRequest, timeout: float) -> Answer:
+        """One HTTP exchange: the server's answer whatever its status, or ``WireTimeout`` /
+        ``WireFailed`` when there is none."""
+        if self._wire is not None:
+            return self._wire.post(_json(_body(request)), timeout)
+        try:
+            # The SDK's low-level post rather than chat.completions.create(): create()
+            # re-walks every message through its TypedDict transforms on each call, and
+            # building the pydantic ChatCompletion costs another third of the call's CPU.
+            raw = self._client.post(
+                "/chat/completions",
+                cast_to=bytes,
+                body=_body(request),
+                options={"timeout": timeout},
+            )
+        except openai.APIStatusError as e:
+            headers = {k.lower(): v for k, v in e.response.headers.items()}
+            return Answer(e.status_code, headers, e.response.content)
+        except openai.APITimeoutError as e:
+            raise WireTimeout(f"no reply within {timeout:.3g}s") from e
+        except openai.APIConnectionError as e:
+            raise WireFailed(f"connection failed: {_cause(e)}") from e
+        return Answer(200, {}, raw)
 
     def _reply(self, model: str, raw: bytes, sent: float, started: float) -> LLMReply:
         now = time.monotonic()
@@ -205,16 +247,28 @@ class OpenAILLM:
         )
 
 
-def _server_message(e: openai.APIStatusError) -> str:
+def _proxied(url: str) -> bool:
+    """Whether the environment sends requests for ``url`` through a proxy."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    if parts.scheme not in proxies and "all" not in proxies:
+        return False
+    return not urllib.request.proxy_bypass(parts.netloc)
+
+
+def _server_message(body: bytes) -> str:
     """What the server said: the ``error.message`` of an OpenAI-style body, else the body."""
-    body = e.body
-    if isinstance(body, Mapping):
-        message = body.get("message")
-        if isinstance(message, str) and message:
-            return message
-    if isinstance(body, str) and body:
-        return body[:500]
-    return e.message
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        inner = data.get("error", data)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str) and inner["message"]:
+            return str(inner["message"])
+        if isinstance(inner, str) and inner:
+            return inner
+    return body.decode("utf-8", "replace").strip()[:500] or "(no body)"
 
 
 def _cause(e: BaseException) -> str:
@@ -223,6 +277,10 @@ def _cause(e: BaseException) -> str:
     while inner.__cause__ is not None:
         inner = inner.__cause__
     return str(inner) or type(inner).__name__
+
+
+def _json(body: dict[str, object]) -> bytes:
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _body(request: LLMRequest) -> dict[str, object]:

@@ -14,7 +14,7 @@ from actfleet.fakellm import FakeLLMServer
 from agent.errors import LLMError, LLMRejected
 from agent.llm import LLMRequest
 from tests.conftest import free_port
-from workers.llm import OpenAILLM
+from workers.llm import OpenAILLM, ServerAnswer, Transport
 
 PROMPT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
 
@@ -30,8 +30,23 @@ def sleeps() -> list[float]:
     return []
 
 
-def make_llm(server: FakeLLMServer, sleeps: list[float], **kwargs: object) -> OpenAILLM:
-    options: dict[str, object] = {"base_url": server.url, "max_retries": 3, "sleep": sleeps.append}
+@pytest.fixture(params=["wire", "sdk"])
+def transport(request: pytest.FixtureRequest) -> Transport:
+    """Each test runs over both ways a request can go: the kept-alive wire, and the SDK's
+    own HTTP stack (taken behind a proxy or with SDK-managed credentials)."""
+    param: Transport = request.param
+    return param
+
+
+def make_llm(
+    server: FakeLLMServer, sleeps: list[float], transport: Transport, **kwargs: object
+) -> OpenAILLM:
+    options: dict[str, object] = {
+        "base_url": server.url,
+        "max_retries": 3,
+        "sleep": sleeps.append,
+        "transport": transport,
+    }
     options.update(kwargs)
     return OpenAILLM(**options)  # type: ignore[arg-type]
 
@@ -62,9 +77,11 @@ def server() -> Iterator[FakeLLMServer]:
         yield s
 
 
-def test_reply_with_usage_and_latency(server: FakeLLMServer, sleeps: list[float]) -> None:
+def test_reply_with_usage_and_latency(
+    server: FakeLLMServer, sleeps: list[float], transport: Transport
+) -> None:
     seen: list[tuple[str, float, int, int]] = []
-    llm = make_llm(server, sleeps, on_response=lambda *a: seen.append(a))
+    llm = make_llm(server, sleeps, transport, on_response=lambda *a: seen.append(a))
 
     reply = llm.complete(request(temperature=0.5, max_tokens=77, seed=7))
 
@@ -89,9 +106,9 @@ def test_reply_with_usage_and_latency(server: FakeLLMServer, sleeps: list[float]
 
 
 def test_stop_sequence_is_stripped_by_the_server(
-    server: FakeLLMServer, sleeps: list[float]
+    server: FakeLLMServer, sleeps: list[float], transport: Transport
 ) -> None:
-    llm = make_llm(server, sleeps)
+    llm = make_llm(server, sleeps, transport)
     msgs = [{"role": "user", "content": "run code"}]
 
     reply = llm.complete(request(messages=msgs, stop=("</execute>",)))
@@ -100,8 +117,10 @@ def test_stop_sequence_is_stripped_by_the_server(
     assert reply.content == "Let me run it.\n<execute>\nprint(1)\n"  # returned as-is
 
 
-def test_retries_server_errors_then_succeeds(server: FakeLLMServer, sleeps: list[float]) -> None:
-    llm = make_llm(server, sleeps)
+def test_retries_server_errors_then_succeeds(
+    server: FakeLLMServer, sleeps: list[float], transport: Transport
+) -> None:
+    llm = make_llm(server, sleeps, transport)
 
     reply = llm.complete(request(messages=[{"role": "user", "content": "flaky"}]))
 
@@ -111,8 +130,10 @@ def test_retries_server_errors_then_succeeds(server: FakeLLMServer, sleeps: list
     assert all(0 <= s <= 1.0 for s in sleeps)  # full jitter under 0.5 s * 2**(retry-1)
 
 
-def test_honours_retry_after_on_429(server: FakeLLMServer, sleeps: list[float]) -> None:
-    llm = make_llm(server, sleeps)
+def test_honours_retry_after_on_429(
+    server: FakeLLMServer, sleeps: list[float], transport: Transport
+) -> None:
+    llm = make_llm(server, sleeps, transport)
 
     reply = llm.complete(request(messages=[{"role": "user", "content": "busy"}]))
 
@@ -120,21 +141,24 @@ def test_honours_retry_after_on_429(server: FakeLLMServer, sleeps: list[float]) 
     assert sleeps == [0.2]
 
 
-def test_client_error_is_rejected_without_retry(server: FakeLLMServer, sleeps: list[float]) -> None:
-    llm = make_llm(server, sleeps)
+def test_client_error_is_rejected_without_retry(
+    server: FakeLLMServer, sleeps: list[float], transport: Transport
+) -> None:
+    llm = make_llm(server, sleeps, transport)
 
     with pytest.raises(LLMRejected, match=r"HTTP 400.*model 'x' not found") as info:
         llm.complete(request(messages=[{"role": "user", "content": "forbidden"}]))
 
     assert len(server.requests) == 1 and sleeps == []
     assert info.value.retryable is False
-    assert info.value.__cause__ is not None  # the SDK error is chained, not lost
+    cause = info.value.__cause__  # the server's answer is chained, not lost
+    assert isinstance(cause, ServerAnswer) and cause.answer.status == 400
 
 
 def test_persistent_server_errors_exhaust_retries(
-    server: FakeLLMServer, sleeps: list[float]
+    server: FakeLLMServer, sleeps: list[float], transport: Transport
 ) -> None:
-    llm = make_llm(server, sleeps, max_retries=2)
+    llm = make_llm(server, sleeps, transport, max_retries=2)
 
     with pytest.raises(LLMError, match=r"gave up after 3 attempts.*503.*maintenance") as info:
         llm.complete(request(messages=[{"role": "user", "content": "broken"}]))
@@ -143,9 +167,14 @@ def test_persistent_server_errors_exhaust_retries(
     assert len(server.requests) == 3 and len(sleeps) == 2
 
 
-def test_server_down_is_an_llm_error_after_retries(sleeps: list[float]) -> None:
+def test_server_down_is_an_llm_error_after_retries(
+    sleeps: list[float], transport: Transport
+) -> None:
     llm = OpenAILLM(
-        base_url=f"http://127.0.0.1:{free_port()}/v1", max_retries=2, sleep=sleeps.append
+        base_url=f"http://127.0.0.1:{free_port()}/v1",
+        max_retries=2,
+        sleep=sleeps.append,
+        transport=transport,
     )
 
     with pytest.raises(LLMError, match=r"gave up after 3 attempts.*connection failed"):
@@ -154,8 +183,10 @@ def test_server_down_is_an_llm_error_after_retries(sleeps: list[float]) -> None:
     assert len(sleeps) == 2
 
 
-def test_request_timeout_is_enforced(server: FakeLLMServer, sleeps: list[float]) -> None:
-    llm = make_llm(server, sleeps, timeout_s=0.3, max_retries=1)
+def test_request_timeout_is_enforced(
+    server: FakeLLMServer, sleeps: list[float], transport: Transport
+) -> None:
+    llm = make_llm(server, sleeps, transport, timeout_s=0.3, max_retries=1)
     started = time.monotonic()
 
     with pytest.raises(LLMError, match=r"no reply within 0.3s"):
@@ -166,10 +197,10 @@ def test_request_timeout_is_enforced(server: FakeLLMServer, sleeps: list[float])
 
 
 def test_the_tasks_remaining_time_caps_the_request(
-    server: FakeLLMServer, sleeps: list[float]
+    server: FakeLLMServer, sleeps: list[float], transport: Transport
 ) -> None:
     # given a generous adapter timeout, but only 0.3 s left on the task's wall clock
-    llm = make_llm(server, sleeps, timeout_s=60.0)
+    llm = make_llm(server, sleeps, transport, timeout_s=60.0)
     started = time.monotonic()
 
     with pytest.raises(LLMError):
@@ -195,7 +226,9 @@ def test_reads_the_sdk_environment_and_needs_no_key(
     "body",
     [b"not json", b'{"object": "error"}', b'{"choices": []}', b'{"choices": [{"message": 3}]}'],
 )
-def test_a_200_that_is_no_completion_is_an_llm_error(body: bytes, sleeps: list[float]) -> None:
+def test_a_200_that_is_no_completion_is_an_llm_error(
+    body: bytes, sleeps: list[float], transport: Transport
+) -> None:
     # given a server that answers 200 with something other than a chat completion
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -212,9 +245,23 @@ def test_a_200_that_is_no_completion_is_an_llm_error(body: bytes, sleeps: list[f
     with HTTPServer(("127.0.0.1", 0), Handler) as httpd:
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-        llm = OpenAILLM(base_url=url, max_retries=3, sleep=sleeps.append)
+        llm = OpenAILLM(base_url=url, max_retries=3, sleep=sleeps.append, transport=transport)
         # then the adapter says so, without retrying a reply that will not change
         with pytest.raises(LLMError, match="holds no completion"):
             llm.complete(request())
         httpd.shutdown()
     assert sleeps == []
+
+
+def test_requests_go_through_the_sdk_where_a_proxy_is_configured(
+    server: FakeLLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("NO_PROXY", "no_proxy", "http_proxy", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert OpenAILLM(base_url=server.url).transport == "wire"
+
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    assert OpenAILLM(base_url=server.url).transport == "sdk"
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # the server is exempt: straight there
+    assert OpenAILLM(base_url=server.url).transport == "wire"
