@@ -384,8 +384,10 @@ class FakeLLMServer:
                 data = _encode(reply, close=not keep_alive)
                 if reply.delay_s > 0:
                     # Encoded before the wait: when a burst of replies falls due together,
-                    # each has only its write left, so none goes out late.
-                    await asyncio.sleep(reply.delay_s)
+                    # each has only its write left, so none goes out late. The wait is for
+                    # what is left of the latency: reading the rules and rendering the reply
+                    # are part of the model's time, not added to it.
+                    await asyncio.sleep(received + reply.delay_s - time.monotonic())
                 writer.write(data)
                 self.late_s.append(time.monotonic() - received - reply.delay_s)
                 if not keep_alive:
