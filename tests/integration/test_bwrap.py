@@ -16,7 +16,8 @@ import pytest
 
 from agent.errors import SetupError
 from agent.models import TaskSpec
-from workers.sandbox.bwrap import BwrapProvider, BwrapSandbox
+from workers.sandbox.bwrap import BwrapProvider, BwrapSandbox, _children
+from workers.sandbox.cgroups import SANDBOX_CPU_SHARES
 
 pytestmark = [
     pytest.mark.bwrap,
@@ -328,3 +329,35 @@ def test_the_memory_limit_holds_for_all_of_a_sandboxs_processes_together() -> No
     assert cgroups.oom_killed(name)
     sb.close()
     assert not any((base / name).exists() for base in cgroups.bases.values())
+
+
+def has_cpu_group() -> bool:
+    cgroups = BwrapProvider().cgroups()
+    return cgroups is not None and cgroups.cpu_procs is not None
+
+
+@pytest.mark.skipif(not has_cpu_group(), reason="needs writable cgroup v1 memory, pids and cpu")
+def test_every_process_of_a_sandbox_runs_in_the_shared_low_weight_cpu_group(
+    provider: BwrapProvider,
+) -> None:
+    # Given a started sandbox whose code has started a process of its own
+    cgroups = provider.cgroups()
+    assert cgroups is not None and cgroups.cpu_procs is not None
+    sb = provider.start(make_spec(), "t")
+    try:
+        child = "import subprocess; p = subprocess.Popen(['sleep', '30']); print('ok')"
+        assert sb.execute(child, 10, 1000).stdout.strip() == "ok"
+        # Then the outer bwrap and everything under it (the runner, the sleep) are in it
+        assert sb.pid is not None
+        pids, pending = [], [sb.pid]
+        while pending:
+            pid = pending.pop()
+            pids.append(pid)
+            pending.extend(_children(pid))
+        assert len(pids) >= 4  # outer bwrap, the namespace's init, the runner, the sleep
+        members = {int(p) for p in cgroups.cpu_procs.read_text().split()}
+        assert set(pids) <= members
+        shares = (cgroups.cpu_procs.parent / "cpu.shares").read_text().strip()
+        assert int(shares) == SANDBOX_CPU_SHARES
+    finally:
+        sb.close()

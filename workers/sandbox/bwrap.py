@@ -16,7 +16,8 @@ python3 runner.py``:
   its own host uid so ``RLIMIT_NPROC`` bounds that sandbox only (a fork bomb stays inside;
   the kernel does not apply ``RLIMIT_NPROC`` to host root).
 - cgroups (``cgroups.py``, where v1 memory and pids are writable): ``memory_mb`` and the
-  process cap hold for all of the sandbox's processes together.
+  process cap hold for all of the sandbox's processes together; where v1 cpu is writable
+  too, all sandboxes share one low-weight CPU group, so they yield to the workers.
 - the network, when the server allows it and the task asks: ``--share-net``.
 
 A sandbox whose code would not stop, ran out of memory or crashed is killed; the next

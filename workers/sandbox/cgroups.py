@@ -1,4 +1,5 @@
-"""Per-sandbox cgroups (v1 memory and pids controllers) for the bwrap backend.
+"""Per-sandbox cgroups (v1 memory and pids controllers) for the bwrap backend, and one
+low-weight CPU cgroup that all of them share.
 
 rlimits are per process: a sandbox that forks could hold its memory limit once per process.
 A cgroup caps the whole sandbox. Each sandbox gets ``<own cgroup>/actfleet/<name>`` under
@@ -7,6 +8,15 @@ still apply. The sandbox joins it with ``join_command``: a shell that writes its
 into the cgroups and then execs the rest of the command, so nothing the sandbox starts can
 run outside it. Where cgroup v1 is not mounted or not writable, ``Cgroups.detect`` returns
 None and the sandbox keeps its rlimits only.
+
+CPU: sandboxes run niced, but with the kernel's autogroup scheduling (the default on many
+distributions) nice only ranks processes within one session, and every sandbox starts its
+own session, so each sandbox weighed as much as the whole fleet: fifty sandboxes starting
+took most of the CPU from the workers driving a thousand loops. Where the v1 ``cpu``
+controller is writable, every sandbox also joins ``<own cpu cgroup>/actfleet``, whose
+``cpu.shares`` is a tenth of the default: autogroup does not apply outside the root group,
+and all sandboxes together yield to the fleet when it needs the CPU (a priority, not a
+cap: idle CPU is theirs).
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("memory", "pids")
+SANDBOX_CPU_SHARES = 102  # of the default 1024: the weight of nice 10 against nice 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +37,7 @@ class Cgroups:
     """Where this process's sandbox cgroups live, one base directory per controller."""
 
     bases: dict[str, Path]
+    cpu_procs: Path | None = None  # the shared low-weight CPU cgroup's ``cgroup.procs``
 
     @classmethod
     def detect(cls, root: Path = ROOT) -> Cgroups | None:
@@ -43,7 +55,7 @@ class Cgroups:
             if not os.access(base, os.W_OK):
                 return None
             bases[controller] = base
-        found = cls(bases)
+        found = cls(bases, _shared_cpu_group(root))
         found.remove_stale()
         return found
 
@@ -57,7 +69,8 @@ class Cgroups:
         with contextlib.suppress(OSError):  # only with swap accounting
             (memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
         (pids / "pids.max").write_text(str(pids_max))
-        return [memory / "cgroup.procs", pids / "cgroup.procs"]
+        procs = [memory / "cgroup.procs", pids / "cgroup.procs"]
+        return procs if self.cpu_procs is None else [*procs, self.cpu_procs]
 
     def oom_killed(self, name: str) -> bool:
         """Did the kernel kill a process of this sandbox for memory?"""
@@ -88,6 +101,22 @@ class Cgroups:
                 if path.is_dir():
                     with contextlib.suppress(OSError):
                         path.rmdir()
+
+
+def _shared_cpu_group(root: Path) -> Path | None:
+    """``<own cpu cgroup>/actfleet`` with ``cpu.shares`` set low; None where the v1 cpu
+    controller is not mounted or not writable."""
+    own = _own_path("cpu")
+    hierarchy = root / "cpu"
+    if own is None or not (hierarchy / "cgroup.procs").exists():
+        return None
+    group = hierarchy / own.lstrip("/") / "actfleet"
+    try:
+        group.mkdir(exist_ok=True)
+        (group / "cpu.shares").write_text(str(SANDBOX_CPU_SHARES))
+    except OSError:
+        return None
+    return group / "cgroup.procs"
 
 
 def join_command(procs_files: list[Path], command: list[str]) -> list[str]:
