@@ -220,6 +220,8 @@ class OpenAILLM:
             raise WireTimeout(f"no reply within {timeout:.3g}s") from e
         except openai.APIConnectionError as e:
             raise WireFailed(f"connection failed: {_cause(e)}") from e
+        except openai.OpenAIError as e:  # anything else the SDK raises, e.g. from its auth
+            raise LLMError(f"{request.model}: the SDK failed the request: {e}") from e
         return Answer(200, {}, raw)
 
     def _reply(self, model: str, raw: bytes, sent: float, started: float) -> LLMReply:
