@@ -12,7 +12,7 @@ None and the sandbox keeps its rlimits only.
 CPU: sandboxes run niced, but with the kernel's autogroup scheduling (the default on many
 distributions) nice only ranks processes within one session, and every sandbox starts its
 own session, so each sandbox weighed as much as the whole fleet: fifty sandboxes starting
-took most of the CPU from the workers driving a thousand loops. Where the v1 ``cpu``
+took most of the CPU from the workers driving their loops. Where the v1 ``cpu``
 controller is writable, every sandbox also joins ``<own cpu cgroup>/actfleet``, whose
 ``cpu.shares`` is a tenth of the default: autogroup does not apply outside the root group,
 and all sandboxes together yield to the fleet when it needs the CPU (a priority, not a
