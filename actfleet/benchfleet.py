@@ -11,6 +11,7 @@ the machine with the fleet, and its lateness counts as overhead in the figures a
 (strictly: model time is taken as exactly L per call), though a remote model would not
 add it.
 
+``phase_overhead_ms`` splits the overhead by where in a task it falls (``phase_overheads``).
 Two figures say where the rest goes between tasks: ``first_wave_started_s``, when the C-th
 task started (after submission began), and ``dispatch_gap_ms``, how long a freed loop waits
 for its next task: the k-th task to start after the first wave should start the moment the
@@ -154,6 +155,11 @@ def run_fleet_bench(
             for task_id in ids:
                 pipe.hgetall(keys.task(task_id))
             records = [TaskRecord.from_hash(h) for h in pipe.execute()]
+            for task_id in ids:
+                pipe.xrange(keys.events(task_id))
+            streams = [
+                [json.loads(fields[b"e"]) for _, fields in entries] for entries in pipe.execute()
+            ]
             # From the records, not the poll: the poll interval must not count as overhead.
             wall_s = max(r.finished_at or t0 for r in records) - t0
             http.close()
@@ -175,6 +181,7 @@ def run_fleet_bench(
             # where it went: the model client beyond the model's own latency, and the rest
             llm_extra.append((res.timings.llm_s - model_s) / res.turns)
             loop_extra.append((run_s - res.timings.llm_s - res.timings.exec_s) / res.turns)
+    phases = phase_overheads(records, streams, latency_s)
     started = sorted(rec.started_at - t0 for rec in records if rec.started_at is not None)
     finished = sorted(rec.finished_at - t0 for rec in records if rec.finished_at is not None)
     first_wave = started[: min(concurrency, len(started))]
@@ -214,4 +221,51 @@ def run_fleet_bench(
             "of_which_model_client_p50": round(percentile(llm_extra, 0.5) * 1000, 2),
             "of_which_outside_model_calls_p50": round(percentile(loop_extra, 0.5) * 1000, 2),
         },
+        "phase_overhead_ms": phases,
+    }
+
+
+PHASES = ("start", "model_wait", "model_client", "exec", "finish")
+
+
+def phase_overheads(
+    records: list[TaskRecord], streams: list[list[dict[str, Any]]], latency_s: float
+) -> dict[str, dict[str, float]]:
+    """Where a task's overhead goes, from its events' timestamps (one worker clock):
+
+    - ``start``: the claim to the ``task.started`` event;
+    - ``model_wait``: a model reply's event minus the event before it, minus the model
+      client's own measured latency: the previous step's append and the request's making;
+    - ``model_client``: the client's measured latency minus L (the client, the wire and
+      fake-llm's lateness);
+    - ``exec``: an execution's event minus the reply before it, minus the runner's own
+      duration: the reply's append and the sandbox round trip (wake-ups included);
+    - ``finish``: the last step's event to ``finished_at`` (its append, the grading).
+
+    Each figure is p50 and p95 over every occurrence, in ms.
+    """
+    samples: dict[str, list[float]] = {k: [] for k in PHASES}
+    for rec, events in zip(records, streams, strict=True):
+        if rec.started_at is None or rec.finished_at is None or len(events) < 2:
+            continue
+        prev: float | None = None
+        for ev in events:
+            kind, ts, data = ev["type"], float(ev["ts"]), ev.get("data") or {}
+            if kind == "task.started":
+                samples["start"].append(ts - rec.started_at)
+            elif kind == "llm.reply" and prev is not None:
+                client_s = float(data.get("latency_s", 0.0))
+                samples["model_wait"].append(ts - prev - client_s)
+                samples["model_client"].append(client_s - latency_s)
+            elif kind == "exec.result" and prev is not None:
+                samples["exec"].append(ts - prev - float(data.get("duration_s", 0.0)))
+            elif kind == "task.finished" and prev is not None:
+                samples["finish"].append(rec.finished_at - prev)
+            prev = ts
+    return {
+        name: {
+            "p50": round(percentile(v, 0.5) * 1000, 2),
+            "p95": round(percentile(v, 0.95) * 1000, 2),
+        }
+        for name, v in samples.items()
     }
