@@ -16,8 +16,8 @@ import pytest
 
 from agent.errors import SetupError
 from agent.models import TaskSpec
-from workers.sandbox.bwrap import BwrapProvider, BwrapSandbox, _children
-from workers.sandbox.cgroups import SANDBOX_CPU_SHARES
+from workers.sandbox.bwrap import BwrapProvider, BwrapSandbox, _tree
+from workers.sandbox.cgroups import BUSY_CPU_SHARES, WARM_CPU_SHARES
 
 pytestmark = [
     pytest.mark.bwrap,
@@ -331,33 +331,77 @@ def test_the_memory_limit_holds_for_all_of_a_sandboxs_processes_together() -> No
     assert not any((base / name).exists() for base in cgroups.bases.values())
 
 
-def has_cpu_group() -> bool:
+def has_cpu_groups() -> bool:
     cgroups = BwrapProvider().cgroups()
-    return cgroups is not None and cgroups.cpu_procs is not None
+    return cgroups is not None and cgroups.cpu is not None
 
 
-@pytest.mark.skipif(not has_cpu_group(), reason="needs writable cgroup v1 memory, pids and cpu")
-def test_every_process_of_a_sandbox_runs_in_the_shared_low_weight_cpu_group(
+def members(procs: Path) -> set[int]:
+    return {int(p) for p in procs.read_text().split()}
+
+
+def shares(procs: Path) -> int:
+    return int((procs.parent / "cpu.shares").read_text())
+
+
+@pytest.mark.skipif(not has_cpu_groups(), reason="needs writable cgroup v1 memory, pids and cpu")
+def test_a_tasks_sandbox_and_all_it_starts_run_in_the_busy_cpu_group(
     provider: BwrapProvider,
 ) -> None:
-    # Given a started sandbox whose code has started a process of its own
+    # Given a sandbox started for a task, whose code has started a process of its own
     cgroups = provider.cgroups()
-    assert cgroups is not None and cgroups.cpu_procs is not None
+    assert cgroups is not None and cgroups.cpu is not None
     sb = provider.start(make_spec(), "t")
     try:
         child = "import subprocess; p = subprocess.Popen(['sleep', '30']); print('ok')"
         assert sb.execute(child, 10, 1000).stdout.strip() == "ok"
-        # Then the outer bwrap and everything under it (the runner, the sleep) are in it
+        # Then the outer bwrap and everything under it (the runner, the sleep) are in the
+        # busy group, which weighs as much as one worker thread
         assert sb.pid is not None
-        pids, pending = [], [sb.pid]
-        while pending:
-            pid = pending.pop()
-            pids.append(pid)
-            pending.extend(_children(pid))
+        pids = _tree(sb.pid)
         assert len(pids) >= 4  # outer bwrap, the namespace's init, the runner, the sleep
-        members = {int(p) for p in cgroups.cpu_procs.read_text().split()}
-        assert set(pids) <= members
-        shares = (cgroups.cpu_procs.parent / "cpu.shares").read_text().strip()
-        assert int(shares) == SANDBOX_CPU_SHARES
+        assert set(pids) <= members(cgroups.cpu.busy)
+        assert not set(pids) & members(cgroups.cpu.warm)
+        assert shares(cgroups.cpu.busy) == BUSY_CPU_SHARES
     finally:
         sb.close()
+
+
+@pytest.mark.skipif(not has_cpu_groups(), reason="needs writable cgroup v1 memory, pids and cpu")
+def test_a_pool_sandbox_starts_at_low_weight_and_moves_to_the_busy_group_when_taken() -> None:
+    # Given a warm pool of one runner, started ahead of demand
+    provider = BwrapProvider(pool_min_size=1, pool_max_size=1)
+    cgroups = provider.cgroups()
+    assert cgroups is not None and cgroups.cpu is not None
+    provider.start_pool()
+    try:
+        deadline = time.monotonic() + 20
+        while provider.pool_idle() < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert provider.pool_idle() == 1
+        waiting = members(cgroups.cpu.warm)
+        # When a task takes it
+        sb = provider.start(make_spec(), "t")
+        try:
+            assert sb.pool_hit and sb.pid is not None
+            before = set(_tree(sb.pid))
+            # Then it had waited in the low-weight group, and is in the busy one now, with
+            # whatever its code starts
+            assert before <= waiting
+            child = "import subprocess; p = subprocess.Popen(['sleep', '30']); print('ok')"
+            assert sb.execute(child, 10, 1000).stdout.strip() == "ok"
+            pids = set(_tree(sb.pid))
+            assert len(pids) == len(before) + 1
+            assert pids <= members(cgroups.cpu.busy)
+            assert not pids & members(cgroups.cpu.warm)
+            assert shares(cgroups.cpu.warm) == WARM_CPU_SHARES
+        finally:
+            sb.close()
+        # and the pool's next runner starts in the low-weight group
+        deadline = time.monotonic() + 20
+        while provider.pool_idle() < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert provider.pool_idle() == 1
+        assert members(cgroups.cpu.warm)
+    finally:
+        provider.close()

@@ -17,7 +17,8 @@ python3 runner.py``:
   the kernel does not apply ``RLIMIT_NPROC`` to host root).
 - cgroups (``cgroups.py``, where v1 memory and pids are writable): ``memory_mb`` and the
   process cap hold for all of the sandbox's processes together; where v1 cpu is writable
-  too, all sandboxes share one low-weight CPU group, so they yield to the workers.
+  too, pool sandboxes start in a low-weight CPU group (refills yield to the workers) and a
+  task's sandbox runs in a group that weighs, for all of them together, one worker thread.
 - the network, when the server allows it and the task asks: ``--share-net``.
 
 A sandbox whose code would not stop, ran out of memory or crashed is killed; the next
@@ -73,6 +74,7 @@ _ETC_FILES = (
     "os-release",
     "debian_version",
 )
+POOL_CREATORS = 2  # sandboxes a warm pool starts at once: a start mostly waits on the kernel
 _HOST_UID_BASE = 600_000  # host uids for sandboxes when running as root
 _HOST_UID_SPAN = 100_000
 _uid_counter = itertools.count()
@@ -186,7 +188,7 @@ class BwrapProvider:
             return
 
         def create() -> BwrapSandbox:
-            sandbox = BwrapSandbox(self.config, _POOLED, "", self.cgroups())
+            sandbox = BwrapSandbox(self.config, _POOLED, "", self.cgroups(), pooled=True)
             sandbox.boot()
             return sandbox
 
@@ -199,6 +201,7 @@ class BwrapProvider:
             max_age_s=max_age_s,
             healthy=BwrapSandbox.alive,
             name="bwrap",
+            creators=POOL_CREATORS,
         )
         self._pool.start()
 
@@ -237,7 +240,13 @@ class BwrapSandbox:
     """
 
     def __init__(
-        self, config: BwrapConfig, spec: TaskSpec, task_id: str, cgroups: Cgroups | None = None
+        self,
+        config: BwrapConfig,
+        spec: TaskSpec,
+        task_id: str,
+        cgroups: Cgroups | None = None,
+        *,
+        pooled: bool = False,
     ) -> None:
         self.config = config
         self.cgroups = cgroups
@@ -245,6 +254,7 @@ class BwrapSandbox:
         self.spec = spec
         self.task_id = task_id
         self.restarts = 0
+        self._waiting = pooled  # started ahead of demand, no task yet: low CPU weight
         self._exec_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._closed = False
@@ -286,6 +296,8 @@ class BwrapSandbox:
             if self._closed or self._client is None:
                 raise SandboxError("the pooled sandbox is gone")
             self.spec, self.task_id, self.pool_hit = spec, task_id, True
+            self._waiting = False
+            self._move_cpu_group(busy=True)
             self._apply_task()
 
     def alive(self) -> bool:
@@ -330,6 +342,7 @@ class BwrapSandbox:
             self._closed = True
             proc = self._proc
         if proc is not None:
+            self._move_cpu_group(busy=False)  # its processes' exits yield to live tasks
             _kill_sandbox(proc)  # unblocks an execute in flight: its recv sees EOF
         if self._exec_lock.acquire(timeout=10):
             try:
@@ -343,6 +356,11 @@ class BwrapSandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _move_cpu_group(self, busy: bool) -> None:
+        cpu = self.cgroups.cpu if self.cgroups is not None else None
+        if cpu is not None and self._proc is not None and self._proc.returncode is None:
+            cpu.move(_tree(self._proc.pid), cpu.busy if busy else cpu.warm)
 
     # -- runner lifecycle (called with _exec_lock held) -----------------------------------
 
@@ -562,7 +580,11 @@ class BwrapSandbox:
         if not self._cgroup_procs:
             memory = self.spec.sandbox.memory_mb * 1024 * 1024
             self._cgroup_procs = self.cgroups.create(self._root.name, memory, self.config.nproc)
-        return join_command(self._cgroup_procs, command)
+        procs = self._cgroup_procs
+        cpu = self.cgroups.cpu
+        if cpu is not None:
+            procs = [*procs, cpu.warm if self._waiting else cpu.busy]
+        return join_command(procs, command)
 
     def _log_tail(self) -> str:
         if self._root is None:
@@ -614,6 +636,15 @@ def _exited_within(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
         return bool(poller.poll(timeout_s * 1000))
     finally:
         os.close(fd)
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and every process under it."""
+    found, pending = [], [pid]
+    while pending:
+        found.append(pending.pop())
+        pending.extend(_children(found[-1]))
+    return found
 
 
 def _children(pid: int) -> list[int]:

@@ -1,5 +1,5 @@
-"""Per-sandbox cgroups (v1 memory and pids controllers) for the bwrap backend, and one
-low-weight CPU cgroup that all of them share.
+"""Per-sandbox cgroups (v1 memory and pids controllers) for the bwrap backend, and the two
+CPU cgroups that all of them share.
 
 rlimits are per process: a sandbox that forks could hold its memory limit once per process.
 A cgroup caps the whole sandbox. Each sandbox gets ``<own cgroup>/actfleet/<name>`` under
@@ -11,12 +11,19 @@ None and the sandbox keeps its rlimits only.
 
 CPU: sandboxes run niced, but with the kernel's autogroup scheduling (the default on many
 distributions) nice only ranks processes within one session, and every sandbox starts its
-own session, so each sandbox weighed as much as the whole fleet: fifty sandboxes starting
-took most of the CPU from the workers driving their loops. Where the v1 ``cpu``
-controller is writable, every sandbox also joins ``<own cpu cgroup>/actfleet``, whose
-``cpu.shares`` is a tenth of the default: autogroup does not apply outside the root group,
-and all sandboxes together yield to the fleet when it needs the CPU (a priority, not a
-cap: idle CPU is theirs).
+own session, so each sandbox weighed as much as the whole fleet. Where the v1 ``cpu``
+controller is writable, sandboxes instead join one of two CPU groups beside the worker
+(autogroup does not apply outside the root group):
+
+- ``<own cpu cgroup>/actfleet`` (``cpu.shares`` a tenth of the default) while a sandbox
+  starts ahead of demand for the warm pool, and once it is being killed: a wave of refills,
+  or the kernel's teardown of a wave of finished sandboxes, yields to everything else;
+- ``<own cpu cgroup>/actfleet-busy`` (the default weight) from the moment a task has it:
+  all busy sandboxes together weigh as much as one worker thread, so code that spins cannot
+  starve the fleet, yet a runner woken with a task's code gets a core promptly (its wait
+  for one counts against the task, as time spent neither in the model nor in the code).
+
+Both are priorities, not caps: idle CPU is theirs.
 """
 
 from __future__ import annotations
@@ -29,7 +36,24 @@ from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("memory", "pids")
-SANDBOX_CPU_SHARES = 102  # of the default 1024: the weight of nice 10 against nice 0
+WARM_CPU_SHARES = 102  # of the default 1024: the weight of nice 10 against nice 0
+BUSY_CPU_SHARES = 1024  # every busy sandbox together: one worker thread's weight
+
+
+@dataclass(frozen=True, slots=True)
+class CpuGroups:
+    """The ``cgroup.procs`` files of the two shared CPU groups."""
+
+    warm: Path  # sandboxes starting for the warm pool, and dying ones
+    busy: Path  # sandboxes a task holds
+
+    @staticmethod
+    def move(pids: list[int], procs: Path) -> None:
+        """Move these processes into the group of ``procs`` (one of the two); a process
+        gone meanwhile is skipped. What they start later starts there."""
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                procs.write_text(str(pid))
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +61,7 @@ class Cgroups:
     """Where this process's sandbox cgroups live, one base directory per controller."""
 
     bases: dict[str, Path]
-    cpu_procs: Path | None = None  # the shared low-weight CPU cgroup's ``cgroup.procs``
+    cpu: CpuGroups | None = None  # None: the v1 cpu controller is not writable here
 
     @classmethod
     def detect(cls, root: Path = ROOT) -> Cgroups | None:
@@ -55,12 +79,13 @@ class Cgroups:
             if not os.access(base, os.W_OK):
                 return None
             bases[controller] = base
-        found = cls(bases, _shared_cpu_group(root))
+        found = cls(bases, _cpu_groups(root))
         found.remove_stale()
         return found
 
     def create(self, name: str, memory_bytes: int, pids_max: int) -> list[Path]:
-        """Make the sandbox's cgroups; returns the ``cgroup.procs`` files to join."""
+        """Make the sandbox's memory and pids cgroups; returns their ``cgroup.procs``
+        files, to join with one of ``cpu``'s."""
         memory = self.bases["memory"] / name
         pids = self.bases["pids"] / name
         memory.mkdir()
@@ -69,8 +94,7 @@ class Cgroups:
         with contextlib.suppress(OSError):  # only with swap accounting
             (memory / "memory.memsw.limit_in_bytes").write_text(str(memory_bytes))
         (pids / "pids.max").write_text(str(pids_max))
-        procs = [memory / "cgroup.procs", pids / "cgroup.procs"]
-        return procs if self.cpu_procs is None else [*procs, self.cpu_procs]
+        return [memory / "cgroup.procs", pids / "cgroup.procs"]
 
     def oom_killed(self, name: str) -> bool:
         """Did the kernel kill a process of this sandbox for memory?"""
@@ -103,20 +127,24 @@ class Cgroups:
                         path.rmdir()
 
 
-def _shared_cpu_group(root: Path) -> Path | None:
-    """``<own cpu cgroup>/actfleet`` with ``cpu.shares`` set low; None where the v1 cpu
+def _cpu_groups(root: Path) -> CpuGroups | None:
+    """The warm and busy CPU groups beside this process's own; None where the v1 cpu
     controller is not mounted or not writable."""
     own = _own_path("cpu")
     hierarchy = root / "cpu"
     if own is None or not (hierarchy / "cgroup.procs").exists():
         return None
-    group = hierarchy / own.lstrip("/") / "actfleet"
+    parent = hierarchy / own.lstrip("/")
+    procs = []
     try:
-        group.mkdir(exist_ok=True)
-        (group / "cpu.shares").write_text(str(SANDBOX_CPU_SHARES))
+        for name, shares in (("actfleet", WARM_CPU_SHARES), ("actfleet-busy", BUSY_CPU_SHARES)):
+            group = parent / name
+            group.mkdir(exist_ok=True)
+            (group / "cpu.shares").write_text(str(shares))
+            procs.append(group / "cgroup.procs")
     except OSError:
         return None
-    return group / "cgroup.procs"
+    return CpuGroups(*procs)
 
 
 def join_command(procs_files: list[Path], command: list[str]) -> list[str]:
