@@ -122,9 +122,10 @@ class Runner:
                 self._dispose(lease.sandbox)
 
     def _dispose(self, sandbox: Sandbox) -> None:
-        """Close a finished attempt's sandbox on the closer's thread when there is one: the
-        kill, reap and clean-up then no longer hold up this loop's next task (at the end of
-        a wave of a batch, a whole wave of loops is waiting on them)."""
+        """Close a finished attempt's sandbox on the closer when there is one: the kill,
+        reap and clean-up then hold up neither this loop's next task nor, run in the lull
+        after a wave of a batch ends (``workers.lull``), the other loops finishing or
+        starting tasks in that wave's last moments."""
         if self.sandbox_closer is not None:
             try:
                 self.sandbox_closer.submit(sandbox.close)

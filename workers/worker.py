@@ -31,6 +31,7 @@ from store.tasks import TaskStore
 from workers import metrics, webhooks
 from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
 from workers.leases import Heartbeat
+from workers.lull import LullExecutor
 from workers.runner import Runner
 from workers.sandbox import make_provider
 from workers.sandbox.reaper import Reaper
@@ -73,7 +74,7 @@ class WorkerRuntime:
         self._reaper: Reaper | None = None
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._closer: ThreadPoolExecutor | None = None
+        self._closer: LullExecutor | None = None
 
     @property
     def runner(self) -> Runner:
@@ -99,7 +100,8 @@ class WorkerRuntime:
         self._pool = ThreadPoolExecutor(
             self.settings.worker_concurrency, thread_name_prefix="sandbox-start"
         )
-        self._closer = ThreadPoolExecutor(2, thread_name_prefix="sandbox-close")
+        # Finished tasks' sandboxes close in the lull after a wave of tasks ends, not in it.
+        self._closer = LullExecutor(2, name="sandbox-close")
         return Runner(
             self.settings,
             self.store,
