@@ -179,3 +179,26 @@ def test_refills_wait_for_a_lull_in_acquires_unless_one_missed() -> None:
         eventually(lambda: pool.stats().idle >= 3)
     finally:
         pool.close()
+
+
+def test_two_creators_make_items_side_by_side() -> None:
+    # Given a pool of two with two creators, whose create only returns once two creates are
+    # running at the same time (one creator alone would wait out the barrier and fail)
+    barrier = threading.Barrier(2, timeout=5)
+    factory = Factory()
+
+    def create() -> int:
+        barrier.wait()
+        return factory.create()
+
+    pool = WarmPool(create, factory.destroy, min_size=2, max_size=2, refill_quiet_s=0.0, creators=2)
+    # When it starts
+    pool.start()
+    try:
+        # Then both items are made, at once
+        assert pool.wait_ready(2, timeout_s=5)
+        assert pool.stats().failures == 0
+    finally:
+        pool.close()
+    # and closing stops both creators and destroys what was idle
+    assert sorted(factory.destroyed) == [1, 2]

@@ -2,7 +2,8 @@
 
 The pool knows nothing about Docker: it is given ``create`` and ``destroy`` callables and
 keeps between ``min_size`` and ``max_size`` ready items. Items are single use: ``acquire``
-hands one out for good (a sandbox is disposable) and the maintainer thread makes another.
+hands one out for good (a sandbox is disposable) and a maintainer thread makes another;
+``creators`` maintainer threads make items side by side.
 
 Sizing: the pool aims at ``target`` idle items, starting at ``min_size``. A miss (``acquire``
 found nothing usable) raises ``target`` by one, up to ``max_size``; after ``idle_ttl_s``
@@ -14,7 +15,8 @@ under ``target``, replaced. ``stats()`` reports hits and misses for the
 Pacing: refills wait for a lull. While items are being handed out, the maintainer makes
 nothing until ``refill_quiet_s`` has passed without a hit, so a burst of task starts
 (a whole wave of a batch) does not compete with a burst of sandbox starts for the CPU; the
-items are made in the quiet that follows, while the tasks wait on their model. A miss
+items are made in the quiet that follows, while the tasks wait on their model (by more than
+one creator, so that a wave's refills are done before its tasks' replies come back). A miss
 (demand outran the pool) ends the wait at once.
 """
 
@@ -74,12 +76,15 @@ class WarmPool(Generic[T]):
         idle_ttl_s: float = 300.0,
         max_age_s: float = 1800.0,
         refill_quiet_s: float = 0.25,
+        creators: int = 1,
         healthy: Callable[[T], bool] | None = None,
         name: str = "pool",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0 <= min_size <= max_size:
             raise ValueError(f"need 0 <= min_size <= max_size, got {min_size}, {max_size}")
+        if creators < 1:
+            raise ValueError(f"need at least one creator, got {creators}")
         self._create = create
         self._destroy = destroy
         self._healthy = healthy
@@ -88,6 +93,7 @@ class WarmPool(Generic[T]):
         self.idle_ttl_s = idle_ttl_s
         self.max_age_s = max_age_s
         self.refill_quiet_s = refill_quiet_s
+        self.creators = creators
         self.name = name
         self._clock = clock
         self._cond = threading.Condition()
@@ -98,7 +104,7 @@ class WarmPool(Generic[T]):
         self._last_hit = float("-inf")  # refills wait refill_quiet_s after it
         self._missed = False  # a miss since the pool was last full: refill without waiting
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.hits = 0
         self.misses = 0
         self._created = 0
@@ -108,14 +114,16 @@ class WarmPool(Generic[T]):
     # -- public ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the maintainer thread (idempotent)."""
+        """Start the maintainer threads (idempotent)."""
         with self._cond:
-            if self._thread is not None or self._closed:
+            if self._threads or self._closed:
                 return
-            self._thread = threading.Thread(
-                target=self._maintain, name=f"warm-pool-{self.name}", daemon=True
-            )
-            self._thread.start()
+            self._threads = [
+                threading.Thread(target=self._maintain, name=f"warm-pool-{self.name}", daemon=True)
+                for _ in range(self.creators)
+            ]
+            for t in self._threads:
+                t.start()
 
     def acquire(self, accept: Callable[[T], bool] | None = None) -> T | None:
         """Take a ready item, or ``None`` (a miss) if none is usable. Never blocks on I/O.
@@ -186,11 +194,12 @@ class WarmPool(Generic[T]):
             doomed = [e.item for e in self._idle]
             self._idle.clear()
             self._cond.notify_all()
-            thread = self._thread
+            threads = list(self._threads)
         for item in doomed:
             self._discard(item)
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=10)
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=10)
 
     # -- maintainer -----------------------------------------------------------------------
 
