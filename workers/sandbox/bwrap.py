@@ -17,8 +17,9 @@ python3 runner.py``:
   the kernel does not apply ``RLIMIT_NPROC`` to host root).
 - cgroups (``cgroups.py``, where v1 memory and pids are writable): ``memory_mb`` and the
   process cap hold for all of the sandbox's processes together; where v1 cpu is writable
-  too, pool sandboxes start in a low-weight CPU group (refills yield to the workers) and a
-  task's sandbox runs in a group that weighs, for all of them together, one worker thread.
+  too, pool sandboxes start, and finished ones die, in a low-weight CPU group (refills and
+  teardowns yield to the workers); a task's sandbox runs in a group that weighs, for all of
+  them together, one worker thread.
 - the network, when the server allows it and the task asks: ``--share-net``.
 
 A sandbox whose code would not stop, ran out of memory or crashed is killed; the next
