@@ -77,6 +77,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+def p50_p95_ms(seconds: list[float]) -> dict[str, float]:
+    return {q: round(percentile(seconds, f) * 1000, 2) for q, f in (("p50", 0.5), ("p95", 0.95))}
+
+
 def run_fleet_bench(
     settings: Settings,
     *,
@@ -202,18 +206,15 @@ def run_fleet_bench(
         "efficiency": round(ideal_s / wall_s, 4) if wall_s else 0.0,
         "throughput_tasks_per_s": round(tasks / wall_s, 3),
         "first_wave_started_s": round(first_wave[-1], 3) if first_wave else None,
-        "dispatch_gap_ms": {  # none when every task fits in the first wave
-            "p50": round(percentile(gaps, 0.5) * 1000, 2) if gaps else None,
-            "p95": round(percentile(gaps, 0.95) * 1000, 2) if gaps else None,
-        },
+        # none when every task fits in the first wave
+        "dispatch_gap_ms": p50_p95_ms(gaps) if gaps else {"p50": None, "p95": None},
         "task_latency_s": {
             "p50": round(percentile(latencies, 0.5), 3),
             "p95": round(percentile(latencies, 0.95), 3),
         },
-        "model_server_late_ms": {  # fake-llm's own lateness past L (a remote model has none)
-            "p50": round(percentile(late, 0.5) * 1000, 2),
-            "p95": round(percentile(late, 0.95) * 1000, 2),
-        },
+        "model_server_late_ms": p50_p95_ms(
+            late
+        ),  # fake-llm's lateness past L (a remote model has none)
         "overhead_per_turn_ms": {
             "p50": round(percentile(overheads, 0.5) * 1000, 2),
             "p95": round(percentile(overheads, 0.95) * 1000, 2),
@@ -262,10 +263,4 @@ def phase_overheads(
             elif kind == "task.finished" and prev is not None:
                 samples["finish"].append(rec.finished_at - prev)
             prev = ts
-    return {
-        name: {
-            "p50": round(percentile(v, 0.5) * 1000, 2),
-            "p95": round(percentile(v, 0.95) * 1000, 2),
-        }
-        for name, v in samples.items()
-    }
+    return {name: p50_p95_ms(v) for name, v in samples.items()}

@@ -49,6 +49,14 @@ def processes_of(sandbox: BwrapSandbox, pid: int | None) -> list[int]:
     return found
 
 
+def wait_for_pool(provider: BwrapProvider, idle: int) -> None:
+    """Until the provider's warm pool holds ``idle`` runners (20 s at most)."""
+    deadline = time.monotonic() + 20
+    while provider.pool_idle() < idle and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert provider.pool_idle() == idle
+
+
 @pytest.fixture
 def provider() -> BwrapProvider:
     return BwrapProvider()  # base_dir must be reachable by the sandbox uid: not tmp_path
@@ -241,10 +249,7 @@ def test_a_warm_pool_serves_tasks_with_default_limits_and_cold_starts_the_rest()
     provider = BwrapProvider(pool_min_size=2, pool_max_size=2)
     provider.start_pool()
     try:
-        deadline = time.monotonic() + 20
-        while provider.pool_idle() < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert provider.pool_idle() == 2
+        wait_for_pool(provider, 2)
         # When a task with default limits starts, it gets a warm runner with its own files
         # and setup_code applied
         content = base64.b64encode(b"42").decode()
@@ -375,10 +380,7 @@ def test_a_pool_sandbox_starts_at_low_weight_and_moves_to_the_busy_group_when_ta
     assert cgroups is not None and cgroups.cpu is not None
     provider.start_pool()
     try:
-        deadline = time.monotonic() + 20
-        while provider.pool_idle() < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert provider.pool_idle() == 1
+        wait_for_pool(provider, 1)
         waiting = members(cgroups.cpu.warm)
         # When a task takes it
         sb = provider.start(make_spec(), "t")
@@ -398,10 +400,7 @@ def test_a_pool_sandbox_starts_at_low_weight_and_moves_to_the_busy_group_when_ta
         finally:
             sb.close()
         # and the pool's next runner starts in the low-weight group
-        deadline = time.monotonic() + 20
-        while provider.pool_idle() < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert provider.pool_idle() == 1
+        wait_for_pool(provider, 1)
         assert members(cgroups.cpu.warm)
     finally:
         provider.close()
