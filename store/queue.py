@@ -32,7 +32,7 @@ from typing import Any
 
 from celery import Celery
 
-from store import keys
+from store import broker, keys
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_TIME_LIMIT_S = 4 * 3600.0
@@ -47,6 +47,7 @@ def celery_config(
     hard = time_limit_s
     return {
         "broker_url": redis_url or DEFAULT_REDIS_URL,
+        "broker_transport": broker.TRANSPORT,  # kombu's Redis transport, one client per channel
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,  # reconnect forever after a Redis restart
         "broker_transport_options": {

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from kombu import Connection
 
 from api.queue import EnqueueError, Enqueuer
-from store import keys
+from store import broker, keys
 from store.queue import make_celery, run_task_message
 
 # What differs from one message to the next, or names the sending process.
@@ -80,3 +80,39 @@ def test_an_unreachable_broker_is_an_enqueue_error() -> None:
 
     with pytest.raises(EnqueueError, match="the broker refused the task messages"):
         asyncio.run(enqueue())
+
+
+def test_the_apps_transport_shares_one_client_per_channel_and_still_tracks_unacked(
+    redis_url: str,
+) -> None:
+    # given the Celery app's broker connection, and three tasks on the queue
+    app = make_celery(redis_url)
+    for name in ("task_a", "task_b", "task_c"):
+        app.send_task(keys.RUN_TASK, args=[name], queue=keys.TASK_QUEUE)
+    r = redis.Redis.from_url(redis_url)
+    with app.connection_for_read() as conn, conn.SimpleQueue(keys.TASK_QUEUE) as queue:
+        channel = queue.channel
+        assert isinstance(channel, broker.Channel)
+        # when a consumer takes them, acknowledging all but the last
+        got = []
+        for _ in range(3):
+            message = queue.get(timeout=5)
+            got.append(message.payload[0][0])
+            if len(got) < 3:
+                message.ack()
+        # then every command went through one client, and kombu's unacked bookkeeping
+        # (written and cleared through it) holds exactly the message not acknowledged
+        assert got == ["task_a", "task_b", "task_c"]
+        client = channel._create_client()
+        assert channel._create_client() is client
+        assert r.hlen("unacked") == 1
+        assert r.zcard("unacked_index") == 1
+        message.ack()
+        assert r.hlen("unacked") == 0
+        # and a channel whose pool was dropped (a fork, a lost connection) builds a new one
+        channel._disconnect_pools()
+        fresh = channel._create_client()
+        assert fresh is not client
+        assert fresh.connection_pool is channel.pool
+        assert fresh.ping()
+    app.close()
