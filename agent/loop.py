@@ -94,8 +94,13 @@ class Checkpoint:
 
 @dataclass(frozen=True, slots=True)
 class Step:
+    """An event to publish and the state after it. ``final``: the task ends with this step
+    (a reply with an answer and no code): only grading follows it, so whoever publishes may
+    write it together with the result."""
+
     event: Event
     checkpoint: Checkpoint
+    final: bool = False
 
 
 def run_codeact(
@@ -261,7 +266,8 @@ class _Loop:
             data["answer"] = action.answer
         if action.problem is not None:
             data["problem"] = action.problem
-        yield self._step(EventType.LLM_REPLY, data)
+        answers = action.code is None and action.answer is not None
+        yield self._step(EventType.LLM_REPLY, data, final=answers)
 
         if action.code is not None:
             return (
@@ -360,9 +366,9 @@ class _Loop:
             error=error,
         )
 
-    def _step(self, kind: EventType, data: dict[str, Any]) -> Step:
+    def _step(self, kind: EventType, data: dict[str, Any], final: bool = False) -> Step:
         event = Event(kind, self.state.turn, self.attempt, self.clock.time(), bound(data))
-        return Step(event, self.state)
+        return Step(event, self.state, final)
 
 
 def finished_event(result: Result, ts: float) -> Event:

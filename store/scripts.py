@@ -22,9 +22,13 @@ from store.keys import RECORD_TTL_S, STREAM_MAXLEN, STREAM_TTL_S, WEBHOOK_GRACE_
 # ARGV: 1 owner ("worker/attempt"; "" = unfenced, allowed only while the task is queued,
 #       which is how the API cancels a task no worker has taken), 2 status, 3 result JSON,
 #       4 finished_at, 5 terminal event JSON, 6 stream maxlen, 7 stream ttl_s,
-#       8 record ttl_s, 9 task id, 10 webhook grace_s
+#       8 record ttl_s, 9 task id, 10 webhook grace_s, 11 the task's last step event JSON
+#       ("" = none: it was appended by STEP already), 12 that step's seq
+# The last step (the reply that answered) rides along with the result, appended first and
+# idempotent on its seq as STEP is: one round trip fewer at the end of every task.
 # Returns: the terminal event's stream id; 0 if already terminal; -1 if fenced out;
-#          -2 if there is no such task.
+#          -2 if there is no such task; -3 if the stored seq is behind the last step's
+#          (Redis lost recent writes: nothing is written, resume from the checkpoint).
 FINISH = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return -2 end
@@ -33,6 +37,14 @@ if ARGV[1] ~= '' then
   if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
 elseif st ~= 'queued' then
   return -1
+end
+if ARGV[11] ~= '' then
+  local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+  if seq + 1 < tonumber(ARGV[12]) then return -3 end
+  if seq < tonumber(ARGV[12]) then
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[11])
+    redis.call('HSET', KEYS[1], 'seq', ARGV[12])
+  end
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'result', ARGV[3], 'finished_at', ARGV[4])
 local id = redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'e', ARGV[5])
@@ -61,8 +73,10 @@ def finish_call(
     event: Event,
     finished_at: float,
     stream_maxlen: int = STREAM_MAXLEN,
+    last_step: tuple[Event, int] | None = None,
 ) -> tuple[list[str], list[str | int | float]]:
-    """The KEYS and ARGV of ``FINISH`` for one task."""
+    """The KEYS and ARGV of ``FINISH`` for one task; ``last_step`` (event, seq) is
+    appended before the terminal event when STEP has not written it."""
     names = [
         keys.task(task_id),
         keys.lease(task_id),
@@ -85,6 +99,8 @@ def finish_call(
         RECORD_TTL_S,
         task_id,
         WEBHOOK_GRACE_S,
+        last_step[0].to_json() if last_step else "",
+        last_step[1] if last_step else 0,
     ]
     return names, args
 

@@ -38,6 +38,11 @@ class Appended(Enum):
     GAP = "gap"  # Redis is behind this attempt's events
 
 
+class EventsBehind(Exception):
+    """``finish`` with a last step found Redis holding fewer events than the caller wrote
+    (it lost its last writes in a crash); nothing was written."""
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """A delivery this worker now owns, as attempt ``attempt``."""
@@ -241,9 +246,20 @@ class TaskStore:
         """Has ``worker_id`` sent a heartbeat within ``WORKER_TTL_S``?"""
         return bool(self.r.exists(self.keys.worker(worker_id)))
 
-    def finish(self, record: TaskRecord, owner: str, result: Result, event: Event) -> str | None:
+    def finish(
+        self,
+        record: TaskRecord,
+        owner: str,
+        result: Result,
+        event: Event,
+        last_step: tuple[Event, int] | None = None,
+    ) -> str | None:
         """Move the task to ``result.status`` once. Returns the terminal event's stream id,
-        or None if it was already terminal or this owner is fenced out."""
+        or None if it was already terminal or this owner is fenced out.
+
+        ``last_step`` (event, seq): the task's last step, not yet appended, written just
+        before the terminal event (as ``append`` would: once per seq; ``EventsBehind`` on a
+        gap)."""
         if not result.status.terminal:
             raise ValueError(f"finish needs a terminal status, got {result.status}")
         keys_, args = scripts.finish_call(
@@ -256,10 +272,13 @@ class TaskStore:
             event=event,
             finished_at=self.clock(),
             stream_maxlen=self.stream_maxlen,
+            last_step=last_step,
         )
         out = self._patient(lambda: self._finish(keys=keys_, args=args))
         if isinstance(out, bytes | str):
             return _s(out)
+        if out == -3:
+            raise EventsBehind(record.id)
         return None
 
     def sweep(

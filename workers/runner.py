@@ -8,7 +8,8 @@ the delay). Exactly once, in effect:
   takes the lease as attempt + 1 and returns the last checkpoint to resume from;
 * every event is appended (with the checkpoint after it) before the loop takes its next
   step, fenced by the lease and numbered, so a replaced or stalled attempt writes nothing
-  and a retried append writes nothing twice;
+  and a retried append writes nothing twice; the reply that answers (only grading follows
+  it) is appended by ``FINISH``, the same way, just before the terminal event;
 * the result is written by ``FINISH`` once, by the owner of the lease; only that owner
   counts the task in metrics and schedules its webhook.
 
@@ -36,7 +37,7 @@ from agent.models import FailureClass, Result, Status, Timings, Usage
 from agent.sandbox import LazySandbox, Sandbox, SandboxProvider
 from store.keys import LEASE_TTL_S
 from store.records import TaskRecord
-from store.tasks import Appended, Claim, Dropped, TaskStore
+from store.tasks import Appended, Claim, Dropped, EventsBehind, TaskStore
 from workers import metrics
 from workers.leases import Heartbeat, Lease
 
@@ -180,10 +181,17 @@ class Runner:
             resume=resume,
             cancelled=lease.stopping,
         )
+        last: Step | None = None  # the answering reply: FINISH writes it with the result
         try:
             while True:
                 step: Step = next(steps)
-                seq = self._append(claim, seq, step.event, step.checkpoint)
+                if last is not None:  # it was not the last step after all
+                    seq = self._append(claim, seq, last.event, last.checkpoint)
+                    last = None
+                if step.final:
+                    last = step
+                else:
+                    seq = self._append(claim, seq, step.event, step.checkpoint)
                 turn = step.event.turn
                 self._observe(step)
         except StopIteration as stop:
@@ -196,7 +204,8 @@ class Runner:
             raise
         if lease.lost.is_set():
             raise Fenced
-        return self._finish(claim, self._with_timings(claim, result, sandbox))
+        result = self._with_timings(claim, result, sandbox)
+        return self._finish(claim, result, (last.event, seq + 1) if last else None)
 
     def _start_sandbox(self, record: TaskRecord) -> Sandbox:
         started = time.monotonic()
@@ -285,9 +294,15 @@ class Runner:
         queue_s = max(0.0, claim.started_at - claim.record.created_at)
         return replace(result, timings=replace(t, queue_s=queue_s, sandbox_s=sandbox.waited_s))
 
-    def _finish(self, claim: Claim, result: Result) -> Done:
+    def _finish(
+        self, claim: Claim, result: Result, last_step: tuple[Event, int] | None = None
+    ) -> Done:
         event = finished_event(result, time.time())
-        if self.store.finish(claim.record, claim.owner, result, event) is None:
+        try:
+            written = self.store.finish(claim.record, claim.owner, result, event, last_step)
+        except EventsBehind:
+            raise Regressed from None
+        if written is None:
             raise Fenced
         log.info(
             "task.finished",

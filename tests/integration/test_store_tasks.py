@@ -10,7 +10,7 @@ import redis
 from agent.events import Event, EventType
 from agent.models import FailureClass, Result, Status, TaskSpec
 from store.keys import Keys
-from store.tasks import Appended, Claim, Dropped, TaskStore, new_record
+from store.tasks import Appended, Claim, Dropped, EventsBehind, TaskStore, new_record
 
 
 class Clock:
@@ -111,6 +111,30 @@ def test_a_task_finishes_exactly_once_and_only_by_its_owner(store: TaskStore) ->
     assert store.r.hgetall("t:batch:batch_1:counts") == {b"completed": b"1"}
     assert store.r.zcard("t:running") == 0
     assert store.r.ttl(f"t:events:{task_id}") > 0
+
+
+def test_finish_appends_the_last_step_once_and_refuses_a_gap(store: TaskStore) -> None:
+    task_id = queued(store)
+    claim = store.claim(task_id, "w1")
+    assert isinstance(claim, Claim)
+    assert store.append(task_id, claim.owner, ev(EventType.STARTED, 0), 1) is Appended.OK
+    # a last step two ahead of what Redis holds (it lost a write): nothing is written
+    ahead = (ev(EventType.LLM_REPLY, 1), 3)
+    with pytest.raises(EventsBehind):
+        store.finish(claim.record, claim.owner, done(), ev(EventType.FINISHED, 1), ahead)
+    assert store.get(task_id).status is Status.RUNNING  # type: ignore[union-attr]
+    assert [e.type for e in store.events(task_id)] == [EventType.STARTED]
+
+    # the next step in line goes in just before the terminal event, and counts as a step
+    last = (ev(EventType.LLM_REPLY, 1), 2)
+    assert store.finish(claim.record, claim.owner, done(), ev(EventType.FINISHED, 1), last)
+    assert store.finish(claim.record, claim.owner, done(), ev(EventType.FINISHED, 1), last) is None
+    assert [e.type for e in store.events(task_id)] == [
+        EventType.STARTED,
+        EventType.LLM_REPLY,
+        EventType.FINISHED,
+    ]
+    assert store.r.hget(f"t:task:{task_id}", "seq") == b"2"
 
 
 def test_heartbeat_renews_leases_and_reports_cancel_requests(

@@ -40,6 +40,8 @@ def test_code_then_answer_completes_and_grades() -> None:
         EventType.LLM_REPLY,
     ]
     assert [s.event.turn for s in steps] == [1, 1, 2]
+    # only the answering reply is final: nothing but grading runs after it
+    assert [s.final for s in steps] == [False, False, True]
     assert result.status is Status.COMPLETED
     assert result.answer == "42" and result.correct is True and result.failure_class is None
     assert result.turns == 2
