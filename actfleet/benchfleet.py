@@ -234,14 +234,16 @@ def phase_overheads(
 ) -> dict[str, dict[str, float]]:
     """Where a task's overhead goes, from its events' timestamps (one worker clock):
 
-    - ``start``: the claim to the ``task.started`` event;
+    - ``start``: the claim to the ``task.started`` event (which the claim itself writes, so
+      0 unless a task resumed; the claim's round trip shows in the first ``model_wait``);
     - ``model_wait``: a model reply's event minus the event before it, minus the model
       client's own measured latency: the previous step's append and the request's making;
     - ``model_client``: the client's measured latency minus L (the client, the wire and
       fake-llm's lateness);
     - ``exec``: an execution's event minus the reply before it, minus the runner's own
       duration: the reply's append and the sandbox round trip (wake-ups included);
-    - ``finish``: the last step's event to ``finished_at`` (its append, the grading).
+    - ``finish``: the last step's event to ``finished_at`` (the grading; ``FINISH`` writes
+      that step with the result).
 
     Each figure is p50 and p95 over every occurrence, in ms.
     """

@@ -111,12 +111,15 @@ def finish_call(
 # carries the seq it expects to write, so a retried call never adds an entry twice) and
 # "worker" (who holds or last held the lease).
 
-# CLAIM: take a delivered task, unless it is finished or someone holds a live lease.
-# KEYS: 1 task hash, 2 lease, 3 running zset
-# ARGV: 1 worker id, 2 now (unix s), 3 lease ttl ms, 4 lease expiry (unix ms), 5 task id
-# Returns: {attempt, checkpoint or "", seq, started_at, the record after the claim (HGETALL)}
-#          on success; {0, reason} when the delivery must be dropped (reason: "missing",
-#          "terminal", "duplicate").
+# CLAIM: take a delivered task, unless it is finished or someone holds a live lease; and,
+# for an attempt within ARGV[6], append its task.started event (turn: the checkpoint's; data:
+# the worker, whether it resumes), so a task's start costs one round trip.
+# KEYS: 1 task hash, 2 lease, 3 running zset, 4 events stream
+# ARGV: 1 worker id, 2 now (unix s), 3 lease ttl ms, 4 lease expiry (unix ms), 5 task id,
+#       6 max attempts (0: append no event), 7 stream maxlen
+# Returns: {attempt, checkpoint or "", seq (after the started event), started_at, the record
+#          after the claim (HGETALL)} on success; {0, reason} when the delivery must be
+#          dropped (reason: "missing", "terminal", "duplicate").
 CLAIM = """
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then return {0, 'missing'} end
@@ -132,7 +135,17 @@ end
 redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 local cp = redis.call('HGET', KEYS[1], 'checkpoint') or ''
-local seq = redis.call('HGET', KEYS[1], 'seq') or '0'
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+if attempt <= tonumber(ARGV[6]) then
+  local turn, resumed = 0, 'false'
+  if cp ~= '' then turn, resumed = cjson.decode(cp)['turn'] or 0, 'true' end
+  local event = '{"type":"task.started","turn":' .. string.format('%d', turn)
+    .. ',"attempt":' .. attempt .. ',"ts":' .. ARGV[2] .. ',"data":{"worker":'
+    .. cjson.encode(ARGV[1]) .. ',"resumed":' .. resumed .. '}}'
+  seq = seq + 1
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'e', event)
+  redis.call('HSET', KEYS[1], 'seq', seq)
+end
 return {attempt, cp, seq, started, redis.call('HGETALL', KEYS[1])}
 """
 

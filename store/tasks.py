@@ -162,14 +162,25 @@ class TaskStore:
 
     # -- transitions ---------------------------------------------------------------------
 
-    def claim(self, task_id: str, worker_id: str) -> Claim | Dropped:
-        """Take the lease for a delivery of ``task_id`` (attempt + 1), or say why not."""
+    def claim(self, task_id: str, worker_id: str, max_attempts: int = 0) -> Claim | Dropped:
+        """Take the lease for a delivery of ``task_id`` (attempt + 1), or say why not.
+
+        An attempt within ``max_attempts`` also gets its ``task.started`` event appended
+        (``Claim.seq`` counts it); one beyond gets none, to be finished as exhausted."""
         k = self.keys
         now = self.clock()
         out = self._patient(
             lambda: self._claim(
-                keys=[k.task(task_id), k.lease(task_id), k.running],
-                args=[worker_id, repr(now), self._lease_ms(), self._expiry_ms(), task_id],
+                keys=[k.task(task_id), k.lease(task_id), k.running, k.events(task_id)],
+                args=[
+                    worker_id,
+                    repr(now),
+                    self._lease_ms(),
+                    self._expiry_ms(),
+                    task_id,
+                    max_attempts,
+                    self.stream_maxlen,
+                ],
             )
         )
         if int(out[0]) == 0:

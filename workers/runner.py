@@ -5,7 +5,8 @@ message) or ``RetryAfter`` (an infrastructure fault: the Celery task re-sends it
 the delay). Exactly once, in effect:
 
 * ``claim`` drops a delivery of a finished task, or of one a live attempt owns; otherwise it
-  takes the lease as attempt + 1 and returns the last checkpoint to resume from;
+  takes the lease as attempt + 1, appends ``task.started`` and returns the last checkpoint
+  to resume from;
 * every event is appended (with the checkpoint after it) before the loop takes its next
   step, fenced by the lease and numbered, so a replaced or stalled attempt writes nothing
   and a retried append writes nothing twice; the reply that answers (only grading follows
@@ -97,7 +98,7 @@ class Runner:
     def run(self, task_id: str) -> Done | RetryAfter:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(task_id=task_id, worker=self.worker_id)
-        claim = self.store.claim(task_id, self.worker_id)
+        claim = self.store.claim(task_id, self.worker_id, self.settings.max_attempts)
         if isinstance(claim, Dropped):
             log.info("delivery.dropped", reason=claim.reason)
             metrics.DELIVERIES_DROPPED.labels(claim.reason).inc()
@@ -153,18 +154,7 @@ class Runner:
         resume = Checkpoint.from_dict(claim.checkpoint) if claim.checkpoint else None
         seq = claim.seq
         turn = resume.turn if resume else 0
-        log.info("task.started", resumed=resume is not None, turn=turn)
-        seq = self._append(
-            claim,
-            seq,
-            Event(
-                EventType.STARTED,
-                turn,
-                attempt,
-                time.time(),
-                {"worker": self.worker_id, "resumed": resume is not None},
-            ),
-        )
+        log.info("task.started", resumed=resume is not None, turn=turn)  # the claim wrote it
 
         sandbox = LazySandbox(self.sandbox_starter.submit(self._start_sandbox, record))
         lease.sandbox = sandbox

@@ -59,6 +59,33 @@ def test_first_delivery_takes_the_lease_as_attempt_one(store: TaskStore) -> None
     assert store.lease_owner(task_id) == "w1/1"
 
 
+def test_a_claim_within_max_attempts_appends_task_started(store: TaskStore, clock: Clock) -> None:
+    task_id = queued(store)
+    first = store.claim(task_id, "w1", max_attempts=2)
+    assert isinstance(first, Claim) and first.seq == 1
+    [started] = store.events(task_id)
+    assert (started.type, started.turn, started.attempt) == (EventType.STARTED, 0, 1)
+    assert started.ts == first.started_at == clock.now
+    assert started.data == {"worker": "w1", "resumed": False}
+
+    # the attempt checkpoints its second turn, then its worker dies: the next one resumes
+    step = store.append(task_id, first.owner, ev(EventType.LLM_REPLY, 2), 2, '{"turn":2}')
+    assert step is Appended.OK
+    store.r.delete(store.keys.lease(task_id))
+    clock.now += 60
+    second = store.claim(task_id, "w2", max_attempts=2)
+    assert isinstance(second, Claim) and second.seq == 3
+    resumed = store.events(task_id)[-1]
+    assert (resumed.type, resumed.turn, resumed.attempt) == (EventType.STARTED, 2, 2)
+    assert resumed.ts == clock.now and resumed.data == {"worker": "w2", "resumed": True}
+
+    # an attempt beyond max_attempts is claimed (to be finished as exhausted), unannounced
+    store.r.delete(store.keys.lease(task_id))
+    third = store.claim(task_id, "w3", max_attempts=2)
+    assert isinstance(third, Claim) and (third.attempt, third.seq) == (3, 3)
+    assert len(store.events(task_id)) == 3
+
+
 def test_a_second_delivery_while_the_lease_is_live_is_dropped(store: TaskStore) -> None:
     task_id = queued(store)
     store.claim(task_id, "w1")
