@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 
 from agent.errors import SetupError
 from agent.models import TaskSpec
-from workers.sandbox.bwrap import BwrapProvider, BwrapSandbox, _tree
+from workers.sandbox.bwrap import BwrapProvider, BwrapSandbox
 from workers.sandbox.cgroups import BUSY_CPU_SHARES, WARM_CPU_SHARES
 
 pytestmark = [
@@ -349,6 +350,17 @@ def shares(procs: Path) -> int:
     return int((procs.parent / "cpu.shares").read_text())
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process under it, from /proc (not from the cgroups under test)."""
+    found, pending = [], [pid]
+    while pending:
+        found.append(pending.pop())
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{found[-1]}/task/{found[-1]}/children").read_text()
+            pending += map(int, children.split())
+    return found
+
+
 @pytest.mark.skipif(not has_cpu_groups(), reason="needs writable cgroup v1 memory, pids and cpu")
 def test_a_tasks_sandbox_and_all_it_starts_run_in_the_busy_cpu_group(
     provider: BwrapProvider,
@@ -363,7 +375,7 @@ def test_a_tasks_sandbox_and_all_it_starts_run_in_the_busy_cpu_group(
         # Then the outer bwrap and everything under it (the runner, the sleep) are in the
         # busy group, which weighs as much as one worker thread
         assert sb.pid is not None
-        pids = _tree(sb.pid)
+        pids = process_tree(sb.pid)
         assert len(pids) >= 4  # outer bwrap, the namespace's init, the runner, the sleep
         assert set(pids) <= members(cgroups.cpu.busy)
         assert not set(pids) & members(cgroups.cpu.warm)
@@ -386,13 +398,13 @@ def test_a_pool_sandbox_starts_at_low_weight_and_moves_to_the_busy_group_when_ta
         sb = provider.start(make_spec(), "t")
         try:
             assert sb.pool_hit and sb.pid is not None
-            before = set(_tree(sb.pid))
+            before = set(process_tree(sb.pid))
             # Then it had waited in the low-weight group, and is in the busy one now, with
             # whatever its code starts
             assert before <= waiting
             child = "import subprocess; p = subprocess.Popen(['sleep', '30']); print('ok')"
             assert sb.execute(child, 10, 1000).stdout.strip() == "ok"
-            pids = set(_tree(sb.pid))
+            pids = set(process_tree(sb.pid))
             assert len(pids) == len(before) + 1
             assert pids <= members(cgroups.cpu.busy)
             assert not pids & members(cgroups.cpu.warm)

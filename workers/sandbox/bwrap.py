@@ -359,9 +359,13 @@ class BwrapSandbox:
         self.close()
 
     def _move_cpu_group(self, busy: bool) -> None:
-        cpu = self.cgroups.cpu if self.cgroups is not None else None
-        if cpu is not None and self._proc is not None and self._proc.returncode is None:
-            cpu.move(_tree(self._proc.pid), cpu.busy if busy else cpu.warm)
+        cgroups, root = self.cgroups, self._root
+        if cgroups is None or cgroups.cpu is None or root is None:
+            return
+        if self._proc is not None and self._proc.returncode is None:
+            cgroups.cpu.move(
+                cgroups.members(root.name), cgroups.cpu.busy if busy else cgroups.cpu.warm
+            )
 
     # -- runner lifecycle (called with _exec_lock held) -----------------------------------
 
@@ -637,15 +641,6 @@ def _exited_within(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
         return bool(poller.poll(timeout_s * 1000))
     finally:
         os.close(fd)
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and every process under it."""
-    found, pending = [], [pid]
-    while pending:
-        found.append(pending.pop())
-        pending.extend(_children(found[-1]))
-    return found
 
 
 def _children(pid: int) -> list[int]:

@@ -96,6 +96,14 @@ class Cgroups:
         (pids / "pids.max").write_text(str(pids_max))
         return [memory / "cgroup.procs", pids / "cgroup.procs"]
 
+    def members(self, name: str) -> list[int]:
+        """The pids of every process the sandbox has now (its pids cgroup's members)."""
+        try:
+            text = (self.bases["pids"] / name / "cgroup.procs").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
+
     def oom_killed(self, name: str) -> bool:
         """Did the kernel kill a process of this sandbox for memory?"""
         try:
