@@ -212,12 +212,10 @@ def run_fleet_bench(
             "p50": round(percentile(latencies, 0.5), 3),
             "p95": round(percentile(latencies, 0.95), 3),
         },
-        "model_server_late_ms": p50_p95_ms(
-            late
-        ),  # fake-llm's lateness past L (a remote model has none)
+        # fake-llm's lateness past L (a remote model has none)
+        "model_server_late_ms": p50_p95_ms(late),
         "overhead_per_turn_ms": {
-            "p50": round(percentile(overheads, 0.5) * 1000, 2),
-            "p95": round(percentile(overheads, 0.95) * 1000, 2),
+            **p50_p95_ms(overheads),
             "mean": round(statistics.fmean(overheads) * 1000, 2) if overheads else None,
             "of_which_model_client_p50": round(percentile(llm_extra, 0.5) * 1000, 2),
             "of_which_outside_model_calls_p50": round(percentile(loop_extra, 0.5) * 1000, 2),
