@@ -16,6 +16,7 @@ The model's mistakes are values (observations, a failed status); infrastructure 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -61,6 +62,7 @@ class Checkpoint:
     no_action_streak: int = 0
     failing_code: str | None = None  # the last cell, if it failed
     failing_streak: int = 0
+    seen: tuple[str, ...] = ()  # digests of (cell, observation) pairs the model has read
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +76,7 @@ class Checkpoint:
             "no_action_streak": self.no_action_streak,
             "failing_code": self.failing_code,
             "failing_streak": self.failing_streak,
+            "seen": list(self.seen),
         }
 
     @classmethod
@@ -89,6 +92,7 @@ class Checkpoint:
             no_action_streak=int(d.get("no_action_streak", 0)),
             failing_code=d.get("failing_code"),
             failing_streak=int(d.get("failing_streak", 0)),
+            seen=tuple(d.get("seen") or ()),
         )
 
 
@@ -144,6 +148,8 @@ class _Loop:
         self.clock = clock
         self.cancelled = cancelled
         self.limits = spec.limits
+        self.format = spec.action_format
+        self.stops = actions.stop_sequences(spec.action_format)
         self.tool_names = frozenset(t.name for t in spec.tools)
         self.state = Checkpoint()
         self.deadline = 0.0
@@ -221,7 +227,7 @@ class _Loop:
             temperature=self.spec.llm.temperature,
             max_tokens=max_tokens,
             seed=self.spec.llm.seed,
-            stop=actions.STOP_SEQUENCES if self.spec.action_format == "code" else (),
+            stop=self.stops,
             timeout_s=max(self.deadline - self.clock.time(), 0.001),
         )
         try:
@@ -232,17 +238,23 @@ class _Loop:
             if self.clock.time() >= self.deadline:
                 return self._timed_out()
             raise
-        action = actions.parse(reply.content, self.spec.action_format, self.tool_names)
+        # A server that ignored the stop sequences sent what the model wrote after its
+        # action too, such as an observation it made up: that part is dropped.
+        content, dropped = actions.cut_at_stop(reply.content, self.stops)
+        action = actions.parse(content, self.format, self.tool_names)
         usage = self.state.usage + Usage(reply.prompt_tokens, reply.completion_tokens, 1)
         messages = [
             *self.state.messages,
-            {"role": "assistant", "content": actions.complete_transcript(reply.content)},
+            {"role": "assistant", "content": actions.complete_transcript(content, self.format)},
         ]
         no_action_streak = 0
         if action.kind == "none":
             no_action_streak = self.state.no_action_streak + 1
-            note = action.problem or prompts.nudge(self.spec.action_format)
-            messages.append({"role": "user", "content": note})
+            if action.problem is not None:
+                note = prompts.problem_note(action.problem, self.format)
+            else:
+                note = prompts.nudge(self.format)
+            messages.append({"role": "user", "content": self._opening(note, turn)})
         self.state = replace(
             self.state,
             turn=turn,
@@ -253,7 +265,7 @@ class _Loop:
             no_action_streak=no_action_streak,
         )
         data: dict[str, Any] = {
-            "content": reply.content,
+            "content": content,
             "action": action.kind,
             "finish_reason": reply.finish_reason,
             "prompt_tokens": reply.prompt_tokens,
@@ -266,6 +278,8 @@ class _Loop:
             data["answer"] = action.answer
         if action.problem is not None:
             data["problem"] = action.problem
+        if dropped:
+            data["dropped"] = dropped
         answers = action.code is None and action.answer is not None
         yield self._step(EventType.LLM_REPLY, data, final=answers)
 
@@ -298,9 +312,17 @@ class _Loop:
         except SetupError as e:
             return self._finish(Status.FAILED, FailureClass.SETUP_ERROR, error=str(e))
         observation = format_observation(result, self.limits.max_output_chars)
+        failing = result.error is not None or result.timed_out or result.state_lost
+        seen = self.state.seen
+        if not failing:
+            digest = _digest(code, observation)
+            if digest in seen:
+                observation += "\n" + prompts.repeated_note(self.format)
+            else:
+                seen = (*seen, digest)
         if ignored_solution:
             observation += "\n" + prompts.IGNORED_SOLUTION
-        failing = result.error is not None or result.timed_out or result.state_lost
+        observation = self._opening(observation, self.state.turn)
         streak = (
             self.state.failing_streak + 1
             if failing and code == self.state.failing_code
@@ -314,6 +336,7 @@ class _Loop:
             exec_s=self.state.exec_s + result.duration_s,
             failing_code=code if failing else None,
             failing_streak=streak,
+            seen=seen,
         )
         yield self._step(EventType.EXEC_RESULT, {**result.to_dict(), "observation": observation})
         if self.cancelled():
@@ -325,6 +348,12 @@ class _Loop:
                 error=f"the same failing code was run {streak} times in a row",
             )
         return None
+
+    def _opening(self, message: str, turn_done: int) -> str:
+        """The user message after turn ``turn_done``, told so when the next is the last."""
+        if turn_done + 1 == self.limits.max_turns:
+            return message + "\n" + prompts.last_turn_note(self.format)
+        return message
 
     def _replay(self, cells: tuple[str, ...]) -> None:
         """Rebuild a fresh sandbox's state by running the cells of earlier turns again."""
@@ -369,6 +398,10 @@ class _Loop:
     def _step(self, kind: EventType, data: dict[str, Any], final: bool = False) -> Step:
         event = Event(kind, self.state.turn, self.attempt, self.clock.time(), bound(data))
         return Step(event, self.state, final)
+
+
+def _digest(code: str, observation: str) -> str:
+    return hashlib.sha256(f"{code.strip()}\0{observation}".encode()).hexdigest()[:16]
 
 
 def finished_event(result: Result, ts: float) -> Event:

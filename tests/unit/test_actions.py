@@ -1,6 +1,8 @@
 """Action parsing: what real servers send must still become the right action."""
 
-from agent.actions import complete_transcript, parse
+import pytest
+
+from agent.actions import STOPS, complete_transcript, cut_at_stop, parse, unfence
 
 
 def test_a_closed_execute_block_is_code() -> None:
@@ -57,7 +59,7 @@ def test_the_transcript_gets_the_stripped_closing_tag_back() -> None:
 
 def test_json_tool_calls_become_a_call_with_keyword_arguments() -> None:
     action = parse('{"tool": "add", "arguments": {"a": 1, "b": true}}', "json", frozenset({"add"}))
-    assert action.code == "add(**{'a': 1, 'b': True})"
+    assert action.code == "add(a=1, b=True)"
 
 
 def test_json_unknown_tool_is_explained() -> None:
@@ -76,3 +78,109 @@ def test_text_action_must_be_a_single_known_call() -> None:
     bad = parse("Action: __import__('os').system('ls')", "text", tools)
     assert bad.kind == "none" and bad.problem is not None
     assert parse("Answer: cats", "text", tools).answer == "cats"
+
+
+TOOLS = frozenset({"fib", "search", "add"})
+
+
+@pytest.mark.parametrize(
+    ("reply", "code"),
+    [
+        # the documented form, with the stop sequence honoured or not
+        ("Thought: I need fib.\nAction: fib, 20 End Action", "fib(20)"),
+        ("Action: fib, 20", "fib(20)"),
+        ("**Action:** fib, 20", "fib(20)"),
+        # what models write instead: a Python call, keywords, ReAct's Action Input
+        ("Action: fib(20)", "fib(20)"),
+        ("Action: add(1, 2)", "add(1, 2)"),
+        ("Action: fib, n=20", "fib(n=20)"),
+        ('Action: fib\nAction Input: {"n": 20}', "fib(n=20)"),
+        ("Action: fib\nAction Input: 20", "fib(20)"),
+        # bare words are text; quoted commas stay inside their string
+        ("Action: search, New York", "search('New York')"),
+        ('Action: add, [1, 2], "a,b" End Action', "add([1, 2], 'a,b')"),
+    ],
+)
+def test_text_actions_become_a_call_with_literal_arguments(reply: str, code: str) -> None:
+    assert parse(reply, "text", TOOLS).code == code
+
+
+def test_text_actions_that_are_not_a_plain_call_are_explained() -> None:
+    for reply in ("Action: fib(__import__('os'))", "Action: 12, fib", "Action: rm, 1"):
+        action = parse(reply, "text", TOOLS)
+        assert action.kind == "none" and action.problem, reply
+
+
+@pytest.mark.parametrize(
+    ("reply", "code"),
+    [
+        ('{"tool": "fib", "arguments": {"n": 20}}', "fib(n=20)"),
+        ('{"tool": "fib", "args": [20]}', "fib(20)"),  # the paper's positional form
+        # function-calling models: "name", arguments as a JSON string, Qwen's tags
+        ('<tool_call>{"name": "fib", "arguments": "{\\"n\\": 20}"}</tool_call>', "fib(n=20)"),
+        ('I will call it.\n```json\n{"tool": "fib", "arguments": {"n": 20}}\n```', "fib(n=20)"),
+    ],
+)
+def test_json_tool_calls_in_the_forms_models_write(reply: str, code: str) -> None:
+    assert parse(reply, "json", TOOLS).code == code
+
+
+def test_json_and_text_answers_in_any_of_the_usual_forms() -> None:
+    assert parse("Answer: 42\n\nI hope this helps.", "text", TOOLS).answer == "42"
+    assert parse("Answer:\n```\n42\n```", "text", TOOLS).answer == "42"
+    assert parse("Answer: 5", "json", TOOLS).answer == "5"
+    assert parse("<solution>5</solution>", "json", TOOLS).answer == "5"
+    assert parse("I think it is 5.", "json", TOOLS).kind == "none"
+
+
+@pytest.mark.parametrize(
+    "wrapped",
+    [
+        "<solution>\n```\n42\n```\n</solution>",
+        "<solution>```python\n42\n```</solution>",
+        "<solution>`42`</solution>",
+        "<solution> 42 </solution>",
+    ],
+)
+def test_an_answer_in_markdown_fences_inside_the_solution_is_the_answer(wrapped: str) -> None:
+    assert parse(wrapped).answer == "42"
+
+
+def test_unfence_leaves_inner_backticks_alone() -> None:
+    assert unfence("`a` and `b`") == "`a` and `b`"
+    assert unfence("```\n[1, 2]\n```") == "[1, 2]"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "reply", "kept"),
+    [
+        (
+            "code",
+            "<execute>\nprint(1)\n</execute>\nObservation:\n1\n<solution>1</solution>",
+            "<execute>\nprint(1)\n",
+        ),
+        ("code", "<execute>a = 1</execute><execute>b = 2</execute>", "<execute>a = 1"),
+        (
+            "json",
+            '{"tool": "fib", "arguments": {"n": 20}}\nObservation: 6765\n{"answer": 6765}',
+            '{"tool": "fib", "arguments": {"n": 20}}\n',
+        ),
+        ("text", "Action: fib, 20 End Action\nObservation: 6765\nAnswer: 6765", "Action: fib, 20 "),
+        ("text", "Action: fib, 20\nObservation: 6765\nAnswer: 6765", "Action: fib, 20\n"),
+    ],
+)
+def test_a_reply_is_cut_at_its_formats_first_stop_sequence(fmt: str, reply: str, kept: str) -> None:
+    text, dropped = cut_at_stop(reply, STOPS[fmt])
+    assert text == kept and text + dropped == reply
+    # the invented observation and whatever followed it are gone: only the call is left
+    assert parse(text, fmt, TOOLS).kind == "code"
+
+
+def test_every_format_stops_before_an_observation_within_the_servers_limit() -> None:
+    for stops in STOPS.values():
+        assert any("Observation:" in s for s in stops) and len(stops) <= 4
+
+
+def test_the_text_transcript_gets_end_action_back() -> None:
+    assert complete_transcript("Action: fib, 20 ", "text") == "Action: fib, 20 End Action"
+    assert complete_transcript("Answer: 3", "text") == "Answer: 3"

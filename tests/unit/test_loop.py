@@ -50,7 +50,7 @@ def test_code_then_answer_completes_and_grades() -> None:
     assert result.timings.exec_s == pytest.approx(0.1)
     # The model saw the observation of its code on turn 2.
     assert llm.requests[1].messages[-1]["content"] == "Observation:\n42"
-    assert llm.requests[0].stop == ("</execute>",)
+    assert llm.requests[0].stop == ("</execute>", "\nObservation:")
 
 
 def test_a_wrong_answer_is_completed_but_incorrect() -> None:
@@ -197,3 +197,163 @@ def test_observation_says_what_happened_to_the_session() -> None:
     assert "Out of memory" in lost
     assert format_observation(ExecResult(value="42"), 2000) == "Observation:\nOut: 42"
     assert "printed nothing" in format_observation(ExecResult(), 2000)
+
+
+# -- helping a model finish -----------------------------------------------------------
+
+
+def answers_when(marker: str, answer: str, otherwise: str) -> object:
+    """A model that answers once the last message says ``marker``, else repeats itself."""
+
+    def reply(request: object) -> str:
+        last = request.messages[-1]["content"]  # type: ignore[attr-defined]
+        return answer if marker in last else otherwise
+
+    return reply
+
+
+def test_repeating_code_whose_output_was_seen_is_pointed_out_and_the_model_answers() -> None:
+    # Given a model that re-runs a successful cell until it is told it learnt nothing new
+    cell = "<execute>print(6*7)</execute>"
+    model = answers_when("You already ran this exact code", "<solution>42</solution>", cell)
+    llm = ScriptedLLM([cell, model, model, model])
+    box = FakeSandbox({"print(6*7)": ExecResult(stdout="42\n")})
+    # When it runs
+    _, result = drain(
+        run_codeact(spec(limits={"max_turns": 5}, expected={"answer": 42}), llm, box, model="m")
+    )
+    # Then the second run's observation says so and the model answers on the next turn
+    assert result.status is Status.COMPLETED and result.correct is True
+    assert result.turns == 3
+    first, second = (m["content"] for m in result.messages if m["content"].startswith("Obs"))
+    assert "already ran" not in first
+    assert second.startswith("Observation:\n42\n") and "<solution>" in second
+
+
+def test_the_same_code_with_new_output_is_not_a_repeat() -> None:
+    outputs = iter(["1\n", "2\n"])
+
+    class Counter(FakeSandbox):
+        def execute(self, code: str, timeout_s: float, max_output_chars: int) -> ExecResult:
+            return ExecResult(stdout=next(outputs))
+
+    llm = ScriptedLLM(["<execute>n += 1; print(n)</execute>"] * 2 + ["<solution>2</solution>"])
+    _, result = drain(run_codeact(spec(), llm, Counter(), model="m"))
+    assert not any("already ran" in m["content"] for m in result.messages)
+
+
+def test_the_model_is_told_when_its_turn_is_the_last() -> None:
+    # Given a model that only answers when told it has no turns left
+    model = answers_when(
+        "This is your last turn", "<solution>42</solution>", "<execute>x</execute>"
+    )
+    llm = ScriptedLLM([f"<execute>print({i})</execute>" for i in range(2)] + [model])
+    # When it has three turns
+    _, result = drain(run_codeact(spec(limits={"max_turns": 3}), llm, FakeSandbox(), model="m"))
+    # Then only the message opening turn 3 says so, and the model answers in it
+    notes = ["last turn" in r.messages[-1]["content"] for r in llm.requests]
+    assert notes == [False, False, True]
+    assert result.status is Status.COMPLETED and result.answer == "42"
+
+
+def test_the_last_turn_note_follows_a_nudge_too() -> None:
+    llm = ScriptedLLM(["hmm", "hmm again"])
+    drain(run_codeact(spec(limits={"max_turns": 2}), llm, FakeSandbox(), model="m"))
+    assert "neither" in llm.requests[1].messages[-1]["content"]
+    assert "last turn" in llm.requests[1].messages[-1]["content"]
+
+
+def test_an_answer_fenced_inside_the_solution_is_graded_as_the_answer() -> None:
+    llm = ScriptedLLM(["<solution>\n```\n42\n```\n</solution>"])
+    _, result = drain(
+        run_codeact(
+            spec(expected={"answer": "42", "grader": "exact"}), llm, FakeSandbox(), model="m"
+        )
+    )
+    assert result.answer == "42" and result.correct is True
+
+
+def test_the_repeat_memory_survives_a_checkpoint() -> None:
+    ck = Checkpoint(seen=("abc",), turn=2)
+    assert Checkpoint.from_dict(ck.to_dict()) == ck
+    old = {k: v for k, v in ck.to_dict().items() if k != "seen"}  # written before the field
+    assert Checkpoint.from_dict(old).seen == ()
+
+
+# -- action formats -------------------------------------------------------------------
+
+
+FIB_TOOL = [{"name": "fib", "signature": "fib(n: int) -> int", "description": "Fibonacci"}]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "call", "answer"),
+    [
+        ("json", '{"tool": "fib", "arguments": {"n": 20}}', '{"answer": 6765}'),
+        ("text", "Thought: use fib.\nAction: fib, 20", "Answer: 6765"),
+        ("code", "<execute>\nfib(n=20)\n", "<solution>6765</solution>"),
+    ],
+)
+def test_each_format_calls_the_same_python_tool(fmt: str, call: str, answer: str) -> None:
+    llm = ScriptedLLM([call, answer])
+    box = FakeSandbox({"fib(n=20)": ExecResult(value="6765"), "fib(20)": ExecResult(value="6765")})
+    _, result = drain(
+        run_codeact(
+            spec(action_format=fmt, tools=FIB_TOOL, expected={"answer": 6765, "grader": "numeric"}),
+            llm,
+            box,
+            model="m",
+        )
+    )
+    assert result.status is Status.COMPLETED and result.correct is True
+    assert box.executed in (["fib(n=20)"], ["fib(20)"])
+    # every format asks the server to stop before the model writes an observation
+    assert any("Observation:" in s for s in llm.requests[0].stop)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "reply"),
+    [
+        ("json", '{"tool": "fib", "arguments": {"n": 20}}\nObservation: 6765\n{"answer": 6765}'),
+        ("text", "Action: fib, 20 End Action\nObservation: 6765\nAnswer: 6765"),
+        (
+            "code",
+            "<execute>\nprint(fib(20))\n</execute>\nObservation:\n6765\n<solution>6765</solution>",
+        ),
+    ],
+)
+def test_an_invented_observation_from_a_server_ignoring_stops_is_dropped(
+    fmt: str, reply: str
+) -> None:
+    # Given a server that sent past the stop sequence: a call, a made-up result, an answer
+    llm = ScriptedLLM([reply, "I am done."])
+    box = FakeSandbox()
+    steps, _ = drain(
+        run_codeact(
+            spec(action_format=fmt, tools=FIB_TOOL, limits={"max_turns": 2}), llm, box, model="m"
+        )
+    )
+    # Then the call ran, the made-up part is neither answered nor in the transcript
+    assert len(box.executed) == 1
+    first = steps[0].event.data
+    assert first["action"] == "code" and "answer" not in first
+    assert "6765" in first["dropped"] and "6765" not in first["content"]
+    assistant = llm.requests[1].messages[2]
+    assert assistant["role"] == "assistant" and "6765" not in assistant["content"]
+
+
+def test_a_reply_ignoring_the_json_format_gets_a_nudge_in_that_format() -> None:
+    llm = ScriptedLLM(["The 20th Fibonacci number is well known.", '{"answer": 6765}'])
+    _, result = drain(
+        run_codeact(spec(action_format="json", tools=FIB_TOOL), llm, FakeSandbox(), model="m")
+    )
+    nudge = llm.requests[1].messages[-1]["content"]
+    assert '{"tool":' in nudge and '{"answer":' in nudge and "<execute>" not in nudge
+    assert result.answer == "6765"
+
+
+def test_a_call_of_an_unknown_tool_is_explained_with_the_right_form() -> None:
+    llm = ScriptedLLM(["Action: fibonacci, 20", "Answer: 1"])
+    drain(run_codeact(spec(action_format="text", tools=FIB_TOOL), llm, FakeSandbox(), model="m"))
+    note = llm.requests[1].messages[-1]["content"]
+    assert "unknown tool 'fibonacci'" in note and "Action: tool_name" in note
