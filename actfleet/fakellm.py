@@ -20,8 +20,9 @@ the last message (the latest observation after turn 1), ``system_regex`` in the 
 message, ``turn`` = assistant messages so far + 1. Named groups of the regexes replace
 ``{name}`` in the reply (other braces are left alone). Per rule, optionally: ``latency_s``,
 ``finish_reason``, ``headers`` (added to the response), ``status`` and ``error`` (an
-error response instead of a reply; ``error`` alone means status 500), and ``times`` (the
-rule fires only the first N times it matches).
+error response instead of a reply; ``error`` alone means status 500), ``times`` (the
+rule fires only the first N times it matches) and ``ignore_stop`` (true: send the whole
+reply whatever the request's stop sequences, as some servers do).
 
 Like real servers, a reply is cut before the first of the request's ``stop`` sequences
 (which is dropped) and at ``max_tokens``, counting tokens as ``len(text) // 4 + 1``.
@@ -50,7 +51,17 @@ NO_MATCH_REPLY = "<solution>no rule matched</solution>"
 FAKE_MODEL = "actfleet-fake"
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _WHEN_KEYS = {"prompt_regex", "last_regex", "system_regex", "turn"}
-_RULE_KEYS = {"when", "reply", "latency_s", "status", "error", "times", "finish_reason", "headers"}
+_RULE_KEYS = {
+    "when",
+    "reply",
+    "latency_s",
+    "status",
+    "error",
+    "times",
+    "finish_reason",
+    "headers",
+    "ignore_stop",
+}
 
 
 class ScriptError(ValueError):
@@ -70,6 +81,7 @@ class Rule:
     times: int | None = None
     finish_reason: str = "stop"
     headers: tuple[tuple[str, str], ...] = ()
+    ignore_stop: bool = False
 
     def match(self, conversation: Conversation) -> dict[str, str] | None:
         """The named groups captured when every condition holds, else ``None``."""
@@ -191,6 +203,9 @@ def _parse_rule(i: int, item: object) -> Rule:
     if latency is not None and latency < 0:
         raise ScriptError(f"{where}: latency_s must not be negative")
     headers = typed(item, "headers", Mapping, "an object of header names to strings") or {}
+    ignore_stop = item.get("ignore_stop", False)
+    if not isinstance(ignore_stop, bool):
+        raise ScriptError(f"{where}: ignore_stop must be true or false")
     return Rule(
         reply=reply or "",
         prompt_regex=regex("prompt_regex"),
@@ -203,14 +218,18 @@ def _parse_rule(i: int, item: object) -> Rule:
         times=times,
         finish_reason=typed(item, "finish_reason", str, "a string") or "stop",
         headers=tuple((str(k), str(v)) for k, v in headers.items()),
+        ignore_stop=ignore_stop,
     )
 
 
 # The built-in script: solves "Compute: EXPR" tasks in two turns.
 DEFAULT_SCRIPT: list[dict[str, Any]] = [
     {
-        # The answer is the last line the code printed.
-        "when": {"last_regex": r"^Observation:\n(?:.*\n)*?(?P<out>[^\n]*\S)\s*$"},
+        # The answer is the last line the code printed (the loop's notes, in brackets,
+        # come after it).
+        "when": {
+            "last_regex": r"^Observation:\n(?:.*\n)*?(?P<out>[^\n\[][^\n]*?)\s*(?:\n\[[^\n]*\]\s*)*$"
+        },
         "reply": "The output answers the task.\n<solution>{out}</solution>",
     },
     {
@@ -540,7 +559,7 @@ def _completion(
     groups: Mapping[str, str],
 ) -> dict[str, Any]:
     text = NO_MATCH_REPLY if rule is None else rule.render(groups)
-    stop = request.get("stop") or []
+    stop = [] if rule is not None and rule.ignore_stop else request.get("stop") or []
     stop = [stop] if isinstance(stop, str) else [s for s in stop if isinstance(s, str)]
     max_tokens = request.get("max_tokens") or request.get("max_completion_tokens")
     text, cut = truncate(text, stop, max_tokens if isinstance(max_tokens, int) else None)

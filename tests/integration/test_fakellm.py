@@ -144,6 +144,13 @@ def test_stop_sequence_cuts_the_reply_and_is_dropped() -> None:
     assert single == "plan\n<execute>\nprint(1)\n"
 
 
+def test_a_rule_may_ignore_stop_sequences_as_some_servers_do() -> None:
+    reply = '{"tool": "f", "arguments": {}}\nObservation: 1\n{"answer": 1}'
+    with FakeLLMServer([{"reply": reply, "ignore_stop": True}]) as server:
+        body = chat(server, [user("hi")], stop=["Observation:"]).json()
+    assert body["choices"][0]["message"]["content"] == reply
+
+
 def test_usage_counts_tokens_roughly() -> None:
     with FakeLLMServer([{"reply": "twelve chars"}]) as server:
         body = chat(server, [{"role": "system", "content": "s" * 40}, user("u" * 8)]).json()
@@ -230,6 +237,7 @@ def test_stopped_server_refuses_connections() -> None:
         ([{"reply": "x", "times": 0}], "times must be a positive"),
         ([{"reply": "x", "status": 200}], "status must be an error status"),
         ([{"reply": "x", "latency_s": -1}], "latency_s must not be negative"),
+        ([{"reply": "x", "ignore_stop": "yes"}], "ignore_stop must be true or false"),
     ],
 )
 def test_invalid_scripts_say_what_to_fix(script: object, problem: str) -> None:
