@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
+from agent.export import Filter, export_line, needs_trajectory
 from api.auth import Tenant
 from api.bodies import parse_batch, read_body, server_policy
 from api.errors import not_found
@@ -17,6 +18,8 @@ from api.schemas import ERRORS, BatchAccepted, BatchCancelled, BatchOut, ErrorOu
 from api.submit import submit
 from store.batches import BatchRecord, BatchStore
 from store.records import new_batch_id
+
+EXPORT_CHUNK = 100  # task records read at a time by an export: its memory bound
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=ERRORS)
 
@@ -97,10 +100,56 @@ async def batch_results(
     appear with their current status and no answer."""
     batches, batch = await _batch(request, tenant, batch_id)
 
+    return _jsonl(batches.results(batch, trajectory=include == "trajectory"), f"{batch.id}.jsonl")
+
+
+@router.get(
+    "/{batch_id}/export",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/x-ndjson": {}}, "description": "JSONL"}},
+)
+async def export_batch(
+    request: Request,
+    batch_id: str,
+    tenant: Tenant,
+    fmt: Annotated[
+        Literal["openai", "sharegpt", "results"],
+        Query(
+            alias="format",
+            description="`openai` / `sharegpt`: fine-tuning conversations; `results`: rows",
+        ),
+    ] = "results",
+    only_correct: Annotated[bool, Query(description="keep tasks graded correct")] = False,
+    only_completed: Annotated[bool, Query(description="keep tasks that answered")] = False,
+    max_turns: Annotated[
+        int | None, Query(ge=0, description="keep tasks of at most this many turns")
+    ] = None,
+    include: Annotated[
+        Literal["trajectory"] | None,
+        Query(description="`trajectory` adds each task's messages to `results` rows"),
+    ] = None,
+) -> StreamingResponse:
+    """The batch in a format to take away, one JSON line per kept task, in input order.
+    ``openai`` and ``sharegpt`` hold the tasks that answered, each conversation ending with
+    the answer; the filters narrow any format. Streamed a page of tasks at a time."""
+    batches, batch = await _batch(request, tenant, batch_id)
+    keep = Filter(only_correct, only_completed, max_turns)
+    trajectory = include == "trajectory" or needs_trajectory(fmt)
+
+    async def exported() -> AsyncIterator[dict[str, Any]]:
+        async for line in batches.results(batch, trajectory=trajectory, chunk_size=EXPORT_CHUNK):
+            out = export_line(line, fmt, keep, trajectory=include == "trajectory")
+            if out is not None:
+                yield out
+
+    return _jsonl(exported(), f"{batch.id}.{fmt}.jsonl")
+
+
+def _jsonl(rows: AsyncIterator[dict[str, Any]], filename: str) -> StreamingResponse:
     async def lines() -> AsyncIterator[bytes]:
         buf: list[str] = []
-        async for line in batches.results(batch, trajectory=include == "trajectory"):
-            buf.append(json.dumps(line, separators=(",", ":"), ensure_ascii=False))
+        async for row in rows:
+            buf.append(json.dumps(row, separators=(",", ":"), ensure_ascii=False))
             if len(buf) >= 200:
                 yield ("\n".join(buf) + "\n").encode()
                 buf.clear()
@@ -110,7 +159,7 @@ async def batch_results(
     return StreamingResponse(
         lines(),
         media_type="application/x-ndjson",
-        headers={"Content-Disposition": f'attachment; filename="{batch.id}.jsonl"'},
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a fresh machine lacks, installed idempotently:
-#   Debian packages (redis-server, bubblewrap, and for the Docker backend docker.io and
-#   debootstrap), a virtualenv at .venv with actfleet and its dev tools, and, unless
+#   Debian packages (redis-server, bubblewrap, chromium for the HTML report's browser test,
+#   and for the Docker backend docker.io and debootstrap), a virtualenv at .venv with actfleet and its dev tools, and, unless
 #   ACTFLEET_SETUP_DOCKER=0, a running Docker engine with the sandbox image built.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,7 +10,8 @@ say() { printf '[setup] %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 need=()
-for pair in redis-server:redis-server bwrap:bubblewrap; do
+# Playwright drives Debian's chromium (never `playwright install`: it downloads a browser).
+for pair in redis-server:redis-server bwrap:bubblewrap chromium:chromium; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 if [ "${#need[@]}" -gt 0 ]; then

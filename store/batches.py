@@ -108,12 +108,12 @@ class BatchStore:
         batch = BatchRecord.from_hash(h)
         return batch if batch.tenant == tenant else None
 
-    async def ids(self, batch_id: str) -> AsyncIterator[list[str]]:
-        """The batch's task ids in input order, a chunk at a time."""
+    async def ids(self, batch_id: str, chunk_size: int = READ_CHUNK) -> AsyncIterator[list[str]]:
+        """The batch's task ids in input order, ``chunk_size`` at a time."""
         start = 0
         while True:
             chunk = await self.client.lrange(
-                self.keys.batch_tasks(batch_id), start, start + READ_CHUNK - 1
+                self.keys.batch_tasks(batch_id), start, start + chunk_size - 1
             )
             if not chunk:
                 return
@@ -167,21 +167,27 @@ class BatchStore:
         }
 
     async def results(
-        self, batch: BatchRecord, trajectory: bool = False
+        self, batch: BatchRecord, trajectory: bool = False, chunk_size: int = READ_CHUNK
     ) -> AsyncIterator[dict[str, Any]]:
-        """One result line per task, in input order; unfinished tasks show their status."""
-        fields = ["custom_id", "status", "attempt", "result", "finished_at"]
-        async for ids in self.ids(batch.id):
+        """One result line per task, in input order; unfinished tasks show their status.
+
+        Reads ``chunk_size`` task records at a time, so a reader holds at most that many
+        results (and trajectories) however large the batch is.
+        """
+        fields = ["custom_id", "status", "attempt", "result", "finished_at", "action_format"]
+        async for ids in self.ids(batch.id, chunk_size):
             pipe = self.client.pipeline(transaction=False)
             for task_id in ids:
                 pipe.hmget(self.keys.task(task_id), fields)
             for task_id, values in zip(ids, await pipe.execute(), strict=True):
-                custom_id, status, attempt, result, finished_at = (
+                custom_id, status, attempt, result, finished_at, action_format = (
                     None if v is None else _s(v) for v in values
                 )
-                yield _result_line(
+                line = _result_line(
                     task_id, custom_id, status, attempt, result, finished_at, trajectory
                 )
+                line["action_format"] = action_format or "code"
+                yield line
 
     async def cancel(self, batch: BatchRecord) -> dict[str, int]:
         """Cancel every unfinished task; finished ones keep their results."""

@@ -58,6 +58,8 @@ class TaskRecord:
             h["batch_id"] = self.batch_id
         if self.spec.custom_id:
             h["custom_id"] = self.spec.custom_id
+        if self.spec.action_format != "code":
+            h["action_format"] = self.spec.action_format  # results lines say it, for reports
         if self.spec.webhook is not None:
             h["webhook_url"] = self.spec.webhook.url  # FINISH puts the task in the outbox
         if self.started_at is not None:

@@ -20,7 +20,7 @@ import uvicorn
 
 from actfleet.settings import Settings
 from agent.events import Event, EventType
-from agent.models import Result, Status, Usage
+from agent.models import FailureClass, Result, Status, Usage
 from api.app import create_app
 from store.apikeys import create_key
 from store.keys import STREAM_MAXLEN, Keys
@@ -115,9 +115,19 @@ class Fleet:
         correct: bool | None = None,
         turns: int = 1,
         usage: Usage = DEFAULT_USAGE,
+        messages: tuple[dict[str, str], ...] = (),
+        failure_class: FailureClass | None = None,
     ) -> Any:
         rec = self.redis.hgetall(self.keys.task(task_id))
-        result = Result(status=status, answer=answer, correct=correct, turns=turns, usage=usage)
+        result = Result(
+            status=status,
+            failure_class=failure_class,
+            answer=answer,
+            correct=correct,
+            turns=turns,
+            usage=usage,
+            messages=messages,
+        )
         event = Event(
             EventType.FINISHED, turn=turns, attempt=1, ts=time.time(), data={"status": status.value}
         )
