@@ -37,9 +37,7 @@ def make_batch(fleet: Fleet, c: httpx.Client) -> tuple[str, list[str]]:
     ids = [json.loads(x)["task_id"] for x in c.get(f"/v1/batches/{batch_id}/results").iter_lines()]
     for task_id in ids[:4]:
         fleet.start_task(task_id)
-    fleet.finish(
-        ids[0], correct=True, turns=2, messages=(SYSTEM, PROMPT, CODE, OBS, answer("42"))
-    )
+    fleet.finish(ids[0], correct=True, turns=2, messages=(SYSTEM, PROMPT, CODE, OBS, answer("42")))
     fleet.finish(
         ids[1],
         answer="41",
@@ -97,7 +95,7 @@ def test_openai_export_passes_the_fine_tuning_format_checks(fleet: Fleet) -> Non
 
 def test_only_correct_keeps_exactly_the_correct_ones(fleet: Fleet) -> None:
     with fleet.client() as c:
-        batch_id, ids = make_batch(fleet, c)
+        batch_id, _ = make_batch(fleet, c)
         openai = read_openai_export(export(c, batch_id, format="openai", only_correct=True).text)
         rows = [
             json.loads(x)
@@ -127,7 +125,7 @@ def test_sharegpt_export_parses_as_sharegpt(fleet: Fleet) -> None:
 
 def test_results_rows_carry_what_a_report_needs_and_filters_combine(fleet: Fleet) -> None:
     with fleet.client() as c:
-        batch_id, ids = make_batch(fleet, c)
+        batch_id, _ = make_batch(fleet, c)
         rows = [json.loads(x) for x in export(c, batch_id, format="results").iter_lines()]
         completed = [
             json.loads(x)["custom_id"]

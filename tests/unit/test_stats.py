@@ -49,7 +49,7 @@ def test_the_paired_interval_is_antisymmetric_and_contains_its_estimate() -> Non
         if d.n:
             assert d.lo <= d.estimate <= d.hi
             assert (r.lo, r.hi) == pytest.approx((-d.hi, -d.lo))
-            assert -1 <= d.lo and d.hi <= 1
+            assert d.lo >= -1 and d.hi <= 1
 
 
 def test_exact_mcnemar_matches_the_binomial_tail() -> None:
