@@ -228,13 +228,41 @@ class Client(_Base):
 
     def batch_results(self, batch_id: str, trajectory: bool = False) -> Iterator[dict[str, Any]]:
         params = {"include": "trajectory"} if trajectory else {}
-        with self.http.stream("GET", f"/v1/batches/{batch_id}/results", params=params) as resp:
-            if not resp.is_success:
-                resp.read()
-                _check(resp)
-            for line in resp.iter_lines():
-                if line:
-                    yield json.loads(line)
+        return self._jsonl(f"/v1/batches/{batch_id}/results", params)
+
+    def export(
+        self,
+        batch_id: str,
+        fmt: str = "results",
+        *,
+        only_correct: bool = False,
+        only_completed: bool = False,
+        max_turns: int | None = None,
+        trajectory: bool = False,
+    ) -> Iterator[dict[str, Any]]:
+        """The lines of ``GET /v1/batches/{id}/export`` (see ``agent.export``)."""
+        params: dict[str, Any] = {"format": fmt}
+        if only_correct:
+            params["only_correct"] = "true"
+        if only_completed:
+            params["only_completed"] = "true"
+        if max_turns is not None:
+            params["max_turns"] = max_turns
+        if trajectory:
+            params["include"] = "trajectory"
+        return self._jsonl(f"/v1/batches/{batch_id}/export", params)
+
+    def _jsonl(self, path: str, params: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+        try:
+            with self.http.stream("GET", path, params=dict(params)) as resp:
+                if not resp.is_success:
+                    resp.read()
+                    _check(resp)
+                for line in resp.iter_lines():
+                    if line:
+                        yield json.loads(line)
+        except httpx.TransportError as e:
+            raise ApiError(0, f"cannot reach the API at {self.base_url}: {e}") from e
 
     def wait_batch(
         self,

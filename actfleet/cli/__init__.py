@@ -16,7 +16,7 @@ from actfleet.logging import configure_logging
 from agent.errors import ActfleetError
 
 # Modules that contribute commands, in the order `actfleet --help` lists them.
-_MODULES = ("service", "demo", "run", "client", "keys", "bench", "fake_llm")
+_MODULES = ("service", "demo", "run", "client", "results", "keys", "bench", "fake_llm")
 
 
 class CLIError(Exception):

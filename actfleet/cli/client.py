@@ -1,4 +1,4 @@
-"""Client commands against a running API: ``submit``, ``batch``, ``tail``, ``export``.
+"""Client commands against a running API: ``submit``, ``batch``, ``tail``.
 
 They read ``ACTFLEET_API_URL`` and ``ACTFLEET_API_KEY``. Human output goes to the terminal
 (rich); with ``--json`` a command prints one JSON document on stdout and nothing else there.
@@ -37,6 +37,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b.add_argument("--wait", action="store_true", help="show progress until every task ends")
     b.add_argument("--out", help="with --wait: write results JSONL here (default BATCH_ID.jsonl)")
     b.add_argument("--poll-s", type=float, default=1.0, help="progress poll interval")
+    b.add_argument(
+        "--formats",
+        metavar="LIST",
+        help="submit the tasks once per action format (e.g. code,json,text), one batch each",
+    )
     b.add_argument("--json", action="store_true", help="print one JSON document")
     b.set_defaults(func=batch)
 
@@ -45,12 +50,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     t.add_argument("--from", dest="last_event_id", help="start after this event id")
     t.add_argument("--json", action="store_true", help="print events as JSON lines")
     t.set_defaults(func=tail)
-
-    e = sub.add_parser("export", help="write a batch's results as JSONL")
-    e.add_argument("batch_id", metavar="BATCH_ID")
-    e.add_argument("--out", required=True, help="file to write ('-' = stdout)")
-    e.add_argument("--trajectory", action="store_true", help="include each task's messages")
-    e.set_defaults(func=export)
 
 
 def _client() -> Client:
@@ -129,6 +128,11 @@ def batch(args: argparse.Namespace) -> int:
     body = Path(args.file).read_bytes() if Path(args.file).is_file() else None
     if body is None:
         raise CLIError(f"no such file: {args.file}")
+    if args.formats is not None:
+        from actfleet.cli.formats import batch_formats  # it imports this module
+
+        with _client() as client:
+            return batch_formats(args, client, body)
     console = Console(stderr=True, highlight=False)
     with _client() as client:
         accepted = client.submit_batch(body)
@@ -198,14 +202,3 @@ def write_results(client: Client, batch_id: str, out: Path, trajectory: bool) ->
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
             n += 1
     return n
-
-
-def export(args: argparse.Namespace) -> int:
-    with _client() as client:
-        if args.out == "-":
-            for line in client.batch_results(args.batch_id, trajectory=args.trajectory):
-                print(json.dumps(line, ensure_ascii=False))
-            return 0
-        n = write_results(client, args.batch_id, Path(args.out), args.trajectory)
-    print(f"{n} results written to {args.out}", file=sys.stderr)
-    return 0
