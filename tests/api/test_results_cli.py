@@ -67,7 +67,7 @@ def test_report_compares_two_batches_from_the_api(fleet: Fleet) -> None:
     # Given two runs of the same five tasks
     with fleet.client() as c:
         first, _ = make_batch(fleet, c)
-        second, ids = make_batch(fleet, c)
+        second, _ = make_batch(fleet, c)
     key = fleet.key_for("acme")
     # When they are reported
     code, out, err = run(fleet, "report", first, second, "--json", key=key)
