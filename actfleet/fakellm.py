@@ -228,7 +228,9 @@ DEFAULT_SCRIPT: list[dict[str, Any]] = [
         # The answer is the last line the code printed (the loop's notes, in brackets,
         # come after it).
         "when": {
-            "last_regex": r"^Observation:\n(?:.*\n)*?(?P<out>[^\n\[][^\n]*?)\s*(?:\n\[[^\n]*\]\s*)*$"
+            "last_regex": (
+                r"^Observation:\n(?:.*\n)*?(?P<out>(?!\[[A-Z])[^\n]*\S)\s*(?:\n\[[A-Z][^\n]*\]\s*)*$"
+            )
         },
         "reply": "The output answers the task.\n<solution>{out}</solution>",
     },
