@@ -36,6 +36,10 @@ def render_event(console: Console, event: dict[str, Any]) -> None:
             )
         if data.get("answer") is not None:
             console.print(f"[bold green]answer:[/] {escape(str(data['answer']))}")
+        if data.get("dropped"):
+            console.print(
+                f"[dim]{len(data['dropped'])} characters after the stop sequence dropped[/]"
+            )
         if data.get("action") == "none":
             console.print("[yellow]no action: the model was nudged[/]")
     elif kind == "exec.result":

@@ -146,13 +146,19 @@ async def export_batch(
 
 
 def _jsonl(rows: AsyncIterator[dict[str, Any]], filename: str) -> StreamingResponse:
+    """Rows as JSONL, sent in writes of up to 200 lines or about 1 MB, whichever is first
+    (a line with a trajectory can be large)."""
+
     async def lines() -> AsyncIterator[bytes]:
         buf: list[str] = []
+        size = 0
         async for row in rows:
             buf.append(json.dumps(row, separators=(",", ":"), ensure_ascii=False))
-            if len(buf) >= 200:
+            size += len(buf[-1])
+            if len(buf) >= 200 or size >= 1 << 20:
                 yield ("\n".join(buf) + "\n").encode()
                 buf.clear()
+                size = 0
         if buf:
             yield ("\n".join(buf) + "\n").encode()
 
