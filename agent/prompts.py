@@ -146,7 +146,7 @@ def _tools_section(tools: tuple[Tool, ...], action_format: str) -> str:
         for i, tool in enumerate(tools, 1):
             lines.append(f"[{i}] {tool.name}: {tool.description or 'no description'}")
             lines.append(f"    Signature: {_signature(tool)}")
-            params = [p["name"] for p in parameters(tool) or []]
+            params = [f"<{p['name']}>" for p in parameters(tool) or []]
             example = ", ".join([tool.name, *params])
             lines.append(f"    Call it as: Action: {example} End Action")
     else:

@@ -184,3 +184,25 @@ def test_every_format_stops_before_an_observation_within_the_servers_limit() -> 
 def test_the_text_transcript_gets_end_action_back() -> None:
     assert complete_transcript("Action: fib, 20 ", "text") == "Action: fib, 20 End Action"
     assert complete_transcript("Answer: 3", "text") == "Answer: 3"
+
+
+def test_each_format_documents_the_same_tools_its_own_way() -> None:
+    from agent.models import TaskSpec
+    from agent.prompts import system_prompt
+
+    tools = [
+        {"name": "add", "signature": "add(a: int, b: float = 1.0) -> float", "description": "sum"}
+    ]
+    prompts = {
+        f: system_prompt(TaskSpec.from_dict({"prompt": "x", "tools": tools, "action_format": f}))
+        for f in ("code", "json", "text")
+    }
+    assert "- add(a: int, b: float = 1.0) -> float: sum" in prompts["code"]
+    schema = (
+        '{"name": "add", "description": "sum", "parameters": {"type": "object", "properties": '
+        '{"a": {"type": "integer"}, "b": {"type": "number"}}, "required": ["a"]}}'
+    )
+    assert schema in prompts["json"]
+    assert "Action: add, <a>, <b> End Action" in prompts["text"]
+    for p in prompts.values():
+        assert "Never write an observation yourself" in p
