@@ -212,12 +212,14 @@ class Client(_Base):
             except httpx.TransportError as e:
                 time.sleep(stream.backoff_s(e))
 
-    def submit_batch(self, body: BatchBody) -> dict[str, Any]:
+    def submit_batch(self, body: BatchBody, webhook_url: str | None = None) -> dict[str, Any]:
+        """Queue a batch; ``webhook_url`` gets one signed ``batch.finished`` at its end."""
         return self._call(
             "POST",
             "/v1/batches",
             content=_batch_content(body),
             headers={"Content-Type": "application/x-ndjson"},
+            params={"webhook_url": webhook_url} if webhook_url else None,
         )
 
     def batch(self, batch_id: str) -> dict[str, Any]:
@@ -327,12 +329,13 @@ class AsyncClient(_Base):
             except httpx.TransportError as e:
                 await asyncio.sleep(stream.backoff_s(e))
 
-    async def submit_batch(self, body: BatchBody) -> dict[str, Any]:
+    async def submit_batch(self, body: BatchBody, webhook_url: str | None = None) -> dict[str, Any]:
         return await self._call(
             "POST",
             "/v1/batches",
             content=_batch_content(body),
             headers={"Content-Type": "application/x-ndjson"},
+            params={"webhook_url": webhook_url} if webhook_url else None,
         )
 
     async def batch(self, batch_id: str) -> dict[str, Any]:

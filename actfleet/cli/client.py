@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b.add_argument("--out", help="with --wait: write results JSONL here (default BATCH_ID.jsonl)")
     b.add_argument("--poll-s", type=float, default=1.0, help="progress poll interval")
     b.add_argument("--json", action="store_true", help="print one JSON document")
+    b.add_argument("--webhook", metavar="URL", help="POST a signed batch.finished here at the end")
     b.set_defaults(func=batch)
 
     t = sub.add_parser("tail", help="follow a task's events until it finishes")
@@ -131,7 +132,7 @@ def batch(args: argparse.Namespace) -> int:
         raise CLIError(f"no such file: {args.file}")
     console = Console(stderr=True, highlight=False)
     with _client() as client:
-        accepted = client.submit_batch(body)
+        accepted = client.submit_batch(body, webhook_url=args.webhook)
         batch_id = accepted["id"]
         if not args.wait:
             if args.json:
