@@ -160,6 +160,14 @@ class WebhookDeliverer:
         )
         try:
             return self._deliver(lease)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise  # the lease runs out and another attempt is claimed
+        except Exception as e:
+            # Our own fault (an unreadable record, a bug): settle it rather than leave it
+            # to be claimed again, and crash again, every lease.
+            log.exception("webhook.internal_error")
+            record = {"attempt": lease.attempt, "at": time.time()}
+            return self._final(lease, record, Outcome.FAILED, "", error=f"internal error: {e!r}")
         finally:
             structlog.contextvars.clear_contextvars()
 
