@@ -225,6 +225,13 @@ class Client(_Base):
     def batch(self, batch_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/batches/{batch_id}")
 
+    def task_webhook(self, task_id: str) -> dict[str, Any]:
+        """The task's webhook delivery: state and every attempt."""
+        return self._call("GET", f"/v1/tasks/{task_id}/webhook")
+
+    def batch_webhook(self, batch_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/batches/{batch_id}/webhook")
+
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/batches/{batch_id}/cancel")
 
