@@ -17,6 +17,7 @@ Workers check the destination again before every attempt (``workers.webhook_http
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import time
 from collections.abc import Iterable
@@ -42,17 +43,25 @@ from store.webhook_secrets import has_secret
 from store.webhooks import delivery_view, disabled_endpoints
 
 RESOLVE_TIMEOUT_S = 3.0
+MAX_HOSTS_TO_RESOLVE = 50  # distinct webhook host names per request
+RESOLVE_CONCURRENCY = 8
 
 
 def destination_problems(spec: TaskSpec, allowlist: Allowlist) -> list[str]:
     """The spec's webhook problems that need no I/O (``check_url``)."""
     if spec.webhook is None:
         return []
+    problem = _url_problem(spec.webhook.url, allowlist)
+    return [problem] if problem else []
+
+
+@functools.lru_cache(maxsize=1024)  # a batch names the same URL on many lines
+def _url_problem(url: str, allowlist: Allowlist) -> str | None:
     try:
-        check_url(spec.webhook.url, allowlist)
+        check_url(url, allowlist)
     except DestinationError as e:
-        return [f"webhook.url: {e.reason}"]
-    return []
+        return f"webhook.url: {e.reason}"
+    return None
 
 
 async def resolve(host: str, port: int) -> list[IPAddress]:
@@ -97,10 +106,21 @@ async def vet_webhooks(
     for url, dest in dests.items():
         if dest.ip is None and not allowlist.allows_host(dest.host):
             by_host.setdefault((dest.host, dest.port), []).append(url)
-    for (host, port), urls in by_host.items():
-        problem = await _host_problem(dests[urls[0]], host, port, allowlist)
-        if problem:
-            problems.append(f"{where[urls[0]]}: {problem}")
+    if len(by_host) > MAX_HOSTS_TO_RESOLVE:
+        raise ApiError(
+            422,
+            f"the webhooks name {len(by_host)} different hosts; at most "
+            f"{MAX_HOSTS_TO_RESOLVE} per request are checked: split the batch",
+        )
+    gate = asyncio.Semaphore(RESOLVE_CONCURRENCY)
+
+    async def problem_of(host: str, port: int, url: str) -> str:
+        async with gate:
+            problem = await _host_problem(dests[url], host, port, allowlist)
+        return f"{where[url]}: {problem}" if problem else ""
+
+    found = await asyncio.gather(*(problem_of(h, p, urls[0]) for (h, p), urls in by_host.items()))
+    problems += [p for p in found if p]
     canonical = {dest.url: url for url, dest in dests.items()}
     disabled = await disabled_endpoints(state.redis, state.keys, tenant, list(canonical))
     for url, since in disabled.items():
