@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
@@ -158,6 +159,16 @@ def test_retries_after_500_survive_a_worker_kill_and_a_redis_restart(hooks: Hook
     outcomes = [a["outcome"] for a in record["attempts"]]
     assert outcomes[-1] == "delivered" and set(outcomes[:-1]) <= {"retrying", "lost"}
     assert hooks.redis.zcard(hooks.keys.webhook_outbox) == 0
+    # and the workers (the killed one's samples included) counted each outcome
+    page = hooks.patiently(lambda: httpx.get(f"{stack.api_url}/metrics", timeout=10).text)
+    counted = {
+        outcome: float(line.rsplit(" ", 1)[1])
+        for line in page.splitlines()
+        for outcome in ("delivered", "retrying")
+        if line.startswith(f'actfleet_webhook_deliveries_total{{outcome="{outcome}"}}')
+    }
+    assert counted["delivered"] == 1.0
+    assert counted["retrying"] >= 3
 
 
 def test_batch_finished_arrives_once_after_a_cancel_mid_batch_and_a_killed_worker(
