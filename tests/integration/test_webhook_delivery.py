@@ -35,7 +35,7 @@ from store.webhook_secrets import rotate, signing_secrets
 from store.webhooks import WebhookOutbox
 from tests.conftest import free_port
 from tests.receivers import Listener, Receiver
-from workers import webhook_http
+from workers import webhook_delivery, webhook_http
 from workers.webhook_delivery import DeliveryPolicy, WebhookDeliverer
 from workers.webhooks import Outcome
 
@@ -359,7 +359,7 @@ def test_https_connects_to_the_vetted_address_with_sni_and_verification_for_the_
 
 
 def test_log_lines_carry_the_delivery_s_own_ids_not_a_previous_task_s(
-    env: Env, receiver: Receiver
+    env: Env, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a sender thread on which another task's context was bound (as a Celery thread
     # that ran an agent loop has), and a task's and a batch's delivery due
@@ -367,6 +367,8 @@ def test_log_lines_carry_the_delivery_s_own_ids_not_a_previous_task_s(
     batch_id = env.finished_batch(receiver.url())
     cap = LogCapture()
     structlog.configure(processors=[structlog.contextvars.merge_contextvars, cap])
+    # a logger built now, with this configuration (the module's may be cached already)
+    monkeypatch.setattr(webhook_delivery, "log", structlog.get_logger("webhooks-test"))
     try:
 
         def on_a_used_thread() -> None:
