@@ -212,16 +212,25 @@ class Client(_Base):
             except httpx.TransportError as e:
                 time.sleep(stream.backoff_s(e))
 
-    def submit_batch(self, body: BatchBody) -> dict[str, Any]:
+    def submit_batch(self, body: BatchBody, webhook_url: str | None = None) -> dict[str, Any]:
+        """Queue a batch; ``webhook_url`` gets one signed ``batch.finished`` at its end."""
         return self._call(
             "POST",
             "/v1/batches",
             content=_batch_content(body),
             headers={"Content-Type": "application/x-ndjson"},
+            params={"webhook_url": webhook_url} if webhook_url else None,
         )
 
     def batch(self, batch_id: str) -> dict[str, Any]:
         return self._call("GET", f"/v1/batches/{batch_id}")
+
+    def task_webhook(self, task_id: str) -> dict[str, Any]:
+        """The task's webhook delivery: state and every attempt."""
+        return self._call("GET", f"/v1/tasks/{task_id}/webhook")
+
+    def batch_webhook(self, batch_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/batches/{batch_id}/webhook")
 
     def cancel_batch(self, batch_id: str) -> dict[str, Any]:
         return self._call("POST", f"/v1/batches/{batch_id}/cancel")
@@ -355,12 +364,13 @@ class AsyncClient(_Base):
             except httpx.TransportError as e:
                 await asyncio.sleep(stream.backoff_s(e))
 
-    async def submit_batch(self, body: BatchBody) -> dict[str, Any]:
+    async def submit_batch(self, body: BatchBody, webhook_url: str | None = None) -> dict[str, Any]:
         return await self._call(
             "POST",
             "/v1/batches",
             content=_batch_content(body),
             headers={"Content-Type": "application/x-ndjson"},
+            params={"webhook_url": webhook_url} if webhook_url else None,
         )
 
     async def batch(self, batch_id: str) -> dict[str, Any]:

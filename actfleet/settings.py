@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from agent.destinations import Allowlist
 
 
 class Settings(BaseSettings):
@@ -47,7 +49,18 @@ class Settings(BaseSettings):
     )
     retry_backoff_s: float = Field(2.0, description="first delay before retrying an infra fault")
     retry_backoff_max_s: float = 60.0
-    webhook_max_attempts: int = 8
+    # webhooks (see workers/webhooks.py): retried with backoff and jitter for a window
+    webhook_retry_window_s: float = Field(
+        86_400.0, gt=0, description="how long a webhook is retried before it is given up"
+    )
+    webhook_backoff_base_s: float = Field(5.0, gt=0, description="first retry delay (jittered)")
+    webhook_backoff_max_s: float = Field(3600.0, gt=0, description="longest delay between tries")
+    webhook_connect_timeout_s: float = Field(3.0, gt=0, le=20)
+    webhook_read_timeout_s: float = Field(10.0, gt=0, le=20)
+    webhook_concurrency: int = Field(8, ge=1, le=256, description="deliveries at once per worker")
+    webhook_poll_s: float = Field(
+        1.0, gt=0, le=60, description="how often workers look for due ones"
+    )
 
     # api
     api_url: str = "http://127.0.0.1:8000"
@@ -58,7 +71,22 @@ class Settings(BaseSettings):
     sse_heartbeat_s: float = Field(
         15.0, gt=0, description="idle SSE streams get a comment this often"
     )
-    webhook_secret: str | None = Field(
-        None,
-        description="Standard Webhooks signing secret (whsec_...); webhooks are unsigned without it",
+    webhook_allowlist: str = Field(
+        "",
+        description="comma-separated host names or CIDRs webhooks may reach although they are "
+        "not public (e.g. 127.0.0.1/32 for a local receiver); empty: public addresses only",
     )
+    webhook_rotation_grace_s: float = Field(
+        86_400.0, ge=0, description="after a secret rotation, how long both signatures are sent"
+    )
+
+    @field_validator("webhook_allowlist")
+    @classmethod
+    def _allowlist_parses(cls, v: str) -> str:
+        Allowlist.parse(v)  # a ValueError names the bad entry
+        return v
+
+    @property
+    def allowlist(self) -> Allowlist:
+        """``webhook_allowlist``, parsed."""
+        return Allowlist.parse(self.webhook_allowlist)

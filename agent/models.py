@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from agent.destinations import MAX_URL_CHARS, DestinationError, parse_url
 from agent.errors import InfrastructureError, LLMError, LLMRejected, SpecError
 
 GRADERS = ("exact", "numeric", "contains", "regex", "python_literal")
@@ -122,6 +123,9 @@ class Expected:
 
 @dataclass(frozen=True, slots=True)
 class Webhook:
+    """Where ``task.finished`` is POSTed. Its syntax is checked with the spec
+    (``agent.destinations.parse_url``); where it may point is the server's policy."""
+
     url: str
 
 
@@ -507,9 +511,12 @@ class _SpecReader:
         if value is None:
             return None
         obj = self.section(value, "webhook", {"url"})
-        url = self.string(obj, "url", "webhook.url", 2048, required=True)
-        if url is not None and not re.match(r"^https?://[^\s/]+", url):
-            self.fail("webhook.url", "must be an absolute http:// or https:// URL")
+        url = self.string(obj, "url", "webhook.url", MAX_URL_CHARS, required=True)
+        if url is not None:
+            try:
+                parse_url(url)  # the syntax; where it may point is the server's policy
+            except DestinationError as e:
+                self.fail("webhook.url", e.reason)
         return Webhook(url=url or "")
 
     def metadata(self, value: object) -> dict[str, str]:

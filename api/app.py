@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from actfleet.settings import Settings
 from agent.errors import ActfleetError
-from api import routes_batches, routes_tasks
+from api import routes_batches, routes_tasks, webhooks
 from api.errors import install_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware, render
 from api.queue import Enqueuer
@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RedisTimeoutError, _store_unavailable)
     app.include_router(routes_tasks.router)
     app.include_router(routes_batches.router)
+    app.include_router(webhooks.router)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

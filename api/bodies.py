@@ -17,6 +17,7 @@ from actfleet.settings import Settings
 from agent.errors import SpecError
 from agent.models import TaskSpec
 from api.errors import ApiError
+from api.webhooks import destination_problems
 
 MAX_REPORTED_ERRORS = 100
 
@@ -68,7 +69,9 @@ Policy = Callable[[TaskSpec], list[str]]
 
 def server_policy(settings: Settings) -> Policy:
     """What this server refuses in a spec that is valid as such: network access it does not
-    grant, a sandbox image it does not run. Refused at the door, not after queueing."""
+    grant, a sandbox image it does not run, a webhook it will not call. Refused at the
+    door, not after queueing."""
+    allowlist = settings.allowlist
 
     def check(spec: TaskSpec) -> list[str]:
         problems = []
@@ -83,6 +86,7 @@ def server_policy(settings: Settings) -> Policy:
                 f"sandbox.image: this server runs tasks in {settings.sandbox_image!r} only; "
                 "leave it out"
             )
+        problems.extend(destination_problems(spec, allowlist))
         return problems
 
     return check

@@ -16,6 +16,7 @@ from api.bodies import parse_batch, read_body, server_policy
 from api.errors import not_found
 from api.schemas import ERRORS, BatchAccepted, BatchCancelled, BatchOut, ErrorOut, TaskSpecIn
 from api.submit import submit
+from api.webhooks import vet_webhooks
 from store.batches import BatchRecord, BatchStore
 from store.records import new_batch_id
 
@@ -49,13 +50,31 @@ _JSONL_BODY = {
         429: {"model": ErrorOut, "description": "too many unfinished tasks; see Retry-After"},
     },
 )
-async def create_batch(request: Request, response: Response, tenant: Tenant) -> dict[str, Any]:
+async def create_batch(
+    request: Request,
+    response: Response,
+    tenant: Tenant,
+    webhook_url: Annotated[
+        str | None,
+        Query(
+            max_length=2048,
+            description="POST a signed `batch.finished` here once, when every task has ended",
+        ),
+    ] = None,
+) -> dict[str, Any]:
     """Queue every task of a batch, or none: each line is checked first, and every bad
     line is reported with its number and what to fix."""
     settings = request.app.state.settings
     body = await read_body(request, settings.max_request_bytes)
     specs = parse_batch(body, settings.max_batch_tasks, server_policy(settings))
-    batch = BatchRecord(id=new_batch_id(), tenant=tenant, total=len(specs), created_at=time.time())
+    await vet_webhooks(request.app.state, tenant, specs, webhook_url)
+    batch = BatchRecord(
+        id=new_batch_id(),
+        tenant=tenant,
+        total=len(specs),
+        created_at=time.time(),
+        webhook_url=webhook_url,
+    )
     await submit(request.app.state, tenant, specs, batch)
     url = f"/v1/batches/{batch.id}"
     response.headers["Location"] = url

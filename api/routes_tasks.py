@@ -14,6 +14,7 @@ from api.errors import ApiError, not_found
 from api.schemas import ERRORS, ErrorOut, TaskAccepted, TaskOut, TaskPage, TaskSpecIn
 from api.sse import check_event_id, event_stream
 from api.submit import submit
+from api.webhooks import vet_webhooks
 from store.aio import AlreadyFinished
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=ERRORS)
@@ -42,6 +43,7 @@ async def create_task(request: Request, response: Response, tenant: Tenant) -> d
     """Queue one task. The body is a task spec (see the schema); answers 202 with its id."""
     settings = request.app.state.settings
     spec = parse_spec(await read_body(request, settings.max_request_bytes), server_policy(settings))
+    await vet_webhooks(request.app.state, tenant, [spec])
     [rec] = await submit(request.app.state, tenant, [spec])
     url = f"/v1/tasks/{rec.id}"
     response.headers["Location"] = url

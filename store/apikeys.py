@@ -1,7 +1,8 @@
 """API keys: random bearer tokens, stored only as their sha256 hash, each owned by a tenant.
 
 A key is ``af_`` + 32 random url-safe bytes; it is shown once, at creation, and never
-stored. ``{p}:apikey:{sha256}`` maps the hash to its tenant; ``{p}:apikeys`` indexes every
+stored. A tenant's first key also creates its webhook signing secret (shown once, with
+the key). ``{p}:apikey:{sha256}`` maps the hash to its tenant; ``{p}:apikeys`` indexes every
 hash for ``keys list`` / ``keys revoke``. The CLI uses the sync functions (it writes to Redis
 directly); the API only looks keys up, with ``lookup_tenant`` on its asyncio client.
 """
@@ -19,6 +20,7 @@ import redis
 import redis.asyncio as aioredis
 
 from agent.errors import ActfleetError
+from store import webhook_secrets
 from store.keys import Keys
 
 KEY_PREFIX = "af_"
@@ -61,21 +63,37 @@ def check_tenant(tenant: str) -> str:
     return tenant
 
 
-def create_key(
-    client: redis.Redis, keys: Keys, tenant: str, name: str = ""
-) -> tuple[str, ApiKeyInfo]:
-    """Make a key for ``tenant``; return the key (show it once) and what is stored."""
+@dataclass(frozen=True, slots=True)
+class IssuedKey:
+    key: str  # show it once
+    info: ApiKeyInfo
+    webhook_secret: str | None  # the tenant's signing secret when this key created it
+
+
+def issue_key(client: redis.Redis, keys: Keys, tenant: str, name: str = "") -> IssuedKey:
+    """Make a key for ``tenant``, and the tenant's webhook signing secret with its first
+    key (``store.webhook_secrets``), in one transaction; both are shown once."""
     check_tenant(tenant)
     key = new_key()
     info = ApiKeyInfo(hash_key(key), tenant, name, time.time())
+    secret = webhook_secrets.new_secret()
     pipe = client.pipeline(transaction=True)
     pipe.hset(
         keys.apikey(info.key_hash),
         mapping={"tenant": tenant, "name": name, "created_at": repr(info.created_at)},
     )
     pipe.zadd(keys.apikeys, {info.key_hash: info.created_at})
-    pipe.execute()
-    return key, info
+    webhook_secrets.create_if_missing(pipe, keys, tenant, secret)
+    created = pipe.execute()[-1]
+    return IssuedKey(key, info, secret if int(created) else None)
+
+
+def create_key(
+    client: redis.Redis, keys: Keys, tenant: str, name: str = ""
+) -> tuple[str, ApiKeyInfo]:
+    """``issue_key`` for callers that do not show the webhook secret (tests, tools)."""
+    issued = issue_key(client, keys, tenant, name)
+    return issued.key, issued.info
 
 
 def list_keys(client: redis.Redis, keys: Keys, tenant: str | None = None) -> list[ApiKeyInfo]:

@@ -1,6 +1,7 @@
 """Batches on the API's asyncio client: the record, status counts, results, cancel.
 
-A batch is ``{p}:batch:{id}`` (hash: id, tenant, total, created_at, cancel_requested),
+A batch is ``{p}:batch:{id}`` (hash: id, tenant, total, created_at, cancel_requested, and
+for a batch with a webhook: webhook_url; FINISH adds correct and finished_at),
 ``{p}:batch:{id}:tasks`` (the task ids in input order) and ``{p}:batch:{id}:counts``
 (terminal status -> count, bumped by FINISH). Stats are computed from the task records
 themselves, read with pipelined HMGETs: a finished task never changes, so its summary is
@@ -31,15 +32,19 @@ class BatchRecord:
     total: int
     created_at: float
     cancel_requested: bool = False
+    webhook_url: str | None = None  # batch.finished goes there (FINISH schedules it)
 
     def to_hash(self) -> dict[str, str]:
-        return {
+        h = {
             "id": self.id,
             "tenant": self.tenant,
             "total": str(self.total),
             "created_at": repr(self.created_at),
             "cancel_requested": "1" if self.cancel_requested else "0",
         }
+        if self.webhook_url:
+            h["webhook_url"] = self.webhook_url
+        return h
 
     @classmethod
     def from_hash(cls, h: dict[Any, Any]) -> BatchRecord:
@@ -50,6 +55,7 @@ class BatchRecord:
             total=int(d["total"]),
             created_at=float(d["created_at"]),
             cancel_requested=d.get("cancel_requested") == "1",
+            webhook_url=d.get("webhook_url") or None,
         )
 
 

@@ -14,8 +14,17 @@ Layout (``{p}`` is the configurable prefix, ``af`` by default)::
     {p}:apikey:{sha256}        hash    tenant, name, created_at (the key itself is never stored)
     {p}:apikeys                zset    sha256 -> created_at: every key, for `keys list`
     {p}:stats:finished         hash    terminal status -> count, fleet-wide (FINISH bumps it)
-    {p}:webhooks:due           zset    task id -> when its webhook is overdue (FINISH adds
-                                       it; a delivery's final outcome removes it)
+    {p}:webhooks:due           zset    task or batch id -> when its webhook's next attempt is
+                                       due (unix s). FINISH adds a finished task with a webhook,
+                                       and a batch with one when its last task finishes; a
+                                       claim moves it a lease ahead; a final outcome removes it
+    {p}:webhook:{id}           hash    the delivery of that task's or batch's webhook: event,
+                                       url, tenant, state, attempts, lease, deadline, ...
+    {p}:webhook:{id}:attempts  list    one JSON per attempt (at, status_code or error,
+                                       latency_ms, outcome), oldest first
+    {p}:tenant:{t}:whsec       hash    the tenant's signing secrets: current, previous,
+                                       previous_until (unix s), rotated_at
+    {p}:tenant:{t}:webhooks:disabled  hash  endpoint URL -> when it answered 410 Gone
     {p}:worker:{id}            string  a worker's heartbeat, with a TTL: JSON status
                                        {"leases": n, "pool_idle": n}
 """
@@ -27,8 +36,6 @@ from dataclasses import dataclass
 # Celery routing: the API enqueues by name, without importing the worker's code.
 TASK_QUEUE = "actfleet"
 RUN_TASK = "actfleet.run_task"
-DELIVER_WEBHOOK = "actfleet.deliver_webhook"
-WEBHOOK_QUEUE = "actfleet.webhooks"  # its own queue: a task backlog must not delay webhooks
 
 EVENT_FIELD = "e"
 STREAM_MAXLEN = 10_000  # entries kept per task stream (approximate trim)
@@ -37,7 +44,9 @@ RECORD_TTL_S = 30 * 24 * 3600  # task and batch records after they finish
 LEASE_TTL_S = 30.0  # a lease not renewed for this long is expired
 HEARTBEAT_INTERVAL_S = 5.0  # how often a worker renews its leases and its own heartbeat
 WORKER_TTL_S = 30.0
-WEBHOOK_GRACE_S = 60.0  # a finished task's webhook not settled by then is re-sent
+WEBHOOK_FIRST_DELAY_S = 0.0  # a finished task's webhook is due at once
+WEBHOOK_LEASE_S = 60.0  # a claimed attempt not settled by then is claimed again (> timeouts)
+WEBHOOK_ATTEMPTS_KEPT = 100  # attempts recorded per delivery (the newest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +94,18 @@ class Keys:
     @property
     def webhook_outbox(self) -> str:
         return f"{self.prefix}:webhooks:due"
+
+    def webhook(self, subject_id: str) -> str:
+        return f"{self.prefix}:webhook:{subject_id}"
+
+    def webhook_attempts(self, subject_id: str) -> str:
+        return f"{self.prefix}:webhook:{subject_id}:attempts"
+
+    def webhook_secrets(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:whsec"
+
+    def webhooks_disabled(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}:webhooks:disabled"
 
     @property
     def finished_counts(self) -> str:

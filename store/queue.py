@@ -66,7 +66,6 @@ def celery_config(
         "task_default_queue": keys.TASK_QUEUE,
         "task_routes": {
             keys.RUN_TASK: {"queue": keys.TASK_QUEUE},
-            keys.DELIVER_WEBHOOK: {"queue": keys.WEBHOOK_QUEUE},
         },
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,

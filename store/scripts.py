@@ -13,17 +13,21 @@ import json
 
 from agent.events import Event
 from agent.models import Result
-from store.keys import RECORD_TTL_S, STREAM_MAXLEN, STREAM_TTL_S, WEBHOOK_GRACE_S, Keys
+from store.keys import RECORD_TTL_S, STREAM_MAXLEN, STREAM_TTL_S, WEBHOOK_FIRST_DELAY_S, Keys
 
 # FINISH: move a task to a terminal status exactly once.
 # KEYS: 1 task hash, 2 lease, 3 running zset, 4 events stream, 5 tenant active counter,
-#       6 fleet-wide finished counts hash, 7 webhook outbox zset, 8 batch counts hash
-#       (optional: only when the task belongs to a batch). Build the call with finish_call.
+#       6 fleet-wide finished counts hash, 7 webhook outbox zset, 8 batch counts hash and
+#       9 batch hash (optional: only when the task belongs to a batch). Build the call with
+#       finish_call.
 # ARGV: 1 owner ("worker/attempt"; "" = unfenced, allowed only while the task is queued,
 #       which is how the API cancels a task no worker has taken), 2 status, 3 result JSON,
 #       4 finished_at, 5 terminal event JSON, 6 stream maxlen, 7 stream ttl_s,
-#       8 record ttl_s, 9 task id, 10 webhook grace_s, 11 the task's last step event JSON
-#       ("" = none: it was appended by STEP already), 12 that step's seq
+#       8 record ttl_s, 9 task id, 10 webhook first delay_s, 11 the task's last step event
+#       JSON ("" = none: it was appended by STEP already), 12 that step's seq, 13 "1" when
+#       the result is graded correct
+# A batch with a webhook gets its batch.finished due once: when the finished counts add
+# up to its total, which happens exactly once because each task finishes once.
 # The last step (the reply that answered) rides along with the result, appended first and
 # idempotent on its seq as STEP is: one round trip fewer at the end of every task.
 # Returns: the terminal event's stream id; 0 if already terminal; -1 if fenced out;
@@ -58,6 +62,18 @@ if redis.call('HEXISTS', KEYS[1], 'webhook_url') == 1 then
   redis.call('ZADD', KEYS[7], tonumber(ARGV[4]) + tonumber(ARGV[10]), ARGV[9])
 end
 if KEYS[8] then redis.call('HINCRBY', KEYS[8], ARGV[2], 1) end
+if KEYS[9] then
+  if ARGV[13] == '1' then redis.call('HINCRBY', KEYS[9], 'correct', 1) end
+  if redis.call('HEXISTS', KEYS[9], 'webhook_url') == 1 then
+    local done = 0
+    for _, n in ipairs(redis.call('HVALS', KEYS[8])) do done = done + tonumber(n) end
+    if done >= tonumber(redis.call('HGET', KEYS[9], 'total') or '0')
+       and redis.call('HSETNX', KEYS[9], 'finished_at', ARGV[4]) == 1 then
+      redis.call('ZADD', KEYS[7], tonumber(ARGV[4]) + tonumber(ARGV[10]),
+                 redis.call('HGET', KEYS[9], 'id'))
+    end
+  end
+end
 return id
 """
 
@@ -87,7 +103,7 @@ def finish_call(
         keys.webhook_outbox,
     ]
     if batch_id:
-        names.append(keys.batch_counts(batch_id))
+        names += [keys.batch_counts(batch_id), keys.batch(batch_id)]
     args: list[str | int | float] = [
         owner,
         result.status.value,
@@ -98,9 +114,10 @@ def finish_call(
         STREAM_TTL_S,
         RECORD_TTL_S,
         task_id,
-        WEBHOOK_GRACE_S,
+        WEBHOOK_FIRST_DELAY_S,
         last_step[0].to_json() if last_step else "",
         last_step[1] if last_step else 0,
+        "1" if result.correct is True else "0",
     ]
     return names, args
 
@@ -228,14 +245,4 @@ end
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('HSET', KEYS[1], 'status', 'queued')
 return 'requeue'
-"""
-
-# OVERDUE_WEBHOOKS: take up to ARGV[3] outbox entries due before ARGV[1] (now) and push
-# each ARGV[2] seconds ahead. KEYS: 1 outbox. Returns the task ids taken.
-OVERDUE_WEBHOOKS = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
-for _, id in ipairs(due) do
-  redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]), id)
-end
-return due
 """

@@ -99,7 +99,6 @@ class TaskStore:
         self._release = client.register_script(scripts.RELEASE)
         self._sweep = client.register_script(scripts.SWEEP)
         self._finish = client.register_script(scripts.FINISH)
-        self._overdue = client.register_script(scripts.OVERDUE_WEBHOOKS)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -127,30 +126,6 @@ class TaskStore:
     def get(self, task_id: str) -> TaskRecord | None:
         h = self._patient(lambda: self.r.hgetall(self.keys.task(task_id)))
         return TaskRecord.from_hash(h) if h else None
-
-    # -- the webhook outbox (FINISH adds a task with a webhook; see store.keys) ----------
-
-    def defer_webhook(self, task_id: str, delay_s: float) -> None:
-        """A delivery of ``task_id`` is under way: not overdue for ``delay_s`` more."""
-        self._patient(
-            lambda: self.r.zadd(
-                self.keys.webhook_outbox, {task_id: self.clock() + delay_s}, xx=True
-            )
-        )
-
-    def settle_webhook(self, task_id: str) -> None:
-        """The delivery reached a final outcome (delivered, refused, or given up)."""
-        self._patient(lambda: self.r.zrem(self.keys.webhook_outbox, task_id))
-
-    def overdue_webhooks(self, redo_after_s: float, limit: int = 100) -> list[str]:
-        """Tasks whose webhook is overdue (its worker died before delivering), each pushed
-        ``redo_after_s`` into the future so that only one sweeper re-sends it."""
-        out = self._patient(
-            lambda: self._overdue(
-                keys=[self.keys.webhook_outbox], args=[self.clock(), redo_after_s, limit]
-            )
-        )
-        return [_s(i) for i in out]
 
     def lease_owner(self, task_id: str) -> str | None:
         v = self._patient(lambda: self.r.get(self.keys.lease(task_id)))

@@ -26,9 +26,6 @@ from workers import metrics
 log = structlog.get_logger(__name__)
 
 
-WEBHOOK_REDO_S = 600.0  # after re-sending an overdue webhook, when to look at it again
-
-
 class Sweeper:
     def __init__(
         self,
@@ -69,12 +66,7 @@ class Sweeper:
             self.enqueue(task_id)
         for task_id, owner in out.exhausted:
             self._give_up(task_id, owner)
-        # A webhook whose worker died between finishing the task and delivering it.
-        overdue = self.store.overdue_webhooks(redo_after_s=WEBHOOK_REDO_S)
-        for task_id in overdue:
-            log.warning("webhook.resent", task_id=task_id, reason="overdue")
-            self.on_finished(task_id)
-        return len(out.requeue) + len(out.exhausted) + len(overdue)
+        return len(out.requeue) + len(out.exhausted)
 
     def _give_up(self, task_id: str, owner: str) -> None:
         record = self.store.get(task_id)

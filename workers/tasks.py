@@ -3,7 +3,8 @@
 
 Retries of ``run_task`` are bounded by the task record's attempt counter (it also counts
 attempts whose worker died, which Celery's own counter cannot see), so Celery's
-``max_retries`` is unbounded; ``deliver_webhook`` is bounded by ``webhook_max_attempts``.
+``max_retries`` is unbounded. Webhooks are not Celery tasks: their schedule lives in the
+outbox in Redis (``store.webhooks``), sent by each worker's ``WebhookDeliverer``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ if TYPE_CHECKING:
     from workers.worker import WorkerRuntime
 
 
-def register_tasks(
-    app: Celery, runtime: Callable[[], WorkerRuntime], webhook_attempts: int
-) -> None:
+def register_tasks(app: Celery, runtime: Callable[[], WorkerRuntime]) -> None:
     @app.task(
         name=keys.RUN_TASK,
         bind=True,
@@ -37,22 +36,3 @@ def register_tasks(
         if isinstance(outcome, RetryAfter):
             raise self.retry(countdown=outcome.delay_s)
         return outcome.reason
-
-    @app.task(
-        name=keys.DELIVER_WEBHOOK,
-        bind=True,
-        acks_late=True,
-        max_retries=webhook_attempts - 1,
-        ignore_result=True,
-    )
-    def deliver_webhook(self: Task, task_id: str) -> None:
-        from workers.webhooks import WebhookError, backoff_s
-
-        retries = self.request.retries
-        retry_in_s = backoff_s(retries) if retries < webhook_attempts - 1 else None
-        try:
-            runtime().deliver_webhook(task_id, retry_in_s)
-        except WebhookError as e:
-            if retry_in_s is None:
-                return  # given up (and settled): logged by the runtime
-            raise self.retry(exc=e, countdown=retry_in_s) from e

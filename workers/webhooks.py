@@ -1,11 +1,18 @@
-"""Webhook delivery, signed per the Standard Webhooks spec (standardwebhooks.com).
+"""The webhook contract, as pure functions: signing, payloads, outcomes and backoff.
 
-Headers: ``webhook-id`` (stable across retries, so receivers can de-duplicate),
-``webhook-timestamp`` (unix seconds) and ``webhook-signature`` =
-``"v1," + base64(HMAC-SHA256(secret, f"{id}.{timestamp}.{body}"))`` where ``secret`` is the
-base64 part of ``whsec_...``. The body is the task's public record. Delivery runs as its own
-Celery task (``workers.tasks``) with retries; only the attempt that finished a task
-schedules it.
+Signing follows the Standard Webhooks spec: ``webhook-id`` (the same on every attempt, so a
+receiver can de-duplicate), ``webhook-timestamp`` (unix seconds of this attempt) and
+``webhook-signature``: ``v1,`` + base64(HMAC-SHA256(key, f"{id}.{timestamp}.{body}")) where
+the key is the base64-decoded part of the tenant's ``whsec_`` secret; several signatures
+(during a secret rotation) are separated by spaces.
+
+Payloads are thin: ids, status, correctness, counts and links (paths on the API, which the
+receiver fetches with its API key) — never the answer or the trajectory.
+
+Outcomes of an attempt: a 2xx is ``delivered``; 408, 429, 5xx and network errors are
+retried with exponential backoff and jitter until the delivery's window ends; 410 Gone
+disables the endpoint for the tenant; any other answer (3xx included: redirects are not
+followed) is a final ``failed``.
 """
 
 from __future__ import annotations
@@ -14,77 +21,131 @@ import base64
 import hashlib
 import hmac
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping, Sequence
+from enum import StrEnum
 from typing import Any
 
-import httpx
+from store.records import TaskRecord
+from store.webhooks import BATCH_EVENT, TASK_EVENT
 
-from agent.errors import ActfleetError
-
-
-class WebhookError(ActfleetError):
-    """A delivery failed in a way worth retrying (network error, 5xx, 429)."""
+USER_AGENT = "actfleet-webhooks/1"
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    msg_id: str
-    url: str
-    body: str
+class Outcome(StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retrying"
+    FAILED = "failed"  # the receiver refused it for good
+    DISABLED = "disabled"  # 410 Gone: no more deliveries to this endpoint for the tenant
+    REFUSED = "refused"  # the destination is not allowed (SSRF policy)
+    GIVEN_UP = "given_up"  # worth retrying, but the window is spent
 
 
-def secret_bytes(secret: str) -> bytes:
+def secret_key(secret: str) -> bytes:
     """The HMAC key of a ``whsec_...`` secret."""
     return base64.b64decode(secret.removeprefix("whsec_"))
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: str) -> str:
-    mac = hmac.new(secret_bytes(secret), f"{msg_id}.{timestamp}.{body}".encode(), hashlib.sha256)
+    mac = hmac.new(secret_key(secret), f"{msg_id}.{timestamp}.{body}".encode(), hashlib.sha256)
     return "v1," + base64.b64encode(mac.digest()).decode()
 
 
-def headers(secret: str | None, msg_id: str, timestamp: int, body: str) -> dict[str, str]:
-    h = {
+def headers(secrets: Sequence[str], msg_id: str, timestamp: int, body: str) -> dict[str, str]:
+    """The request headers of one attempt, signed with every secret in ``secrets``."""
+    if not secrets:
+        raise ValueError("a webhook is always signed: no secret given")
+    return {
         "content-type": "application/json",
+        "user-agent": USER_AGENT,
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
+        "webhook-signature": " ".join(sign(s, msg_id, timestamp, body) for s in secrets),
     }
-    if secret:
-        h["webhook-signature"] = sign(secret, msg_id, timestamp, body)
-    return h
 
 
-def delivery_for(public_record: Mapping[str, Any], url: str) -> Delivery:
-    body = json.dumps({"type": "task.finished", "data": dict(public_record)}, separators=(",", ":"))
-    return Delivery(msg_id=f"msg_{public_record['id']}_finished", url=url, body=body)
+def task_payload(record: TaskRecord, now: float) -> dict[str, Any]:
+    """``task.finished``: which task, how it ended, where to read more."""
+    result = record.result
+    url = f"/v1/tasks/{record.id}"
+    return _envelope(
+        TASK_EVENT,
+        now,
+        {
+            "task_id": record.id,
+            "custom_id": record.spec.custom_id,
+            "batch_id": record.batch_id,
+            "status": record.status.value,
+            "failure_class": result.failure_class.value
+            if result and result.failure_class
+            else None,
+            "correct": result.correct if result else None,
+            "turns": result.turns if result else 0,
+            "attempt": record.attempt,
+            "finished_at": record.finished_at,
+            "links": {"task": url, "events": f"{url}/events", "webhook": f"{url}/webhook"},
+        },
+    )
 
 
-def deliver(delivery: Delivery, secret: str | None, timestamp: int, timeout_s: float = 10.0) -> int:
-    """POST once. Returns the status code for a final outcome (2xx, or a 4xx other than
-    408/429: retrying will not help); raises ``WebhookError`` for one worth retrying."""
-    try:
-        resp = httpx.post(
-            delivery.url,
-            content=delivery.body.encode(),
-            headers=headers(secret, delivery.msg_id, timestamp, delivery.body),
-            timeout=timeout_s,
-            follow_redirects=False,
-        )
-    except httpx.HTTPError as e:
-        raise WebhookError(f"webhook to {delivery.url} failed: {e!r}") from e
-    if resp.status_code >= 500 or resp.status_code in (408, 429):
-        raise WebhookError(f"webhook to {delivery.url} answered {resp.status_code}")
-    return resp.status_code
+def batch_payload(
+    batch: Mapping[str, str], counts: Mapping[str, int], now: float
+) -> dict[str, Any]:
+    """``batch.finished``: the batch's counts per status, how many were graded correct."""
+    batch_id = batch["id"]
+    url = f"/v1/batches/{batch_id}"
+    cancelled = batch.get("cancel_requested") == "1"
+    return _envelope(
+        BATCH_EVENT,
+        now,
+        {
+            "batch_id": batch_id,
+            "status": "cancelled" if cancelled else "finished",
+            "total": int(batch.get("total", 0)),
+            "counts": dict(counts),
+            "correct": int(batch.get("correct", 0)),
+            "finished_at": float(batch["finished_at"]) if batch.get("finished_at") else None,
+            "links": {
+                "batch": url,
+                "results": f"{url}/results",
+                "webhook": f"{url}/webhook",
+            },
+        },
+    )
 
 
-def backoff_s(retries: int, base_s: float = 5.0, cap_s: float = 3600.0) -> float:
-    """Delay before retry number ``retries + 1``: 5 s, 10 s, 20 s, ... capped."""
-    return float(min(cap_s, base_s * 2**retries))
+def body_of(payload: Mapping[str, Any]) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
 
 
-def schedule(app: Any, task_id: str) -> None:
-    """Enqueue the delivery of ``task_id``'s webhook (called by the finishing attempt)."""
-    from store import keys
+def outcome_of(status_code: int) -> Outcome:
+    if 200 <= status_code < 300:
+        return Outcome.DELIVERED
+    if status_code == 410:
+        return Outcome.DISABLED
+    if status_code in (408, 429) or status_code >= 500:
+        return Outcome.RETRY
+    return Outcome.FAILED
 
-    app.send_task(keys.DELIVER_WEBHOOK, args=[task_id], queue=keys.WEBHOOK_QUEUE)
+
+def retry_at(
+    attempt: int,
+    now: float,
+    deadline: float,
+    *,
+    base_s: float,
+    max_s: float,
+    rand: Callable[[], float],
+) -> float | None:
+    """When to try again after failed attempt number ``attempt`` (1-based): base, 2*base,
+    4*base, ... capped at ``max_s``, each scaled by a random factor in [0.5, 1) so that
+    deliveries that failed together do not return together; None once that is past
+    ``deadline`` (give up)."""
+    delay = min(max_s, base_s * 2.0 ** (attempt - 1)) * (0.5 + 0.5 * rand())
+    at = now + delay
+    return at if at <= deadline else None
+
+
+def _envelope(event: str, now: float, data: dict[str, Any]) -> dict[str, Any]:
+    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    return {"type": event, "timestamp": ts, "data": data}

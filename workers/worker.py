@@ -14,7 +14,6 @@ import os
 import socket
 import sys
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,9 +25,10 @@ from celery.signals import worker_ready, worker_shutdown
 from actfleet.heap import freeze_startup_heap
 from actfleet.settings import Settings
 from store import keys
-from store.keys import HEARTBEAT_INTERVAL_S, WEBHOOK_GRACE_S, Keys
+from store.keys import HEARTBEAT_INTERVAL_S, Keys
 from store.tasks import TaskStore
-from workers import metrics, webhooks
+from store.webhooks import WebhookOutbox
+from workers import metrics
 from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
 from workers.leases import Heartbeat
 from workers.lull import LullExecutor
@@ -36,6 +36,7 @@ from workers.runner import Runner
 from workers.sandbox import make_provider
 from workers.sandbox.reaper import Reaper
 from workers.sweeper import Sweeper
+from workers.webhook_delivery import DeliveryPolicy, WebhookDeliverer
 
 log = structlog.get_logger(__name__)
 
@@ -62,12 +63,18 @@ class WorkerRuntime:
             redis_client(settings.redis_url or DEFAULT_REDIS_URL), Keys(settings.key_prefix)
         )
         self.heartbeat = Heartbeat(self.store, self.worker_id, interval_s=2.0)
+        self.webhooks = WebhookDeliverer(
+            WebhookOutbox(self.store.r, self.store.keys),
+            self.store.get,
+            DeliveryPolicy.from_settings(settings),
+            self.worker_id,
+        )
         self.sweeper = Sweeper(
             self.store,
             self.worker_id,
             max_attempts=settings.max_attempts,
             enqueue=lambda task_id: enqueue(app, task_id),
-            on_finished=self._schedule_webhook_if_any,
+            on_finished=lambda task_id: self.webhooks.wake(),
             interval_s=HEARTBEAT_INTERVAL_S,
         )
         self._runner: Runner | None = None
@@ -110,7 +117,7 @@ class WorkerRuntime:
             self.heartbeat,
             self._pool,
             worker_id=self.worker_id,
-            on_finished=lambda t: webhooks.schedule(self.app, t),
+            on_finished=lambda task_id: self.webhooks.wake(),  # FINISH made it due
             sandbox_closer=self._closer,
         )
 
@@ -126,6 +133,7 @@ class WorkerRuntime:
             start_pool()
         self.heartbeat.status = self._status
         self.sweeper.start()
+        self.webhooks.start()
         frozen = freeze_startup_heap()  # last: everything the process keeps exists now
         log.info(
             "worker.started",
@@ -157,6 +165,7 @@ class WorkerRuntime:
         if self._reaper is not None:
             self._reaper.stop()
         self.sweeper.close()
+        self.webhooks.close()
         self.heartbeat.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -167,43 +176,13 @@ class WorkerRuntime:
             close()
         log.info("worker.stopped", worker=self.worker_id)
 
-    def deliver_webhook(self, task_id: str, retry_in_s: float | None) -> None:
-        """POST the task's webhook once. A final outcome settles it in the outbox; a failure
-        worth retrying raises ``WebhookError`` after deferring the outbox entry past the
-        retry (``retry_in_s``; None: no retry left, so the delivery is given up)."""
-        record = self.store.get(task_id)
-        if record is None or record.spec.webhook is None:
-            self.store.settle_webhook(task_id)
-            return
-        delivery = webhooks.delivery_for(record.public(), record.spec.webhook.url)
-        try:
-            status = webhooks.deliver(delivery, self.settings.webhook_secret, int(time.time()))
-        except webhooks.WebhookError as e:
-            if retry_in_s is None:
-                self.store.settle_webhook(task_id)
-                metrics.WEBHOOKS.labels("given_up").inc()
-                log.error("webhook.given_up", task_id=task_id, error=str(e))
-            else:
-                self.store.defer_webhook(task_id, retry_in_s + WEBHOOK_GRACE_S)
-                metrics.WEBHOOKS.labels("retrying").inc()
-            raise
-        self.store.settle_webhook(task_id)
-        outcome = "delivered" if 200 <= status < 300 else "rejected"
-        metrics.WEBHOOKS.labels(outcome).inc()
-        log.info("webhook.sent", task_id=task_id, http_status=status)
-
-    def _schedule_webhook_if_any(self, task_id: str) -> None:
-        record = self.store.get(task_id)
-        if record is not None and record.spec.webhook is not None:
-            webhooks.schedule(self.app, task_id)
-
 
 def make_worker_app(settings: Settings) -> tuple[Celery, WorkerRuntime]:
     from workers.tasks import register_tasks
 
     app = make_celery(settings)
     runtime = WorkerRuntime(settings, app)
-    register_tasks(app, lambda: runtime, settings.webhook_max_attempts)
+    register_tasks(app, lambda: runtime)
 
     def on_ready(sender: object = None, **_: object) -> None:
         if getattr(sender, "app", None) is app:
@@ -231,7 +210,7 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
             "worker",
             "--pool=threads",
             f"--concurrency={settings.worker_concurrency}",
-            f"--queues={keys.TASK_QUEUE},{keys.WEBHOOK_QUEUE}",
+            f"--queues={keys.TASK_QUEUE}",
             f"--loglevel={loglevel}",
             "--without-gossip",
             "--without-mingle",

@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="submit the tasks once per action format (e.g. code,json,text), one batch each",
     )
     b.add_argument("--json", action="store_true", help="print one JSON document")
+    b.add_argument("--webhook", metavar="URL", help="POST a signed batch.finished here at the end")
     b.set_defaults(func=batch)
 
     t = sub.add_parser("tail", help="follow a task's events until it finishes")
@@ -135,7 +136,7 @@ def batch(args: argparse.Namespace) -> int:
             return batch_formats(args, client, body)
     console = Console(stderr=True, highlight=False)
     with _client() as client:
-        accepted = client.submit_batch(body)
+        accepted = client.submit_batch(body, webhook_url=args.webhook)
         batch_id = accepted["id"]
         if not args.wait:
             if args.json:

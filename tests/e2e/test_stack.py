@@ -5,11 +5,8 @@ scripted fake model server over HTTP. Everything a client sees goes through the 
 
 from __future__ import annotations
 
-import base64
-import http.server
 import json
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +19,9 @@ import redis
 from actfleet.client import ApiError, Client
 from actfleet.fakellm import FakeLLMServer, load_script
 from actfleet.stack import LocalStack
-from store.apikeys import create_key
+from store.apikeys import create_key, issue_key
 from store.keys import Keys
-from workers.webhooks import sign
+from tests.receivers import Receiver
 
 pytestmark = [
     pytest.mark.e2e,
@@ -33,7 +30,6 @@ pytestmark = [
 ]
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"test-secret-for-webhooks").decode()
 
 SCRIPT: list[dict[str, Any]] = [
     # Cancel target: code that would run for two minutes.
@@ -96,7 +92,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "OPENAI_API_KEY": "test",
             "ACTFLEET_SANDBOX": "bwrap",
             "ACTFLEET_MODEL": "fake",
-            "ACTFLEET_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "ACTFLEET_WEBHOOK_ALLOWLIST": "127.0.0.1/32",
+            "ACTFLEET_WEBHOOK_POLL_S": "0.2",
         }
         local = LocalStack(concurrency=8, env=env, state_dir=tmp_path_factory.mktemp("stack"))
         with local:
@@ -256,39 +253,23 @@ def test_metrics_count_finished_tasks_by_status(stack: Stack) -> None:
 
 
 def test_a_finished_task_calls_its_webhook_signed_per_standard_webhooks(stack: Stack) -> None:
-    # Given a receiver on loopback
-    received: list[tuple[dict[str, str], bytes]] = []
-
-    class Receiver(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    # Given a tenant (its first key made its signing secret) and a receiver on loopback
+    issued = issue_key(stack.redis, stack.keys, "hooked")
+    assert issued.webhook_secret is not None
+    receiver = Receiver()
     try:
         # When a task with a webhook finishes
-        with stack.client() as c:
-            task_id = c.submit(spec("Compute: 3*3", webhook={"url": url}))["id"]
+        with Client(stack.stack.api_url, issued.key) as c:
+            task_id = c.submit(spec("Compute: 3*3", webhook={"url": receiver.url()}))["id"]
             list(c.events(task_id))
-        deadline = time.monotonic() + 15
-        while not received and time.monotonic() < deadline:
-            time.sleep(0.1)
+            receiver.wait_for(1, timeout_s=15)
+            record = c.task_webhook(task_id)
     finally:
-        server.shutdown()
-    # Then the receiver got one POST whose signature verifies, carrying the result
-    [(headers, body)] = received
-    expected = sign(
-        WEBHOOK_SECRET, headers["webhook-id"], int(headers["webhook-timestamp"]), body.decode()
-    )
-    assert headers["webhook-signature"] == expected
-    payload = json.loads(body)
+        receiver.close()
+    # Then the receiver got one POST that an independent implementation verifies
+    [got] = receiver.received
+    payload = got.verify(issued.webhook_secret)
     assert payload["type"] == "task.finished"
-    assert payload["data"]["id"] == task_id and payload["data"]["result"]["answer"] == "9"
+    assert payload["data"]["task_id"] == task_id and payload["data"]["status"] == "completed"
+    assert record["state"] == "delivered" and record["attempts"][0]["status_code"] == 204
     assert stack.redis.zcard(stack.keys.webhook_outbox) == 0  # settled
