@@ -6,6 +6,8 @@ The server listens on a free port with its data in a temp dir, persistence as in
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,36 @@ import pytest
 from actfleet.stack import RedisServer, free_port
 
 __all__ = ["RedisServer", "free_port"]
+
+NETGUARD_DIR = Path(__file__).with_name("netguard")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Enforce the network rule in this process and in every Python process a test starts
+    (see ``tests/netguard/guard.py``); the session fails if any of them broke it."""
+    from tests.netguard import guard
+
+    fd, log = tempfile.mkstemp(prefix="actfleet-netguard-", suffix=".log")
+    os.close(fd)
+    os.environ["ACTFLEET_NETGUARD"] = "1"
+    os.environ[guard.LOG_ENV] = log
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(NETGUARD_DIR), os.environ.get("PYTHONPATH", "")) if p
+    )
+    guard.install()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    from tests.netguard import guard
+
+    log = Path(os.environ.get(guard.LOG_ENV, ""))
+    if not log.is_file():
+        return
+    text = log.read_text()
+    log.unlink()
+    if text.strip():
+        print("\nNETWORK RULE VIOLATIONS (a test tried to reach a non-loopback address):\n" + text)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
