@@ -7,12 +7,32 @@ FastAPI's own validation errors (bad query parameters) are rewritten to the same
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from agent.specschema import printable
+
+
+def encode_json(content: Any) -> bytes:
+    """Compact JSON as UTF-8. Text UTF-8 cannot encode (a lone surrogate, say in a model's
+    answer) goes out as a ``\\u`` escape instead of failing the response."""
+    text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+class JSONOut(JSONResponse):
+    """The API's JSON responses, rendered with ``encode_json``."""
+
+    def render(self, content: Any) -> bytes:
+        return encode_json(content)
 
 
 class ApiError(HTTPException):
@@ -33,14 +53,14 @@ def install_handlers(app: FastAPI) -> None:
         problems = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path"))
-            problems.append(f"{where or 'request'}: {err.get('msg', 'is invalid')}")
+            problems.append(printable(f"{where or 'request'}: {err.get('msg', 'is invalid')}"))
         message = "the request is invalid: " + "; ".join(problems)
-        return JSONResponse({"detail": {"message": message, "problems": problems}}, 422)
+        return JSONOut({"detail": {"message": message, "problems": problems}}, 422)
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail)}
-        return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
+        return JSONOut({"detail": detail}, exc.status_code, headers=exc.headers)
 
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -9,20 +9,22 @@ from fastapi.responses import StreamingResponse
 
 from agent.models import Status
 from api.auth import Tenant
-from api.bodies import parse_spec, read_body, server_policy
-from api.errors import ApiError, not_found
-from api.schemas import ERRORS, ErrorOut, TaskAccepted, TaskOut, TaskPage, TaskSpecIn
+from api.bodies import parse_spec, read_body, spec_rules
+from api.errors import ApiError, JSONOut, not_found
+from api.schemas import ERRORS, SPEC_REF, ErrorOut, TaskAccepted, TaskOut, TaskPage
 from api.sse import check_event_id, event_stream
 from api.submit import submit
 from api.webhooks import vet_webhooks
 from store.aio import AlreadyFinished
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=ERRORS)
+router = APIRouter(
+    prefix="/v1/tasks", tags=["tasks"], responses=ERRORS, default_response_class=JSONOut
+)
 
 _SPEC_BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": TaskSpecIn.model_json_schema()}},
+        "content": {"application/json": {"schema": {"$ref": SPEC_REF}}},
     }
 }
 
@@ -42,7 +44,7 @@ _SPEC_BODY = {
 async def create_task(request: Request, response: Response, tenant: Tenant) -> dict[str, Any]:
     """Queue one task. The body is a task spec (see the schema); answers 202 with its id."""
     settings = request.app.state.settings
-    spec = parse_spec(await read_body(request, settings.max_request_bytes), server_policy(settings))
+    spec = parse_spec(await read_body(request, settings.max_request_bytes), spec_rules(settings))
     await vet_webhooks(request.app.state, tenant, [spec])
     [rec] = await submit(request.app.state, tenant, [spec])
     url = f"/v1/tasks/{rec.id}"
