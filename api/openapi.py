@@ -33,6 +33,10 @@ def build_document(app: FastAPI, settings: Settings) -> dict[str, Any]:
     )
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas.update(json_schema(spec_rules(settings).table, lambda name: REF_PREFIX + name))
+    for path in doc.get("paths", {}).values():
+        for operation in path.values():
+            for parameter in operation.get("parameters", ()):
+                parameter["schema"] = _without_null(parameter["schema"])
     schemas["Batch"] = {
         "type": "array",
         "items": {"$ref": SPEC_REF},
@@ -41,3 +45,19 @@ def build_document(app: FastAPI, settings: Settings) -> dict[str, Any]:
         "description": "Task specs; each `custom_id` at most once.",
     }
     return doc
+
+
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional parameter's schema without its ``null`` branch: a query string or a
+    header cannot carry null, only leave the parameter out (FastAPI documents ``X | None``
+    as ``anyOf: [X, null]``, which a client would send as the text "null")."""
+    branches = schema.get("anyOf")
+    if not branches:
+        return schema
+    kept = [b for b in branches if b != {"type": "null"}]
+    if len(kept) != 1:
+        return schema
+    rest = {k: v for k, v in schema.items() if k != "anyOf"}
+    if schema.get("default", ...) is None:
+        rest.pop("default")
+    return {**kept[0], **rest}

@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from agent.export import Filter, export_line, needs_trajectory
@@ -14,6 +14,7 @@ from api.auth import Tenant
 from api.bodies import parse_batch, read_body, spec_rules
 from api.errors import JSONOut, encode_json, not_found
 from api.schemas import BATCH_REF, ERRORS, BatchAccepted, BatchCancelled, BatchOut, ErrorOut
+from api.strict import known_query_only
 from api.submit import submit
 from api.webhooks import vet_webhooks
 from store.batches import BatchRecord, BatchStore
@@ -22,7 +23,11 @@ from store.records import new_batch_id
 EXPORT_CHUNK = 100  # task records read at a time by an export: its memory bound
 
 router = APIRouter(
-    prefix="/v1/batches", tags=["batches"], responses=ERRORS, default_response_class=JSONOut
+    prefix="/v1/batches",
+    tags=["batches"],
+    responses=ERRORS,
+    default_response_class=JSONOut,
+    dependencies=[Depends(known_query_only)],
 )
 
 _BATCH = {"$ref": BATCH_REF}

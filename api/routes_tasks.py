@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from agent.models import Status
@@ -12,13 +12,20 @@ from api.auth import Tenant
 from api.bodies import parse_spec, read_body, spec_rules
 from api.errors import ApiError, JSONOut, not_found
 from api.schemas import ERRORS, SPEC_REF, ErrorOut, TaskAccepted, TaskOut, TaskPage
-from api.sse import check_event_id, event_stream
+from api.sse import STREAM_ID, check_event_id, event_stream
+from api.strict import known_query_only
 from api.submit import submit
 from api.webhooks import vet_webhooks
 from store.aio import AlreadyFinished
 
+EVENT_ID_PATTERN = f"^(?:{STREAM_ID})?$"  # what check_event_id takes; "" or 0: from the start
+
 router = APIRouter(
-    prefix="/v1/tasks", tags=["tasks"], responses=ERRORS, default_response_class=JSONOut
+    prefix="/v1/tasks",
+    tags=["tasks"],
+    responses=ERRORS,
+    default_response_class=JSONOut,
+    dependencies=[Depends(known_query_only)],
 )
 
 _SPEC_BODY = {
@@ -118,9 +125,16 @@ async def task_events(
     task_id: str,
     tenant: Tenant,
     last_event_id: Annotated[
-        str | None, Query(description="resume after this event id (or send Last-Event-ID)")
+        str | None,
+        Query(
+            description="resume after this event id (or send Last-Event-ID)",
+            json_schema_extra={"pattern": EVENT_ID_PATTERN},
+        ),
     ] = None,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id_header: Annotated[
+        str | None,
+        Header(alias="Last-Event-ID", json_schema_extra={"pattern": EVENT_ID_PATTERN}),
+    ] = None,
 ) -> StreamingResponse:
     """Replay the task's events from the start (or after ``Last-Event-ID``), then follow
     them live; each event is sent once, in order, and the stream ends after the last."""
