@@ -24,9 +24,9 @@ from agent.specschema import (
     Checker,
     Section,
     problems_anywhere,
-    replace_unencodable,
     type_name,
 )
+from agent.text import replace_unencodable
 
 __all__ = ["ACTION_FORMATS", "GRADERS", "MAX_FILES_BYTES"]
 

@@ -34,11 +34,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.destinations import MAX_URL_CHARS
+from agent.text import encodable, printable
 
 MAX_DEPTH = 32  # of nested lists and objects in a whole spec (expected.answer is free-form)
 WHITESPACE = " \t\n\r\f\v"
 _NOT_BLANK = "[^ \\t\\n\\r\\f\\v]"  # one character other than ASCII whitespace
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,31 +460,6 @@ def _walk(raw: object) -> Iterator[tuple[str, object, int]]:
             stack.extend(
                 (f"{where}[{i}]", v, depth + 1) for i, v in reversed(list(enumerate(item)))
             )
-
-
-def encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def printable(text: str) -> str:
-    """``text`` with what UTF-8 cannot encode shown as ``\\udfff`` escapes."""
-    return text if encodable(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def replace_unencodable(value: Any) -> Any:
-    """A JSON value with every lone surrogate replaced by U+FFFD (for stored records
-    written before they were refused)."""
-    if isinstance(value, str):
-        return value if encodable(value) else _SURROGATE.sub("\ufffd", value)
-    if isinstance(value, list):
-        return [replace_unencodable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {replace_unencodable(k): replace_unencodable(v) for k, v in value.items()}
-    return value
 
 
 def type_name(value: object) -> str:

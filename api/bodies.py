@@ -29,8 +29,8 @@ from agent.specschema import (
     Section,
     find,
     narrow,
-    printable,
 )
+from agent.text import printable
 from api.errors import ApiError
 from api.webhooks import destination_problems
 

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from agent.specschema import printable
+from agent.text import printable
 
 
 def encode_json(content: Any) -> bytes:

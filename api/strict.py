@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import Request
 
-from agent.specschema import printable
+from agent.text import printable
 from api.errors import ApiError
 
 

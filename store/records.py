@@ -17,7 +17,7 @@ from typing import Any
 
 from agent.errors import ActfleetError
 from agent.models import Result, Status, TaskSpec
-from agent.specschema import replace_unencodable
+from agent.text import replace_unencodable
 
 
 class RecordError(ActfleetError):

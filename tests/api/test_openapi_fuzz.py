@@ -123,4 +123,3 @@ def test_bodies_generated_from_the_schema_were_queued() -> None:
     # checks that valid bodies were sent at all, and queued.
     assert statuses[("POST /v1/tasks", 202)] > 0, statuses
     assert statuses[("POST /v1/batches", 202)] > 0, statuses
-

@@ -561,3 +561,15 @@ def test_a_starting_worker_clears_dead_workers_folders_and_keeps_live_ones(
         live.send_signal(signal.SIGTERM)
         live.wait()
         bwrap_dirs.clear_stale()
+
+
+def test_a_lone_surrogate_in_the_codes_output_does_not_kill_the_session(
+    sandbox: BwrapSandbox,
+) -> None:
+    # Given a session with state, and code whose traceback holds text UTF-8 cannot encode
+    assert sandbox.execute("x = 41", 5, 1000).ok
+    r = sandbox.execute("raise ValueError('bad \\udfff text')", 5, 1000)
+    # Then the traceback comes back, the bad character replaced, and the session lives on
+    assert not r.state_lost, r.note
+    assert r.error is not None and "ValueError: bad \ufffd" in r.error
+    assert sandbox.execute("x + 1", 5, 1000).value == "42"
