@@ -21,6 +21,7 @@ import redis
 import schemathesis
 from hypothesis import HealthCheck, settings
 
+from api import webhooks as api_webhooks
 from api.app import create_app
 from store.apikeys import create_key
 from store.keys import Keys
@@ -46,32 +47,79 @@ def _ndjson(ctx: schemathesis.SerializationContext, value: Any) -> bytes:
     return b"".join(json.dumps(item).encode() + b"\n" for item in items)
 
 
-@schema.hook("map_body")
-def _what_a_schema_cannot_say(ctx: schemathesis.HookContext, body: Any) -> Any:
-    """Two rules JSON Schema cannot express, applied to generated bodies:
+@schema.hook("map_case")
+def _what_a_schema_cannot_say(ctx: schemathesis.HookContext, case: schemathesis.Case) -> Any:
+    """Two rules JSON Schema cannot express, applied to generated requests (``map_case``
+    runs in every phase, the coverage phase included):
 
-    - ``webhook`` goes: a webhook URL is checked against SSRF rules (no schema can say
-      which hosts resolve where), and a test may never make a connection off loopback;
+    - webhooks go (``webhook`` in a spec, ``webhook_url`` of a batch): a webhook URL is
+      checked against SSRF rules (no schema can say which hosts resolve where), and a
+      test may never make a connection off loopback;
     - a batch's repeated ``custom_id`` goes: ids must be unique within a batch, and JSON
-      Schema has no uniqueness of one property across items.
+      Schema has no uniqueness of one property across items;
+    - a file whose path is another's directory (or under another's path) goes: a path is a
+      file or a directory, not both, which no schema of one item can say.
+
+    Only cases meant to be valid are changed: in a case meant to violate the schema the
+    violation may be one of these very fields, and the server refuses the rest of such a
+    request before it would look a webhook's host up.
     """
-    specs = body if isinstance(body, list) else [body]
+    if case.meta is not None and not case.meta.generation.mode.is_positive:
+        return case
+    if isinstance(case.query, dict):
+        case.query.pop("webhook_url", None)
+    specs = case.body if isinstance(case.body, list) else [case.body]
     seen: set[str] = set()
     for spec in specs:
         if not isinstance(spec, dict):
             continue
         spec.pop("webhook", None)
+        if isinstance(spec.get("files"), list):
+            spec["files"] = _without_conflicts(spec["files"])
         custom_id = spec.get("custom_id")
         if isinstance(custom_id, str) and custom_id in seen:
             del spec["custom_id"]
         elif isinstance(custom_id, str):
             seen.add(custom_id)
-    return body
+    return case
+
+
+def _without_conflicts(files: list[Any]) -> list[Any]:
+    kept, paths, dirs = [], set(), set()
+    for f in files:
+        path = f.get("path") if isinstance(f, dict) else None
+        if isinstance(path, str):
+            parents = {"/".join(path.split("/")[:i]) for i in range(1, path.count("/") + 1)}
+            if path in dirs or parents & paths:
+                continue
+            paths.add(path)
+            dirs |= parents
+        kept.append(f)
+    return kept
+
+
+@schema.hook("filter_case")
+def _consistent_modes(ctx: schemathesis.HookContext, case: schemathesis.Case) -> bool:
+    """Drop a case labelled positive whose body was generated negative (the coverage phase
+    makes some while it varies a query parameter): positive data acceptance would demand
+    a 2xx for a body that violates the schema."""
+    meta = case.meta
+    if meta is None or not meta.generation.mode.is_positive:
+        return True
+    return all(c.mode.is_positive for c in meta.components.values())
+
+
+async def _no_dns(host: str, port: int) -> list[Any]:
+    raise OSError("this test resolves no names (traffic stays on loopback)")
 
 
 @pytest.fixture(scope="module")
 def served(redis_url_session: str) -> Iterator[tuple[str, str]]:
-    """The API's URL and a tenant's key; the API serves the document ``schema`` was made of."""
+    """The API's URL and a tenant's key; the API serves the document ``schema`` was made of.
+    It runs in this process, with webhook host resolution replaced: a safety net, as no
+    generated request carries a webhook."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(api_webhooks, "resolve", _no_dns)
     server = ApiServer(fleet_settings(redis_url_session, **OVERRIDES)).start()
     client = redis.Redis.from_url(redis_url_session)
     key, _ = create_key(client, Keys("t"), "fuzz")
@@ -81,6 +129,7 @@ def served(redis_url_session: str) -> Iterator[tuple[str, str]]:
     finally:
         server.stop()
         client.close()
+        patch.undo()
 
 
 def test_every_built_in_check_is_on() -> None:
