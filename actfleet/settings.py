@@ -7,12 +7,17 @@ at import time. The model server is configured by the ``openai`` SDK's own
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+import hashlib
+from typing import Any, Literal, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agent.destinations import Allowlist
+from agent.specschema import LIMITS, MAX_FILES_BYTES, SANDBOX, Number
+
+DEFAULT_MAX_BATCH_TASKS = 10_000
 
 
 class Settings(BaseSettings):
@@ -31,6 +36,20 @@ class Settings(BaseSettings):
     sandbox: Literal["bwrap", "docker"] = "bwrap"
     sandbox_image: str = "actfleet-sandbox:latest"
     sandbox_allow_network: bool = Field(False, description="may a task ask for network access")
+    sandbox_max_memory_mb: int = Field(
+        4096, ge=64, description="the largest sandbox.memory_mb a task may ask for"
+    )
+    sandbox_max_cpus: float = Field(4.0, gt=0, description="the largest sandbox.cpus")
+    sandbox_work_mb: int = Field(256, ge=1, description="size of a sandbox's /work (tmpfs)")
+    sandbox_work_files: int = Field(
+        10_000, ge=16, description="files and directories a sandbox's /work may hold"
+    )
+    fleet_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="labels this deployment's sandbox containers, so that a reaper removes "
+        "only its own; default: derived from the Redis URL and the key prefix",
+    )
     pool_min: int = 2
     pool_max: int = 8
     pool_idle_s: float = 300.0
@@ -66,8 +85,13 @@ class Settings(BaseSettings):
     api_url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
     max_request_bytes: int = 64 * 1024 * 1024
-    max_batch_tasks: int = 20_000
-    max_active_per_tenant: int = 10_000
+    max_batch_tasks: int = Field(
+        DEFAULT_MAX_BATCH_TASKS,
+        ge=1,
+        description="tasks in one batch: at most max_active_per_tenant (and by default "
+        "10,000 or max_active_per_tenant, whichever is lower)",
+    )
+    max_active_per_tenant: int = Field(10_000, ge=1, description="unfinished tasks per tenant")
     sse_heartbeat_s: float = Field(
         15.0, gt=0, description="idle SSE streams get a comment this often"
     )
@@ -90,3 +114,73 @@ class Settings(BaseSettings):
     def allowlist(self) -> Allowlist:
         """``webhook_allowlist``, parsed."""
         return Allowlist.parse(self.webhook_allowlist)
+
+    @property
+    def fleet(self) -> str:
+        """This deployment's fleet id: ``fleet_id``, else a hash of what its processes
+        share (the Redis URL and the key prefix), so two deployments on one Docker engine
+        differ and every process of one agrees."""
+        if self.fleet_id:
+            return self.fleet_id
+        shared = f"{self.redis_url or ''}|{self.key_prefix}".encode()
+        return hashlib.sha256(shared).hexdigest()[:16]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_default(cls, data: Any) -> Any:
+        """Without its own setting, a batch may be as large as a tenant's budget allows."""
+        if isinstance(data, dict) and data.get("max_batch_tasks") is None:
+            with contextlib.suppress(TypeError, ValueError):  # the field check reports it
+                active = int(data.get("max_active_per_tenant") or DEFAULT_MAX_BATCH_TASKS)
+                data = {**data, "max_batch_tasks": min(DEFAULT_MAX_BATCH_TASKS, active)}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        """Refuse settings that contradict each other, at start-up, saying which."""
+        problems = []
+        if self.max_batch_tasks > self.max_active_per_tenant:
+            problems.append(
+                f"ACTFLEET_MAX_BATCH_TASKS ({self.max_batch_tasks}) is above "
+                f"ACTFLEET_MAX_ACTIVE_PER_TENANT ({self.max_active_per_tenant}): a batch that "
+                "large could never be queued; lower the first or raise the second"
+            )
+        if self.pool_min > self.pool_max:
+            problems.append(
+                f"ACTFLEET_POOL_MIN ({self.pool_min}) is above ACTFLEET_POOL_MAX ({self.pool_max})"
+            )
+        if self.retry_backoff_s > self.retry_backoff_max_s:
+            problems.append(
+                f"ACTFLEET_RETRY_BACKOFF_S ({self.retry_backoff_s:g}) is above "
+                f"ACTFLEET_RETRY_BACKOFF_MAX_S ({self.retry_backoff_max_s:g})"
+            )
+        memory = SANDBOX.field("memory_mb")
+        if self.sandbox_max_memory_mb < memory.default:
+            problems.append(
+                f"ACTFLEET_SANDBOX_MAX_MEMORY_MB ({self.sandbox_max_memory_mb}) is below the "
+                f"default sandbox.memory_mb ({memory.default}): every task that does not ask "
+                "for less would be refused"
+            )
+        cpus = SANDBOX.field("cpus")
+        if self.sandbox_max_cpus < cpus.default:
+            problems.append(
+                f"ACTFLEET_SANDBOX_MAX_CPUS ({self.sandbox_max_cpus:g}) is below the default "
+                f"sandbox.cpus ({cpus.default:g}): every task that does not ask for less "
+                "would be refused"
+            )
+        if self.sandbox_work_mb * 1024 * 1024 < MAX_FILES_BYTES:
+            problems.append(
+                f"ACTFLEET_SANDBOX_WORK_MB ({self.sandbox_work_mb}) is below the "
+                f"{MAX_FILES_BYTES // (1024 * 1024)} MB of files a task may bring"
+            )
+        timeout = LIMITS.field("timeout_s").kind
+        assert isinstance(timeout, Number)
+        if self.task_time_limit_s <= timeout.hi:
+            problems.append(
+                f"ACTFLEET_TASK_TIME_LIMIT_S ({self.task_time_limit_s:g}) is not above the "
+                f"largest limits.timeout_s ({timeout.hi:g}): attempts would be killed before "
+                "their task's own time limit"
+            )
+        if problems:
+            raise ValueError("contradictory settings: " + "; ".join(problems))
+        return self

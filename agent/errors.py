@@ -5,6 +5,7 @@
     ActfleetError
      +-- SpecError            a task spec is invalid (caller's fault; carries every problem)
      +-- SetupError           the task's setup_code raised inside the sandbox (caller's fault)
+     +-- GradingError         an answer could not be graded (an unusable pattern, too large)
      +-- InfrastructureError  our fault or a dependency's; the task may be retried
           +-- LLMError        the model server failed after the adapter's own retries
           |    +-- LLMRejected  the server refused the request (4xx): retrying will not help
@@ -32,6 +33,10 @@ class SpecError(ActfleetError):
 
 class SetupError(ActfleetError):
     """The task's ``setup_code`` (or its files) failed inside the sandbox."""
+
+
+class GradingError(ActfleetError):
+    """An answer could not be graded: the grader refused its input or gave up on it."""
 
 
 class InfrastructureError(ActfleetError):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from agent import actions, graders, prompts
-from agent.errors import LLMRejected, SetupError
+from agent.errors import GradingError, LLMRejected, SetupError
 from agent.events import Event, EventType, bound
 from agent.llm import LLM, LLMRequest
 from agent.models import FailureClass, Result, Status, TaskSpec, Timings, Usage
@@ -118,13 +118,16 @@ def run_codeact(
     resume: Checkpoint | None = None,
     cancelled: Callable[[], bool] = lambda: False,
     clock: Clock = SYSTEM_CLOCK,
+    regex: graders.RegexEngine | None = None,
 ) -> Generator[Step, None, Result]:
     """Run one task; yield a ``Step`` per model reply and per execution; return the result.
 
     ``started_at`` (unix seconds) is when the task first started: the wall-clock limit
     spans attempts. ``cancelled`` is polled before every model call and execution.
+    ``regex`` is the engine of the regex grader (without one, regex answers are not
+    graded: a grading failure).
     """
-    loop = _Loop(spec, llm, sandbox, model, attempt, clock, cancelled)
+    loop = _Loop(spec, llm, sandbox, model, attempt, clock, cancelled, regex)
     start = clock.time() if started_at is None else started_at
     return (yield from loop.run(start, resume))
 
@@ -139,8 +142,10 @@ class _Loop:
         attempt: int,
         clock: Clock,
         cancelled: Callable[[], bool],
+        regex: graders.RegexEngine | None = None,
     ) -> None:
         self.spec = spec
+        self.regex = regex
         self.llm = llm
         self.sandbox = sandbox
         self.model = model
@@ -366,7 +371,16 @@ class _Loop:
         expected = self.spec.expected
         if expected is None:
             return self._finish(Status.COMPLETED, None, answer=answer)
-        correct = graders.grade(expected, answer)
+        try:
+            correct = graders.grade(expected, answer, self.regex)
+        except GradingError as e:
+            return self._finish(
+                Status.COMPLETED,
+                FailureClass.GRADING_ERROR,
+                answer=answer,
+                correct=False,
+                error=f"the answer could not be graded: {e}",
+            )
         failure = None if correct else FailureClass.WRONG_ANSWER
         return self._finish(Status.COMPLETED, failure, answer=answer, correct=correct)
 

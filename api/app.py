@@ -23,6 +23,7 @@ from agent.errors import ActfleetError
 from api import routes_batches, routes_tasks, webhooks
 from api.errors import install_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware, render
+from api.openapi import install_openapi
 from api.queue import Enqueuer
 from store.aio import AsyncStore
 from store.batches import BatchStore
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     install_handlers(app)
+    install_openapi(app, settings)
     app.add_exception_handler(RedisConnectionError, _store_unavailable)
     app.add_exception_handler(RedisTimeoutError, _store_unavailable)
     app.include_router(routes_tasks.router)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from agent.export import Filter, export_line, needs_trajectory
 from api.auth import Tenant
-from api.bodies import parse_batch, read_body, server_policy
-from api.errors import not_found
-from api.schemas import ERRORS, BatchAccepted, BatchCancelled, BatchOut, ErrorOut, TaskSpecIn
+from api.bodies import parse_batch, read_body, spec_rules
+from api.errors import JSONOut, encode_json, not_found
+from api.schemas import BATCH_REF, ERRORS, BatchAccepted, BatchCancelled, BatchOut, ErrorOut
+from api.strict import known_query_only
 from api.submit import submit
 from api.webhooks import vet_webhooks
 from store.batches import BatchRecord, BatchStore
@@ -22,17 +22,24 @@ from store.records import new_batch_id
 
 EXPORT_CHUNK = 100  # task records read at a time by an export: its memory bound
 
-router = APIRouter(prefix="/v1/batches", tags=["batches"], responses=ERRORS)
+router = APIRouter(
+    prefix="/v1/batches",
+    tags=["batches"],
+    responses=ERRORS,
+    default_response_class=JSONOut,
+    dependencies=[Depends(known_query_only)],
+)
 
+_BATCH = {"$ref": BATCH_REF}
 _JSONL_BODY = {
     "requestBody": {
         "required": True,
-        "description": "One task spec per line (JSONL), or a JSON array of task specs.",
+        "description": "One task spec per line (JSONL: `application/x-ndjson`, each line one "
+        "item of the array below), or a JSON array of task specs; `custom_id`s must be "
+        "unique within a batch.",
         "content": {
-            "application/x-ndjson": {"schema": {"type": "string"}},
-            "application/json": {
-                "schema": {"type": "array", "items": TaskSpecIn.model_json_schema()}
-            },
+            "application/x-ndjson": {"schema": _BATCH},
+            "application/json": {"schema": _BATCH},
         },
     }
 }
@@ -66,7 +73,7 @@ async def create_batch(
     line is reported with its number and what to fix."""
     settings = request.app.state.settings
     body = await read_body(request, settings.max_request_bytes)
-    specs = parse_batch(body, settings.max_batch_tasks, server_policy(settings))
+    specs = parse_batch(body, settings.max_batch_tasks, spec_rules(settings))
     await vet_webhooks(request.app.state, tenant, specs, webhook_url)
     batch = BatchRecord(
         id=new_batch_id(),
@@ -169,17 +176,17 @@ def _jsonl(rows: AsyncIterator[dict[str, Any]], filename: str) -> StreamingRespo
     (a line with a trajectory can be large)."""
 
     async def lines() -> AsyncIterator[bytes]:
-        buf: list[str] = []
+        buf: list[bytes] = []
         size = 0
         async for row in rows:
-            buf.append(json.dumps(row, separators=(",", ":"), ensure_ascii=False))
+            buf.append(encode_json(row) + b"\n")
             size += len(buf[-1])
             if len(buf) >= 200 or size >= 1 << 20:
-                yield ("\n".join(buf) + "\n").encode()
+                yield b"".join(buf)
                 buf.clear()
                 size = 0
         if buf:
-            yield ("\n".join(buf) + "\n").encode()
+            yield b"".join(buf)
 
     return StreamingResponse(
         lines(),

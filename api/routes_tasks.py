@@ -4,25 +4,34 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from agent.models import Status
 from api.auth import Tenant
-from api.bodies import parse_spec, read_body, server_policy
-from api.errors import ApiError, not_found
-from api.schemas import ERRORS, ErrorOut, TaskAccepted, TaskOut, TaskPage, TaskSpecIn
-from api.sse import check_event_id, event_stream
+from api.bodies import parse_spec, read_body, spec_rules
+from api.errors import ApiError, JSONOut, not_found
+from api.schemas import ERRORS, SPEC_REF, ErrorOut, TaskAccepted, TaskOut, TaskPage
+from api.sse import STREAM_ID, check_event_id, event_stream
+from api.strict import known_query_only
 from api.submit import submit
 from api.webhooks import vet_webhooks
 from store.aio import AlreadyFinished
 
-router = APIRouter(prefix="/v1/tasks", tags=["tasks"], responses=ERRORS)
+EVENT_ID_PATTERN = f"^(?:{STREAM_ID})?$"  # what check_event_id takes; "" or 0: from the start
+
+router = APIRouter(
+    prefix="/v1/tasks",
+    tags=["tasks"],
+    responses=ERRORS,
+    default_response_class=JSONOut,
+    dependencies=[Depends(known_query_only)],
+)
 
 _SPEC_BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": TaskSpecIn.model_json_schema()}},
+        "content": {"application/json": {"schema": {"$ref": SPEC_REF}}},
     }
 }
 
@@ -42,7 +51,7 @@ _SPEC_BODY = {
 async def create_task(request: Request, response: Response, tenant: Tenant) -> dict[str, Any]:
     """Queue one task. The body is a task spec (see the schema); answers 202 with its id."""
     settings = request.app.state.settings
-    spec = parse_spec(await read_body(request, settings.max_request_bytes), server_policy(settings))
+    spec = parse_spec(await read_body(request, settings.max_request_bytes), spec_rules(settings))
     await vet_webhooks(request.app.state, tenant, [spec])
     [rec] = await submit(request.app.state, tenant, [spec])
     url = f"/v1/tasks/{rec.id}"
@@ -116,9 +125,16 @@ async def task_events(
     task_id: str,
     tenant: Tenant,
     last_event_id: Annotated[
-        str | None, Query(description="resume after this event id (or send Last-Event-ID)")
+        str | None,
+        Query(
+            description="resume after this event id (or send Last-Event-ID)",
+            json_schema_extra={"pattern": EVENT_ID_PATTERN},
+        ),
     ] = None,
-    last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id_header: Annotated[
+        str | None,
+        Header(alias="Last-Event-ID", json_schema_extra={"pattern": EVENT_ID_PATTERN}),
+    ] = None,
 ) -> StreamingResponse:
     """Replay the task's events from the start (or after ``Last-Event-ID``), then follow
     them live; each event is sent once, in order, and the stream ends after the last."""

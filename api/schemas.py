@@ -1,7 +1,8 @@
-"""Pydantic models for the OpenAPI document and the responses.
+"""Pydantic models of the responses, for the OpenAPI document and response validation.
 
-Requests are *validated* by ``agent.models.TaskSpec.from_dict`` (one validator for HTTP,
-JSONL and the CLI); ``TaskSpecIn`` only documents the request body's shape.
+Request bodies are task specs, validated by ``agent.models.TaskSpec.from_dict`` (one
+validator for HTTP, JSONL and the CLI) and documented by schemas generated from the same
+table (``agent.specschema``; see ``api.openapi``), referred to here by ``SPEC_REF``.
 """
 
 from __future__ import annotations
@@ -10,66 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-
-class ToolIn(BaseModel):
-    name: str
-    signature: str = ""
-    description: str = ""
-
-
-class FileIn(BaseModel):
-    path: str = Field(description="relative path inside the sandbox work dir")
-    content_b64: str
-
-
-class LimitsIn(BaseModel):
-    max_turns: int = Field(10, ge=1, le=200)
-    timeout_s: float = Field(900, ge=1, le=86_400)
-    exec_timeout_s: float = Field(30, ge=0.1, le=3600)
-    max_output_chars: int = Field(2000, ge=100, le=1_000_000)
-    max_tokens: int | None = None
-
-
-class SandboxIn(BaseModel):
-    image: str | None = None
-    network: bool = False
-    memory_mb: int = Field(512, ge=64, le=65_536)
-    cpus: float = Field(1.0, ge=0.1, le=64)
-
-
-class LLMIn(BaseModel):
-    temperature: float = Field(0, ge=0, le=2)
-    max_tokens_per_turn: int = 1024
-    seed: int | None = None
-
-
-class ExpectedIn(BaseModel):
-    answer: Any
-    grader: Literal["exact", "numeric", "contains", "regex", "python_literal"] = "exact"
-    tolerance: float | None = None
-
-
-class WebhookIn(BaseModel):
-    url: str
-
-
-class TaskSpecIn(BaseModel):
-    """A task spec (one line of a batch file)."""
-
-    prompt: str
-    custom_id: str | None = Field(None, description="your id; unique within a batch")
-    model: str | None = None
-    system_prompt: str | None = None
-    setup_code: str | None = Field(None, description="Python run in the sandbox before turn 1")
-    tools: list[ToolIn] = []
-    files: list[FileIn] = []
-    limits: LimitsIn | None = None
-    sandbox: SandboxIn | None = None
-    llm: LLMIn | None = None
-    expected: ExpectedIn | None = None
-    action_format: Literal["code", "json", "text"] = "code"
-    webhook: WebhookIn | None = None
-    metadata: dict[str, str] = {}
+REF_PREFIX = "#/components/schemas/"
+SPEC_REF = REF_PREFIX + "TaskSpec"  # generated from agent.specschema (api.openapi)
+BATCH_REF = REF_PREFIX + "Batch"
 
 
 class UsageOut(BaseModel):
@@ -167,4 +111,6 @@ class ErrorOut(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "missing or invalid API key"},
     404: {"model": ErrorOut, "description": "no such object for this API key"},
+    422: {"model": ErrorOut, "description": "invalid input; `problems` says what to fix"},
+    503: {"model": ErrorOut, "description": "the store is unavailable; see Retry-After"},
 }

@@ -22,14 +22,16 @@ from api.errors import ApiError
 from store.keys import EVENT_FIELD
 
 READ_COUNT = 500
-_STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+# fullmatch (no trailing newline); 19 digits: each part must fit Redis's unsigned 64 bits
+STREAM_ID = "[0-9]{1,19}(?:-[0-9]{1,19})?"
+_STREAM_ID = re.compile(STREAM_ID)
 
 
 def check_event_id(value: str | None) -> str:
     """The id to read after: ``0-0`` (from the start) or a well-formed stream id."""
     if value is None or value in ("", "0"):
         return "0-0"
-    if not _STREAM_ID.match(value):
+    if not _STREAM_ID.fullmatch(value):
         raise ApiError(
             400, f"Last-Event-ID must be a stream id like '1712345678901-0', got {value!r}"
         )

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from ipaddress import ip_address
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel, Field
 
 from agent.destinations import (
@@ -37,8 +37,9 @@ from agent.destinations import (
 )
 from agent.models import TaskSpec
 from api.auth import Tenant
-from api.errors import ApiError, not_found
+from api.errors import ApiError, JSONOut, not_found
 from api.schemas import ERRORS
+from api.strict import known_query_only
 from store.webhook_secrets import has_secret
 from store.webhooks import delivery_view, disabled_endpoints
 
@@ -148,7 +149,13 @@ async def _host_problem(dest: Destination, host: str, port: int, allowlist: Allo
 
 # -- GET /v1/tasks/{id}/webhook, /v1/batches/{id}/webhook ---------------------------------
 
-router = APIRouter(prefix="/v1", tags=["webhooks"], responses=ERRORS)
+router = APIRouter(
+    prefix="/v1",
+    tags=["webhooks"],
+    responses=ERRORS,
+    default_response_class=JSONOut,
+    dependencies=[Depends(known_query_only)],
+)
 
 
 class AttemptOut(BaseModel):

@@ -1,7 +1,9 @@
 """Task and batch records as they are stored in Redis hashes.
 
 Decoding is the one place a stored record is turned back into typed data; a malformed
-record raises ``RecordError`` instead of a ``KeyError`` deep inside a route.
+record raises ``RecordError`` instead of a ``KeyError`` deep inside a route. A record stored
+under older rules still decodes (``TaskSpec.from_stored``), and text that UTF-8 cannot encode
+comes back as U+FFFD, so no response built from a record fails to encode.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 from agent.errors import ActfleetError
 from agent.models import Result, Status, TaskSpec
+from agent.text import replace_unencodable
 
 
 class RecordError(ActfleetError):
@@ -77,7 +80,7 @@ class TaskRecord:
             return cls(
                 id=d["id"],
                 tenant=d["tenant"],
-                spec=TaskSpec.from_dict(json.loads(d["spec"])),
+                spec=TaskSpec.from_stored(json.loads(d["spec"])),
                 status=Status(d["status"]),
                 attempt=int(d.get("attempt", "0")),
                 batch_id=d.get("batch_id") or None,
@@ -85,7 +88,11 @@ class TaskRecord:
                 started_at=_float(d.get("started_at")),
                 finished_at=_float(d.get("finished_at")),
                 cancel_requested=d.get("cancel_requested") == "1",
-                result=Result.from_dict(json.loads(d["result"])) if d.get("result") else None,
+                result=(
+                    Result.from_dict(replace_unencodable(json.loads(d["result"])))
+                    if d.get("result")
+                    else None
+                ),
             )
         except (KeyError, ValueError, TypeError, ActfleetError) as e:
             raise RecordError(f"malformed task record {d.get('id', '?')}: {e!r}") from e

@@ -24,6 +24,7 @@ import openai
 
 from agent.errors import LLMError, LLMRejected
 from agent.llm import LLMReply, LLMRequest
+from agent.text import replace_unencodable
 from workers.modelwire import Answer, Wire, WireFailed, WireTimeout
 
 # Called after every successful request: (model, seconds, prompt_tokens, completion_tokens).
@@ -236,6 +237,11 @@ class OpenAILLM:
             completion_tokens = int(usage.get("completion_tokens") or 0)
             if not isinstance(content, str):
                 raise TypeError(f"message.content is {type(content).__name__}, not a string")
+            # JSON's \ud800 escape carries text UTF-8 cannot encode: it would fail the
+            # stream append of this reply, and every retry of it.
+            content = replace_unencodable(content)
+            if isinstance(finish_reason, str):
+                finish_reason = replace_unencodable(finish_reason)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise LLMError(f"{model}: the server's reply holds no completion ({e!r})") from e
         if self.on_response is not None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 
 import structlog
 
+from actfleet.re2engine import RE2Engine
 from actfleet.settings import Settings
 from agent.errors import InfrastructureError
 from agent.events import Event, EventType, bound
@@ -43,6 +44,7 @@ from workers import metrics
 from workers.leases import Heartbeat, Lease
 
 log = structlog.get_logger(__name__)
+_RE2 = RE2Engine()
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +172,7 @@ class Runner:
             started_at=claim.started_at,
             resume=resume,
             cancelled=lease.stopping,
+            regex=_RE2,
         )
         last: Step | None = None  # the answering reply: FINISH writes it with the result
         try:

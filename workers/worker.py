@@ -33,7 +33,7 @@ from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
 from workers.leases import Heartbeat
 from workers.lull import LullExecutor
 from workers.runner import Runner
-from workers.sandbox import make_provider
+from workers.sandbox import bwrap_dirs, make_provider
 from workers.sandbox.reaper import Reaper
 from workers.sweeper import Sweeper
 from workers.webhook_delivery import DeliveryPolicy, WebhookDeliverer
@@ -128,6 +128,8 @@ class WorkerRuntime:
         self.heartbeat.start()  # first, so this worker counts as alive for every reaper
         if self.settings.sandbox == "docker":
             self._start_docker_housekeeping()
+        else:  # the folders of bwrap sandboxes whose workers died (their owners' locks)
+            log.info("sandbox.reaped", folders=len(bwrap_dirs.clear_stale()))
         start_pool = getattr(self.runner.provider, "start_pool", None)
         if start_pool is not None:
             start_pool()
@@ -144,10 +146,11 @@ class WorkerRuntime:
         )
 
     def _start_docker_housekeeping(self) -> None:
-        """Remove containers of dead workers and expired ones, now and every minute."""
+        """Remove this fleet's containers of dead workers and expired ones, now and every
+        minute."""
         import docker
 
-        self._reaper = Reaper(docker.from_env(), self.store.worker_alive)
+        self._reaper = Reaper(docker.from_env(), self.store.worker_alive, fleet=self.settings.fleet)
         reaped = self._reaper.reap_once()
         log.info("sandbox.reaped", containers=len(reaped))
         self._reaper.start(60.0)

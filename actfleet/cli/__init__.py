@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from actfleet.logging import configure_logging
 from agent.errors import ActfleetError
 
@@ -52,6 +54,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, ActfleetError) as e:
         print(f"actfleet {args.command}: {e}", file=sys.stderr)
         return 2
+    except ValidationError as e:  # the settings (ACTFLEET_*) are invalid
+        print(f"actfleet {args.command}: invalid settings: {settings_problems(e)}", file=sys.stderr)
+        return 2
+
+
+def settings_problems(error: ValidationError) -> str:
+    """One line for every invalid setting, named by its environment variable."""
+    out = []
+    for err in error.errors():
+        names = [f"ACTFLEET_{str(p).upper()}" for p in err.get("loc", ())]
+        message = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
+        out.append(f"{'.'.join(names)}: {message}" if names else message)
+    return "; ".join(out)
 
 
 if __name__ == "__main__":

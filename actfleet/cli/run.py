@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 
 from actfleet.cli import CLIError
+from actfleet.re2engine import RE2Engine, spec_problems
 from actfleet.render import render_event, result_table
 from actfleet.settings import Settings
 from agent.errors import InfrastructureError, SpecError
@@ -73,9 +74,13 @@ def load_spec(args: argparse.Namespace) -> TaskSpec:
     if args.max_turns is not None:
         raw.setdefault("limits", {})["max_turns"] = args.max_turns
     try:
-        return TaskSpec.from_dict(raw)
+        spec = TaskSpec.from_dict(raw)
     except SpecError as e:
         raise CLIError("invalid task spec:\n  " + "\n  ".join(e.problems)) from e
+    problems = spec_problems(spec)
+    if problems:
+        raise CLIError("invalid task spec:\n  " + "\n  ".join(problems))
+    return spec
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 def _drive(
     spec: TaskSpec, llm: LLM, sandbox: Sandbox, model: str, started: float, console: Console
 ) -> Result:
-    gen = run_codeact(spec, llm, sandbox, model=model, started_at=started)
+    gen = run_codeact(spec, llm, sandbox, model=model, started_at=started, regex=RE2Engine())
     try:
         while True:
             render_event(console, next(gen).event.to_dict())

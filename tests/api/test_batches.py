@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+from pydantic import ValidationError
+
 from agent.models import Status, Usage
 from store.keys import TASK_QUEUE
-from tests.api.conftest import Fleet, spec
+from tests.api.conftest import Fleet, fleet_settings, spec
 
 
 def jsonl(*specs: object) -> bytes:
@@ -54,11 +57,33 @@ def test_a_batch_over_the_task_limit_gets_413(make_fleet) -> None:  # type: igno
     assert "limit is 3" in r.json()["detail"]["message"]
 
 
-def test_a_batch_larger_than_the_tenant_budget_gets_429_and_queues_nothing(make_fleet) -> None:  # type: ignore[no-untyped-def]
-    fleet = make_fleet(max_active_per_tenant=10)
+def test_a_batch_larger_than_the_tenants_free_room_gets_429_and_queues_nothing(make_fleet) -> None:  # type: ignore[no-untyped-def]
+    fleet = make_fleet(max_active_per_tenant=10, max_batch_tasks=10)
+    with fleet.client() as c:
+        assert c.post("/v1/batches", content=jsonl(*[spec()] * 5)).status_code == 202
+        queued = fleet.redis.llen(TASK_QUEUE)
+        r = c.post("/v1/batches", content=jsonl(*[spec()] * 6))
+    assert r.status_code == 429 and "retry-after" in r.headers
+    assert fleet.redis.llen(TASK_QUEUE) == queued
+
+
+def test_a_batch_that_could_never_fit_the_tenant_budget_gets_413_not_429() -> None:
+    # Given the default limits (a batch is capped at what a tenant may have unfinished)
+    settings = fleet_settings("redis://127.0.0.1:1/0")
+    assert settings.max_batch_tasks <= settings.max_active_per_tenant
+    # Then limits that would let a batch outgrow the tenant budget refuse to start
+    with pytest.raises(ValidationError, match=r"ACTFLEET_MAX_BATCH_TASKS .* is above"):
+        fleet_settings(
+            "redis://127.0.0.1:1/0", max_batch_tasks=20_000, max_active_per_tenant=10_000
+        )
+
+
+def test_a_batch_over_the_tenant_budget_is_413_naming_the_limit(make_fleet) -> None:  # type: ignore[no-untyped-def]
+    fleet = make_fleet(max_active_per_tenant=10, max_batch_tasks=10)
     with fleet.client() as c:
         r = c.post("/v1/batches", content=jsonl(*[spec()] * 11))
-    assert r.status_code == 429 and "retry-after" in r.headers
+    assert r.status_code == 413 and "retry-after" not in r.headers
+    assert "holds 11 tasks; the limit is 10" in r.json()["detail"]["message"]
     assert fleet.redis.llen(TASK_QUEUE) == 0
 
 

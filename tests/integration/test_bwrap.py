@@ -6,7 +6,10 @@ import base64
 import contextlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -15,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import SetupError
+from agent.errors import SandboxRefused, SetupError
 from agent.models import TaskSpec
+from workers.sandbox import bwrap_dirs
 from workers.sandbox.bwrap import BwrapProvider, BwrapSandbox
 from workers.sandbox.cgroups import BUSY_CPU_SHARES, WARM_CPU_SHARES
 
@@ -99,11 +103,22 @@ def test_runs_as_an_unprivileged_user_in_the_work_dir_with_a_clean_env(
     )
 
 
-def test_network_access_fails(sandbox: BwrapSandbox) -> None:
-    result = sandbox.execute(
-        "import socket\nsocket.create_connection(('10.0.0.1', 80), timeout=2)", 5, 1000
-    )
-    assert result.error is not None and "Network is unreachable" in result.error
+def test_the_sandbox_has_no_network_but_its_own_loopback(sandbox: BwrapSandbox) -> None:
+    # Given a listener on the host's loopback (the only address a test may dial)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    try:
+        # Then the sandbox sees no interface but its own loopback, and cannot reach the host's
+        names = sandbox.execute(
+            "import socket; sorted(n for _, n in socket.if_nameindex())", 5, 1000
+        )
+        assert names.value == "['lo']"
+        dial = sandbox.execute(
+            f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)", 5, 1000
+        )
+        assert dial.error is not None and "Connection refused" in dial.error
+    finally:
+        server.close()
 
 
 @pytest.mark.parametrize("path", ["/usr/evil", "/etc/evil", "/root/evil", "/evil", "/opt/x"])
@@ -416,3 +431,145 @@ def test_a_pool_sandbox_starts_at_low_weight_and_moves_to_the_busy_group_when_ta
         assert members(cgroups.cpu.warm)
     finally:
         provider.close()
+
+
+# -- the server's ceilings: /work's size and files, memory and CPU caps -------------------
+
+FILL = textwrap.dedent(
+    """
+    import os
+    MAX_FILES = 100_000
+    written, err = 0, None
+    try:
+        with open('big.bin', 'wb') as f:
+            while True:
+                f.write(b'\\0' * (1 << 20))
+                f.flush()
+                written += 1 << 20
+    except OSError as e:
+        err = e.strerror
+    os.remove('big.bin')
+    made, err2 = 0, None
+    try:
+        while made < MAX_FILES:
+            open(f'f{made}', 'w').close()
+            made += 1
+    except OSError as e:
+        err2 = e.strerror
+    (written >> 20, err, made, err2)
+    """
+)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a host tmpfs for /work needs mount rights")
+def test_work_is_a_tmpfs_capped_in_size_and_in_files() -> None:
+    # Given a server whose sandboxes get 16 MB and 200 files of /work
+    provider = BwrapProvider(work_mb=16, work_files=200)
+    with provider.start(make_spec(sandbox={"memory_mb": 256}), "t") as sb:
+        # When the code writes until it cannot, then makes empty files until it cannot
+        r = sb.execute(FILL, 60, 1000)
+        assert r.error is None, r.error
+        mb, err, made, err2 = eval(r.value or "")
+        # Then both stop at the caps with "no space", on a tmpfs (not the host's disk)
+        assert mb <= 16 and err == "No space left on device"
+        assert made < 200 and err2 == "No space left on device"
+        assert sb.work_dir is not None and os.path.ismount(sb.work_dir)
+        root = sb.root
+    assert root is not None and not root.exists()  # unmounted and removed on close
+
+
+def test_work_is_size_capped_where_the_worker_may_not_mount() -> None:
+    provider = BwrapProvider(work_mb=16, mount_work=False)
+    with provider.start(make_spec(sandbox={"memory_mb": 256}), "t") as sb:
+        r = sb.execute(FILL.replace("MAX_FILES = 100_000", "MAX_FILES = 50"), 60, 1000)
+        assert r.error is None, r.error
+        mb, err, made, _ = eval(r.value or "")
+        assert mb <= 16 and err == "No space left on device" and made == 50
+        assert sb.work_dir is None  # /work exists inside the sandbox only
+
+
+def test_a_task_asking_for_more_than_the_servers_caps_is_refused() -> None:
+    provider = BwrapProvider(max_memory_mb=512, max_cpus=2)
+    with pytest.raises(SandboxRefused, match=r"memory_mb: 65536 is over this server's cap of 512"):
+        provider.start(make_spec(sandbox={"memory_mb": 65536}), "t")
+    with pytest.raises(SandboxRefused, match=r"ACTFLEET_SANDBOX_MAX_CPUS"):
+        provider.start(make_spec(sandbox={"cpus": 8}), "t")
+
+
+def test_allocating_past_the_memory_asked_for_fails_inside_the_sandbox(
+    provider: BwrapProvider,
+) -> None:
+    with provider.start(make_spec(sandbox={"memory_mb": 128}), "t") as sb:
+        r = sb.execute("b = bytearray(512 << 20)", 30, 1000)
+        assert (r.error is not None and "MemoryError" in r.error) or r.state_lost
+        assert sb.execute("1 + 1", 10, 1000).value == "2"
+
+
+# -- the folders of dead workers -----------------------------------------------------------
+
+HOLDER = """
+import sys, time
+from agent.models import TaskSpec
+from workers.sandbox.bwrap import BwrapProvider
+sandbox = BwrapProvider().start(TaskSpec(prompt="x"), "held")
+print("ROOT", sandbox.root, flush=True)
+time.sleep(600)
+"""
+
+
+def start_holder() -> tuple[subprocess.Popen[str], Path]:
+    """Another worker-like process holding one sandbox; returns it and the sandbox's folder."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("ROOT "):
+            return proc, Path(line.split()[1])
+    raise AssertionError("the holder did not start a sandbox")
+
+
+def test_a_starting_worker_clears_dead_workers_folders_and_keeps_live_ones(
+    provider: BwrapProvider,
+) -> None:
+    # Given a worker killed with its sandbox open, a live one holding one, and our own
+    dead, dead_root = start_holder()
+    live, live_root = start_holder()
+    own = provider.start(make_spec(), "own")
+    try:
+        dead.send_signal(signal.SIGKILL)
+        dead.wait()
+        dead_tag = dead_root.name.split("-")[2]
+        leftovers = sorted(dead_root.parent.glob(f"actfleet-bwrap-{dead_tag}*"))
+        assert dead_root in leftovers and len(leftovers) >= 3  # its sandbox, shared files, lock
+        if os.geteuid() == 0:
+            assert os.path.ismount(dead_root / "work")  # its /work tmpfs is still mounted
+        # When a worker starts and clears stale folders
+        removed = bwrap_dirs.clear_stale()
+        # Then the dead worker's folders and lock are gone, unmounted first...
+        assert dead_root in removed
+        assert not any(p.exists() for p in leftovers)
+        # ...and the live worker's and our own are intact, and still work
+        assert live_root.is_dir() and own.root is not None and own.root.is_dir()
+        assert live_root not in removed and own.root not in removed
+        assert own.execute("open('x', 'w').write('ok')", 5, 1000).ok
+    finally:
+        own.close()
+        live.send_signal(signal.SIGTERM)
+        live.wait()
+        bwrap_dirs.clear_stale()
+
+
+def test_a_lone_surrogate_in_the_codes_output_does_not_kill_the_session(
+    sandbox: BwrapSandbox,
+) -> None:
+    # Given a session with state, and code whose traceback holds text UTF-8 cannot encode
+    assert sandbox.execute("x = 41", 5, 1000).ok
+    r = sandbox.execute("raise ValueError('bad \\udfff text')", 5, 1000)
+    # Then the traceback comes back, the bad character replaced, and the session lives on
+    assert not r.state_lost, r.note
+    assert r.error is not None and "ValueError: bad \ufffd" in r.error
+    assert sandbox.execute("x + 1", 5, 1000).value == "42"

@@ -11,6 +11,7 @@ import base64
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,7 @@ from agent.models import TaskSpec
 from workers.sandbox.docker import (
     DEFAULT_IMAGE,
     LABEL_EXPIRES,
+    LABEL_FLEET,
     LABEL_SANDBOX,
     LABEL_TASK,
     LABEL_WORKER,
@@ -77,6 +79,12 @@ def containers_of(api: docker.APIClient, worker_id: str) -> list[dict]:
 
 
 @pytest.fixture
+def fleet() -> str:
+    """This test's own fleet: its reapers cannot touch other sessions' containers."""
+    return f"testfleet-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
 def worker_id(api: docker.APIClient) -> Iterator[str]:
     """A fresh worker id; after the test, no container of it may be left."""
     wid = f"test-{uuid.uuid4().hex[:10]}"
@@ -89,8 +97,8 @@ def worker_id(api: docker.APIClient) -> Iterator[str]:
 
 
 @pytest.fixture
-def provider(api: docker.APIClient, worker_id: str) -> Iterator[DockerProvider]:
-    p = DockerProvider(worker_id=worker_id, client=api, image=IMAGE)
+def provider(api: docker.APIClient, worker_id: str, fleet: str) -> Iterator[DockerProvider]:
+    p = DockerProvider(worker_id=worker_id, fleet=fleet, client=api, image=IMAGE)
     yield p
     p.close()
 
@@ -176,9 +184,11 @@ def test_network_request_refused_unless_the_server_allows_it(provider: DockerPro
 
 
 def test_network_when_allowed_is_a_bridge_without_inter_container_traffic(
-    api: docker.APIClient, worker_id: str
+    api: docker.APIClient, worker_id: str, fleet: str
 ) -> None:
-    provider = DockerProvider(worker_id=worker_id, client=api, image=IMAGE, allow_network=True)
+    provider = DockerProvider(
+        worker_id=worker_id, fleet=fleet, client=api, image=IMAGE, allow_network=True
+    )
     sb = provider.start(make_spec(sandbox={"network": True}), "task-net")
     try:
         info = api.inspect_container(sb.container_id)
@@ -214,13 +224,26 @@ def test_failing_setup_code_raises_and_leaves_no_container(provider: DockerProvi
 # -- hostile code -------------------------------------------------------------------------
 
 
-def test_network_egress_fails(sandbox: DockerSandbox) -> None:
-    r = sandbox.execute(
-        "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=3)", 10, 2000
-    )
-    assert r.error is not None and "Network is unreachable" in r.error, r.error
-    r = sandbox.execute("import socket\nsocket.getaddrinfo('example.com', 443)", 10, 2000)
-    assert r.error is not None and "gaierror" in r.error
+def test_the_sandbox_has_no_network_but_its_own_loopback(sandbox: DockerSandbox) -> None:
+    # Given a listener on the host's loopback (the only address a test may dial)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    try:
+        # Then the container has no interface but its own loopback and no route anywhere,
+        # and the host's loopback listener is not its loopback
+        r = sandbox.execute(
+            "import socket; (sorted(n for _, n in socket.if_nameindex()), "
+            "open('/proc/net/route').read().splitlines()[1:])",
+            10,
+            2000,
+        )
+        assert r.value == "(['lo'], [])", r.value
+        r = sandbox.execute(
+            f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=3)", 10, 2000
+        )
+        assert r.error is not None and "Connection refused" in r.error, r.error
+    finally:
+        server.close()
 
 
 def test_writes_outside_the_work_dir_fail(sandbox: DockerSandbox) -> None:
@@ -361,7 +384,7 @@ HOLDER = """
 import sys, time
 from agent.models import TaskSpec
 from workers.sandbox.docker import DockerProvider
-provider = DockerProvider(worker_id=sys.argv[1], image=sys.argv[2])
+provider = DockerProvider(worker_id=sys.argv[1], image=sys.argv[2], fleet=sys.argv[3])
 sandbox = provider.start(TaskSpec(prompt="x"), "task-orphan")
 print("CONTAINER", sandbox.container_id, flush=True)
 sandbox.execute("while True: pass", 600, 100)
@@ -369,10 +392,10 @@ sandbox.execute("while True: pass", 600, 100)
 
 
 def test_sigkilled_worker_leaves_a_container_the_reaper_removes(
-    api: docker.APIClient, worker_id: str
+    api: docker.APIClient, worker_id: str, fleet: str
 ) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, worker_id, IMAGE],
+        [sys.executable, "-c", HOLDER, worker_id, IMAGE, fleet],
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         text=True,
@@ -391,11 +414,11 @@ def test_sigkilled_worker_leaves_a_container_the_reaper_removes(
         proc.wait()
     assert [c["Id"] for c in containers_of(api, worker_id)] == [container_id]
 
-    live_worker_reaper = Reaper(api, is_worker_alive=lambda w: True, min_age_s=0)
+    live_worker_reaper = Reaper(api, is_worker_alive=lambda w: True, fleet=fleet, min_age_s=0)
     assert worker_id not in {r.worker for r in live_worker_reaper.reap_once()}
     assert containers_of(api, worker_id)
 
-    reaper = Reaper(api, is_worker_alive=lambda w: w != worker_id, min_age_s=0)
+    reaper = Reaper(api, is_worker_alive=lambda w: w != worker_id, fleet=fleet, min_age_s=0)
     reaped = [r for r in reaper.reap_once() if r.worker == worker_id]
     assert [(r.container_id, r.reason, r.task) for r in reaped] == [
         (container_id, "worker_dead", "task-orphan")
@@ -404,13 +427,15 @@ def test_sigkilled_worker_leaves_a_container_the_reaper_removes(
 
 
 def test_reaper_removes_expired_containers_of_live_workers(
-    api: docker.APIClient, provider: DockerProvider, worker_id: str
+    api: docker.APIClient, provider: DockerProvider, worker_id: str, fleet: str
 ) -> None:
     sb = provider.start(make_spec(), "task-expiring")
     try:
-        young = Reaper(api, is_worker_alive=lambda w: w != worker_id, min_age_s=3600)
+        young = Reaper(api, is_worker_alive=lambda w: w != worker_id, fleet=fleet, min_age_s=3600)
         assert worker_id not in {r.worker for r in young.reap_once()}  # too young to judge
-        future = Reaper(api, is_worker_alive=lambda w: True, clock=lambda: time.time() + 10**6)
+        future = Reaper(
+            api, is_worker_alive=lambda w: True, fleet=fleet, clock=lambda: time.time() + 10**6
+        )
         reaped = [r for r in future.reap_once() if r.worker == worker_id]
         assert [r.reason for r in reaped] == ["expired"]
         r = sb.execute("1", 5, 2000)
@@ -419,15 +444,17 @@ def test_reaper_removes_expired_containers_of_live_workers(
         sb.close()
 
 
-def test_periodic_reaper_runs_in_the_background(api: docker.APIClient, worker_id: str) -> None:
+def test_periodic_reaper_runs_in_the_background(
+    api: docker.APIClient, worker_id: str, fleet: str
+) -> None:
     seen: list[str] = []
 
     def alive(w: str) -> bool:
         seen.append(w)
         return True
 
-    reaper = Reaper(api, is_worker_alive=alive, min_age_s=0)
-    holder = DockerProvider(worker_id=worker_id, client=api, image=IMAGE)
+    reaper = Reaper(api, is_worker_alive=alive, fleet=fleet, min_age_s=0)
+    holder = DockerProvider(worker_id=worker_id, fleet=fleet, client=api, image=IMAGE)
     sb = holder.start(make_spec(), "task-periodic")
     try:
         reaper.start(interval_s=0.2)
@@ -440,9 +467,12 @@ def test_periodic_reaper_runs_in_the_background(api: docker.APIClient, worker_id
         sb.close()
 
 
-def test_warm_pool_hits_misses_and_expiry(api: docker.APIClient, worker_id: str) -> None:
+def test_warm_pool_hits_misses_and_expiry(
+    api: docker.APIClient, worker_id: str, fleet: str
+) -> None:
     provider = DockerProvider(
         worker_id=worker_id,
+        fleet=fleet,
         client=api,
         image=IMAGE,
         pool_min_size=1,
@@ -505,3 +535,120 @@ def test_start_async_overlaps_with_other_work(provider: DockerProvider) -> None:
         assert sb.execute("'ready'", 5, 100).value == "'ready'"
     finally:
         sb.close()
+
+
+# -- fleets and the server's ceilings ------------------------------------------------------
+
+
+def test_a_reaper_removes_only_its_own_fleets_containers(api: docker.APIClient) -> None:
+    # Given two deployments on one engine, each with a container of a worker that its own
+    # Redis does not know (to the other deployment, every worker of the first is unknown)
+    fleets = {name: f"testfleet-{name}-{uuid.uuid4().hex[:8]}" for name in ("a", "b")}
+    workers = {name: f"test-{name}-{uuid.uuid4().hex[:8]}" for name in ("a", "b")}
+    providers = {
+        name: DockerProvider(worker_id=workers[name], fleet=fleets[name], client=api, image=IMAGE)
+        for name in fleets
+    }
+    sandboxes = {name: p.start(make_spec(), f"task-{name}") for name, p in providers.items()}
+    try:
+        labels = api.inspect_container(sandboxes["a"].container_id)["Config"]["Labels"]
+        assert labels[LABEL_FLEET] == fleets["a"]
+        # When fleet a's reaper runs, finding every worker dead
+        reaper = Reaper(api, is_worker_alive=lambda w: False, fleet=fleets["a"], min_age_s=0)
+        reaped = reaper.reap_once()
+        # Then it removed fleet a's container and left fleet b's running
+        assert [(r.worker, r.reason) for r in reaped] == [(workers["a"], "worker_dead")]
+        assert containers_of(api, workers["a"]) == []
+        [b] = containers_of(api, workers["b"])
+        assert b["State"] == "running"
+        assert sandboxes["b"].execute("1 + 1", 10, 100).value == "2"
+        # and even with every container expired, fleet a's reaper touches nothing of b's
+        future = Reaper(
+            api,
+            is_worker_alive=lambda w: True,
+            fleet=fleets["a"],
+            clock=lambda: time.time() + 10**7,
+        )
+        assert future.reap_once() == []
+    finally:
+        for name in fleets:
+            sandboxes[name].close()
+            providers[name].close()
+    assert containers_of(api, workers["b"]) == []
+
+
+def test_the_default_fleet_differs_between_deployments_and_agrees_within_one() -> None:
+    from actfleet.settings import Settings
+
+    one = Settings(redis_url="redis://redis-a:6379/0")
+    assert one.fleet == Settings(redis_url="redis://redis-a:6379/0").fleet
+    assert one.fleet != Settings(redis_url="redis://redis-b:6379/0").fleet
+    assert one.fleet != Settings(redis_url="redis://redis-a:6379/0", key_prefix="other").fleet
+    assert Settings(fleet_id="prod-eu").fleet == "prod-eu"
+
+
+def test_work_is_capped_in_size_and_files_and_memory_past_the_limit_is_killed(
+    api: docker.APIClient, worker_id: str, fleet: str
+) -> None:
+    # Given a server whose containers get 16 MB and 200 files of /work
+    provider = DockerProvider(
+        worker_id=worker_id,
+        fleet=fleet,
+        client=api,
+        image=IMAGE,
+        hardening=Hardening(workdir_mb=16, workdir_files=200),
+    )
+    sb = provider.start(make_spec(sandbox={"memory_mb": 128}), "task-caps")
+    try:
+        # When the code fills /work, then makes empty files until it cannot
+        code = textwrap.dedent(
+            """
+            import os
+            written, err = 0, None
+            try:
+                with open('big.bin', 'wb') as f:
+                    while True:
+                        f.write(b'\\0' * (1 << 20))
+                        f.flush()
+                        written += 1 << 20
+            except OSError as e:
+                err = e.strerror
+            os.remove('big.bin')
+            made, err2 = 0, None
+            try:
+                while made < 100_000:
+                    open(f'f{made}', 'w').close()
+                    made += 1
+            except OSError as e:
+                err2 = e.strerror
+            (written >> 20, err, made, err2)
+            """
+        )
+        r = sb.execute(code, 60, 2000)
+        assert r.error is None, r.error
+        mb, err, made, err2 = eval(r.value or "")
+        # Then both stop at the caps
+        assert mb <= 16 and err == "No space left on device"
+        assert made < 200 and err2 == "No space left on device"
+        # And allocating past the 128 MB asked for kills the container, and the model is told
+        r = sb.execute("b = bytearray(512 << 20)\nb[::4096] = b'x' * len(b[::4096])", 60, 2000)
+        assert r.state_lost or (r.error is not None and "MemoryError" in r.error), r
+    finally:
+        sb.close()
+        provider.close()
+
+
+def test_a_task_asking_for_more_than_the_servers_caps_is_refused(
+    api: docker.APIClient, worker_id: str, fleet: str
+) -> None:
+    provider = DockerProvider(
+        worker_id=worker_id,
+        fleet=fleet,
+        client=api,
+        image=IMAGE,
+        hardening=Hardening(max_memory_mb=512, max_cpus=1.0),
+    )
+    with pytest.raises(SandboxRefused, match=r"memory_mb: 1024 is over this server's cap of 512"):
+        provider.start(make_spec(sandbox={"memory_mb": 1024}), "task-big")
+    with pytest.raises(SandboxRefused, match="ACTFLEET_SANDBOX_MAX_CPUS"):
+        provider.start(make_spec(sandbox={"cpus": 2}), "task-cpus")

@@ -265,3 +265,16 @@ def test_requests_go_through_the_sdk_where_a_proxy_is_configured(
 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # the server is exempt: straight there
     assert OpenAILLM(base_url=server.url).transport == "wire"
+
+
+def test_a_reply_with_text_utf8_cannot_encode_is_cleaned(sleeps: list[float]) -> None:
+    # Given a model server whose JSON reply escapes a lone surrogate (\ud800)
+    from agent.events import Event, EventType
+
+    with FakeLLMServer([{"reply": "the answer \ud800 is 42"}]) as server:
+        for transport in ("wire", "sdk"):
+            llm = make_llm(server, sleeps, transport)  # type: ignore[arg-type]
+            reply = llm.complete(request())
+            # Then the reply has U+FFFD in its place, and its event can be stored
+            assert reply.content == "the answer \ufffd is 42"
+            Event(EventType.LLM_REPLY, 1, 1, 0.0, {"content": reply.content}).to_json().encode()

@@ -357,3 +357,15 @@ def test_a_call_of_an_unknown_tool_is_explained_with_the_right_form() -> None:
     drain(run_codeact(spec(action_format="text", tools=FIB_TOOL), llm, FakeSandbox(), model="m"))
     note = llm.requests[1].messages[-1]["content"]
     assert "unknown tool 'fibonacci'" in note and "Action: tool_name" in note
+
+
+def test_an_answer_that_cannot_be_graded_is_a_clear_grading_failure() -> None:
+    # Given a regex grader but no regex engine to run it
+    llm = ScriptedLLM(["<solution>aaa</solution>"])
+    task = spec(expected={"answer": "a+", "grader": "regex"})
+    # When the model answers
+    _, result = drain(run_codeact(task, llm, FakeSandbox(), model="m"))
+    # Then the task completed, graded not correct, and says why it was not graded
+    assert result.status is Status.COMPLETED and result.answer == "aaa"
+    assert result.correct is False and result.failure_class is FailureClass.GRADING_ERROR
+    assert result.error is not None and "could not be graded" in result.error

@@ -56,7 +56,6 @@ def test_every_problem_is_reported_at_once() -> None:
     assert "limits.exec_timeout_s: expected a number, got a string" in joined
     assert "files[0].path: must be a relative path" in joined
     assert "files[0].content_b64: is not valid base64" in joined
-    assert "expected.answer: is not a valid regular expression" in joined
     assert "action_format: must be one of code, json, text" in joined
 
 

@@ -196,3 +196,17 @@ def test_put_file_sends_base64_and_raises_value_error_when_refused() -> None:
     assert channel.sent[-1]["content_b64"] == "aGVsbG8="
     with pytest.raises(ValueError, match=r"no '\.\.'"):
         client.put_file("../escape", b"x")
+
+
+def test_text_utf8_cannot_carry_arrives_replaced_not_as_a_protocol_error() -> None:
+    # Given frames with a lone surrogate: raw, as the runner passes a traceback's text
+    # through (surrogatepass), and escaped, as code writing to the channel could send it
+    raw = b'{"id":1,"error":"ValueError: ' + "\udfff".encode("utf-8", "surrogatepass") + b'"}'
+    escaped = b'{"id":2,"stdout":"a\\udfffb","note":["\\ud800"]}'
+    frames = b"".join(struct.pack(">I", len(b)) + b for b in (raw, escaped))
+    # When the host decodes them
+    first, second = FrameDecoder().feed(frames)
+    # Then each is a message whose text can be encoded, the bad part shown as U+FFFD
+    assert first["error"].startswith("ValueError: \ufffd")
+    assert second == {"id": 2, "stdout": "a\ufffdb", "note": ["\ufffd"]}
+    json.dumps(second, ensure_ascii=False).encode("utf-8")

@@ -18,6 +18,7 @@ def make_provider(settings: Settings, worker_id: str) -> SandboxProvider:
     """The provider that ``settings.sandbox`` names, configured from ``settings``."""
     if settings.sandbox == "docker":
         from workers.sandbox.docker import DockerProvider
+        from workers.sandbox.docker_config import Hardening
 
         return DockerProvider(
             worker_id=worker_id,
@@ -27,6 +28,13 @@ def make_provider(settings: Settings, worker_id: str) -> SandboxProvider:
             pool_max_size=settings.pool_max,
             pool_idle_ttl_s=settings.pool_idle_s,
             pool_max_age_s=settings.pool_max_age_s,
+            hardening=Hardening(
+                workdir_mb=settings.sandbox_work_mb,
+                workdir_files=settings.sandbox_work_files,
+                max_memory_mb=settings.sandbox_max_memory_mb,
+                max_cpus=settings.sandbox_max_cpus,
+            ),
+            fleet=settings.fleet,
         )
     from workers.sandbox.bwrap import BwrapProvider
 
@@ -36,4 +44,8 @@ def make_provider(settings: Settings, worker_id: str) -> SandboxProvider:
         pool_idle_ttl_s=settings.pool_idle_s,
         pool_max_age_s=settings.pool_max_age_s,
         allow_network=settings.sandbox_allow_network,
+        work_mb=settings.sandbox_work_mb,
+        work_files=settings.sandbox_work_files,
+        max_memory_mb=settings.sandbox_max_memory_mb,
+        max_cpus=settings.sandbox_max_cpus,
     )

@@ -7,10 +7,15 @@ python3 runner.py``:
   namespace in which the code runs as uid 65534 with no capabilities; ``--die-with-parent``
   and ``--new-session``; nested user namespaces are disabled.
 - files: ``/usr`` (and the ``/bin``, ``/lib*`` links), a few ``/etc`` files and the runner
-  are mounted read-only; the work dir (a private host temp dir) is mounted read-write at
-  ``/work`` (the cwd); ``/tmp`` and ``/dev/shm`` are small tmpfs; minimal ``/proc``, ``/dev``.
+  are mounted read-only; ``/work`` (the cwd) is a tmpfs of ``work_mb`` and at most
+  ``work_files`` files (``bwrap_dirs``: on the sandbox's private host folder when the worker
+  may mount, else inside the sandbox); ``/tmp`` and ``/dev/shm`` are small tmpfs; minimal
+  ``/proc``, ``/dev``. A worker that starts clears the folders of dead ones
+  (``bwrap_dirs.clear_stale``).
 - environment: cleared, then ``PATH``, ``HOME=/work``, ``LANG``, ``TMPDIR``,
   ``PYTHONDONTWRITEBYTECODE``, ``PYTHONUNBUFFERED`` only: no secret reaches the sandbox.
+- caps: a task asking for more ``memory_mb`` or ``cpus`` than the server's caps is refused
+  (``SandboxRefused``; the API refuses it first).
 - limits (``prlimit``): address space = ``spec.sandbox.memory_mb``, CPU seconds, processes,
   file size, open files, no core dumps. When the worker runs as root, each sandbox runs under
   its own host uid so ``RLIMIT_NPROC`` bounds that sandbox only (a fork bomb stays inside;
@@ -38,7 +43,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -47,6 +51,8 @@ from pathlib import Path
 from agent.errors import SandboxError, SandboxRefused, SetupError
 from agent.models import TaskSpec
 from agent.sandbox import ExecResult
+from workers.sandbox import bwrap_dirs
+from workers.sandbox.caps import over_caps
 from workers.sandbox.cgroups import Cgroups, join_command
 from workers.sandbox.pool import WarmPool
 from workers.sandbox.protocol import (
@@ -97,6 +103,9 @@ class BwrapConfig:
     fsize_mb: int
     nofile: int
     tmpfs_mb: int
+    work_mb: int
+    work_files: int
+    mount_work: bool
     separate_uids: bool
     nice: int
 
@@ -109,6 +118,10 @@ class BwrapProvider:
     sandbox's uid. An interpreter outside ``/usr`` has its install prefix mounted read-only.
     ``base_dir`` (default: the system temp dir) holds one directory per sandbox; every
     directory on its path must be searchable (``o+x``) by the sandbox's host uid.
+    ``max_memory_mb`` and ``max_cpus`` are the server's caps on what a task may ask for
+    (None: the task spec's own bounds). ``/work`` is a tmpfs of ``work_mb`` with at most
+    ``work_files`` files, on the host folder if ``mount_work`` and this process may mount
+    (else inside the sandbox, without the file bound: see ``bwrap_dirs``).
     """
 
     backend = "bwrap"
@@ -127,6 +140,11 @@ class BwrapProvider:
         fsize_mb: int = 64,
         nofile: int = 256,
         tmpfs_mb: int = 64,
+        work_mb: int = 256,
+        work_files: int = 10_000,
+        mount_work: bool = True,
+        max_memory_mb: int | None = None,
+        max_cpus: float | None = None,
         separate_uids: bool | None = None,
         nice: int = 10,
         pool_min_size: int = 0,
@@ -150,11 +168,16 @@ class BwrapProvider:
             fsize_mb=fsize_mb,
             nofile=nofile,
             tmpfs_mb=tmpfs_mb,
+            work_mb=work_mb,
+            work_files=work_files,
+            mount_work=mount_work,
             separate_uids=(os.geteuid() == 0) if separate_uids is None else separate_uids,
             nice=nice,
         )
         self._pool: WarmPool[BwrapSandbox] | None = None
         self.allow_network = allow_network
+        self.max_memory_mb = max_memory_mb
+        self.max_cpus = max_cpus
         self._cgroups: Cgroups | bool | None = use_cgroups  # True: detect at first start
         self._cgroups_lock = threading.Lock()
         self._pool_sizes = (pool_min_size, pool_max_size, pool_idle_ttl_s, pool_max_age_s)
@@ -167,6 +190,9 @@ class BwrapProvider:
         """
         if spec.sandbox.network and not self.allow_network:
             raise SandboxRefused("this server does not give tasks network access")
+        refused = over_caps(spec, self.max_memory_mb, self.max_cpus)
+        if refused:
+            raise SandboxRefused(refused)
         pool = self._pool
         warm = pool.acquire() if pool is not None and _limits(spec) == _limits(_POOLED) else None
         sandbox = warm or BwrapSandbox(self.config, spec, task_id, self.cgroups())
@@ -261,6 +287,7 @@ class BwrapSandbox:
         self._closed = False
         self._torn_down = False
         self._root: Path | None = None
+        self._work_mounted = False  # /work is a tmpfs on the host folder (else in bwrap)
         self._proc: subprocess.Popen[bytes] | None = None
         self._client: RunnerClient | None = None
         self.host_uid = (
@@ -278,8 +305,14 @@ class BwrapSandbox:
 
     @property
     def work_dir(self) -> Path | None:
-        """The host directory mounted at ``/work`` inside the sandbox."""
-        return self._root / "work" if self._root else None
+        """The host directory mounted at ``/work`` inside the sandbox (None when ``/work``
+        exists inside the sandbox only)."""
+        return self._root / "work" if self._root and self._work_mounted else None
+
+    @property
+    def root(self) -> Path | None:
+        """The sandbox's host folder (``<tmp>/actfleet-bwrap-<owner>-*``)."""
+        return self._root
 
     pool_hit = False
 
@@ -492,21 +525,26 @@ class BwrapSandbox:
         if self._root is not None:
             if self._cgroup_procs and self.cgroups is not None:
                 self.cgroups.remove(self._root.name)
-            shutil.rmtree(self._root, ignore_errors=True)
+            bwrap_dirs.remove_root(self._root)
 
     # -- host-side setup ----------------------------------------------------------------
 
     def _make_root(self) -> Path:
-        """``<tmp>/actfleet-bwrap-*/`` holding ``work/`` (owned by the sandbox uid) and the
-        runner's log. The read-only files every sandbox sees alike (the runner, ``passwd``,
-        ``group``) are made once per process: ``_shared_files``."""
+        """``<tmp>/actfleet-bwrap-<owner>-*/`` holding ``work/`` (a tmpfs owned by the
+        sandbox uid, where this process may mount) and the runner's log. The read-only files
+        every sandbox sees alike (the runner, ``passwd``, ``group``) are made once per
+        process: ``_shared_files``."""
+        cfg = self.config
         try:
-            root = Path(tempfile.mkdtemp(prefix="actfleet-bwrap-", dir=self.config.base_dir))
+            root = bwrap_dirs.make_root(cfg.base_dir)
             root.chmod(0o755)
             work = root / "work"
             work.mkdir(mode=0o700)
-            if self.config.separate_uids:
+            if cfg.separate_uids:
                 os.chown(work, self.host_uid, self.host_uid)
+            self._work_mounted = bwrap_dirs.mount_work(
+                work, cfg.work_mb, cfg.work_files, self.host_uid, host=cfg.mount_work
+            )
         except OSError as e:
             raise SandboxError(f"could not prepare the sandbox directory: {e}") from e
         return root
@@ -552,7 +590,12 @@ class BwrapSandbox:
         args += ["--size", tmpfs_bytes, "--tmpfs", "/tmp"]
         args += ["--size", tmpfs_bytes, "--tmpfs", "/dev/shm"]
         args += ["--ro-bind", f"{shared}/runner.py", SANDBOX_RUNNER_PATH]
-        args += ["--bind", f"{root}/work", SANDBOX_WORK_DIR, "--chdir", SANDBOX_WORK_DIR]
+        if self._work_mounted:
+            args += ["--bind", f"{root}/work", SANDBOX_WORK_DIR]
+        else:
+            work_bytes = str(cfg.work_mb * 1024 * 1024)
+            args += ["--size", work_bytes, "--perms", "0700", "--tmpfs", SANDBOX_WORK_DIR]
+        args += ["--chdir", SANDBOX_WORK_DIR]
         args += ["--remount-ro", "/"]
         args += ["--clearenv"]
         for key, value in (
@@ -667,7 +710,7 @@ def _shared_files(config: BwrapConfig) -> Path:
         if found is not None and found.is_dir():
             return found
         try:
-            path = Path(tempfile.mkdtemp(prefix="actfleet-bwrap-shared-", dir=config.base_dir))
+            path = bwrap_dirs.shared_dir(config.base_dir)
             path.chmod(0o755)
             shutil.copyfile(config.runner_path, path / "runner.py")
             (path / "passwd").write_text(

@@ -8,7 +8,7 @@ network unless the task asks and the server allows it, a read-only root with siz
 tmpfs at /work and /tmp, all capabilities dropped, no-new-privileges, Docker's default
 seccomp profile, pids/memory(=memory+swap)/CPU limits, file-size and open-file ulimits, a
 capped log, a non-root user, an init process, no mounts, an empty environment and labels
-naming the task, the worker and an expiry time. Nothing here is chosen by the model: the
+naming the fleet, the task, the worker and an expiry time. Nothing here is chosen by the model: the
 task spec's ``sandbox`` section picks an allowed image and resources within server caps.
 
 Lifecycle: ``DockerSandbox.close`` removes the container on every path; an execution that
@@ -42,10 +42,12 @@ import structlog
 from agent.errors import SandboxError, SandboxRefused, SetupError
 from agent.models import SandboxSpec, TaskSpec
 from agent.sandbox import ExecResult
+from workers.sandbox.caps import over_caps
 from workers.sandbox.docker_attach import AttachChannel
 from workers.sandbox.docker_config import (
     DEFAULT_IMAGE,
     LABEL_EXPIRES,
+    LABEL_FLEET,
     LABEL_POOL,
     LABEL_SANDBOX,
     LABEL_TASK,
@@ -67,6 +69,7 @@ log = structlog.get_logger(__name__)
 __all__ = [
     "DEFAULT_IMAGE",
     "LABEL_EXPIRES",
+    "LABEL_FLEET",
     "LABEL_POOL",
     "LABEL_SANDBOX",
     "LABEL_TASK",
@@ -106,6 +109,8 @@ class DockerProvider:
     ``close()`` stops the pool and removes its idle containers (not the sandboxes handed
     out: close those).
 
+    ``fleet`` labels every container (``LABEL_FLEET``): the deployment it belongs to, so that
+    a reaper removes only its own fleet's (``Settings.fleet``).
     ``client`` is a ``docker.DockerClient`` or ``docker.APIClient``; without one, an
     ``APIClient`` for ``base_url`` (default: the DOCKER_HOST environment) is made on first
     use. Expiry labels: a cold container expires ``expiry_grace_s`` after the task's
@@ -119,6 +124,7 @@ class DockerProvider:
         self,
         *,
         worker_id: str,
+        fleet: str,
         client: docker.DockerClient | docker.APIClient | None = None,
         base_url: str | None = None,
         image: str = DEFAULT_IMAGE,
@@ -137,6 +143,7 @@ class DockerProvider:
         max_threads: int = 8,
     ) -> None:
         self.worker_id = worker_id
+        self.fleet = fleet
         self.image = image
         self.allowed_images = frozenset(allowed_images) | {image}
         self.allow_network = allow_network
@@ -245,12 +252,16 @@ class DockerProvider:
             raise SandboxRefused(f"sandbox.image {image!r} is not allowed on this server")
         if sandbox.network and not self.allow_network:
             raise SandboxRefused("sandbox.network: this server does not allow network access")
-        cpus = min(sandbox.cpus, self.hardening.max_cpus, float(os.cpu_count() or 1))
+        refused = over_caps(
+            TaskSpec(prompt="", sandbox=sandbox),
+            self.hardening.max_memory_mb,
+            self.hardening.max_cpus,
+        )
+        if refused:
+            raise SandboxRefused(refused)
+        cpus = min(sandbox.cpus, float(os.cpu_count() or 1))  # no more than the host has
         return ContainerRequest(
-            image=image,
-            network=sandbox.network,
-            memory_mb=min(sandbox.memory_mb, self.hardening.max_memory_mb),
-            cpus=round(cpus, 2),
+            image=image, network=sandbox.network, memory_mb=sandbox.memory_mb, cpus=round(cpus, 2)
         )
 
     def _acquire(
@@ -277,6 +288,7 @@ class DockerProvider:
         name = _container_name(task_id, pooled)
         labels = {
             LABEL_SANDBOX: "1",
+            LABEL_FLEET: self.fleet,
             LABEL_TASK: task_id,
             LABEL_WORKER: self.worker_id,
             LABEL_EXPIRES: str(int(expires_at)),

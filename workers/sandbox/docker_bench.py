@@ -43,18 +43,24 @@ def bench_docker(
     image: str = DEFAULT_IMAGE,
     base_url: str | None = None,
     worker_id: str | None = None,
+    fleet: str | None = None,
     pool_size: int = 2,
 ) -> dict[str, Any]:
-    """The figures of ``bench_sandbox`` plus ``warm_acquire_ms`` and the pool's stats."""
+    """The figures of ``bench_sandbox`` plus ``warm_acquire_ms`` and the pool's stats.
+    The containers are labelled ``fleet`` (default: a fleet of this bench run alone)."""
     worker_id = worker_id or f"bench-{os.getpid()}"
+    fleet = fleet or worker_id
     spec = TaskSpec(prompt="bench")
-    cold = DockerProvider(worker_id=worker_id, base_url=base_url, image=image, pool_max_size=0)
+    cold = DockerProvider(
+        worker_id=worker_id, fleet=fleet, base_url=base_url, image=image, pool_max_size=0
+    )
     try:
         report = bench_sandbox(cold, runs, spec)
     finally:
         cold.close()
     warm = DockerProvider(
         worker_id=worker_id,
+        fleet=fleet,
         base_url=base_url,
         image=image,
         pool_min_size=pool_size,

@@ -21,6 +21,7 @@ LABEL_TASK = "actfleet.task"  # the task id ("" while waiting in a warm pool)
 LABEL_WORKER = "actfleet.worker"  # the worker that owns it
 LABEL_EXPIRES = "actfleet.expires"  # unix seconds after which it may be removed
 LABEL_POOL = "actfleet.pool"  # "1" if it was pre-started for a warm pool
+LABEL_FLEET = "actfleet.fleet"  # the deployment (Settings.fleet): a reaper reaps only its own
 
 DEFAULT_IMAGE = "actfleet-sandbox:latest"
 WORKDIR = "/work"
@@ -35,13 +36,14 @@ class Hardening:
 
     pids_limit: int = 256
     workdir_mb: int = 256  # tmpfs at /work: the only writable place besides /tmp
+    workdir_files: int = 10_000  # files and directories /work may hold (its inodes)
     tmp_mb: int = 64
     shm_mb: int = 16
     nofile: int = 1024
     fsize_mb: int = 256  # largest file a process may write
     log_max_size: str = "1m"
     user: str = SANDBOX_USER
-    max_memory_mb: int = 8192  # caps on what a task spec may ask for
+    max_memory_mb: int = 4096  # caps on what a task spec may ask for (more is refused)
     max_cpus: float = 4.0
     network_name: str = "actfleet-sandbox"  # bridge without inter-container traffic
 
@@ -70,7 +72,8 @@ def container_config(
         network_mode=hardening.network_name if request.network else "none",
         read_only=True,
         tmpfs={
-            WORKDIR: f"{mount_opts},size={hardening.workdir_mb}m,mode=0700",
+            WORKDIR: f"{mount_opts},size={hardening.workdir_mb}m,"
+            f"nr_inodes={hardening.workdir_files},mode=0700",
             "/tmp": f"{mount_opts},noexec,size={hardening.tmp_mb}m,mode=1777",
         },
         shm_size=hardening.shm_mb * _MB,

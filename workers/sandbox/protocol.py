@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 from agent.errors import SandboxError
 from agent.sandbox import ExecResult
+from agent.text import replace_unencodable
 
 HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -90,8 +91,8 @@ def encode_frame(message: dict[str, Any]) -> bytes:
 class FrameDecoder:
     """Incremental decoder: ``feed`` bytes as they arrive, get back whole messages.
 
-    Raises ``RunnerProtocolError`` for an oversized frame, invalid UTF-8/JSON, or a body
-    that is not a JSON object.
+    Raises ``RunnerProtocolError`` for an oversized frame, invalid JSON, or a body that is
+    not a JSON object; text that is not UTF-8 comes through as U+FFFD.
     """
 
     def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
@@ -115,10 +116,16 @@ class FrameDecoder:
                 break
             body = bytes(self._buffer[HEADER.size : end])
             del self._buffer[:end]
+            # The runner passes a lone surrogate of the code's text through as is, which is
+            # no UTF-8: it arrives as U+FFFD, as does one sent escaped, so that no text a
+            # sandbox produced can fail to encode later (in an event, in a response).
+            text = body.decode("utf-8", "replace")
             try:
-                message = json.loads(body.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
+                message = json.loads(text)
+            except ValueError as e:
                 raise RunnerProtocolError(f"the runner sent an invalid frame: {e}") from e
+            if "\\ud" in text or "\\uD" in text:
+                message = replace_unencodable(message)
             if not isinstance(message, dict):
                 raise RunnerProtocolError("the runner sent a frame that is not a JSON object")
             messages.append(message)

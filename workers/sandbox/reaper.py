@@ -2,7 +2,9 @@
 
 A worker removes its own containers on every path it lives through; the reaper covers the
 paths it does not (SIGKILL, a crashed host process, a lost Docker connection). It looks
-only at labels (``docker_config.LABEL_*``), so any worker can reap any other's leftovers:
+only at labels (``docker_config.LABEL_*``), and only at the containers of its own fleet
+(``actfleet.fleet``: another deployment on the same engine has its own workers, unknown to
+this one's Redis), so any worker of a fleet can reap its other workers' leftovers:
 
 - expired: ``actfleet.expires`` is in the past (a backstop for any leak, even a live
   worker's);
@@ -25,7 +27,13 @@ import docker
 import docker.errors
 import structlog
 
-from workers.sandbox.docker_config import LABEL_EXPIRES, LABEL_SANDBOX, LABEL_TASK, LABEL_WORKER
+from workers.sandbox.docker_config import (
+    LABEL_EXPIRES,
+    LABEL_FLEET,
+    LABEL_SANDBOX,
+    LABEL_TASK,
+    LABEL_WORKER,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -40,13 +48,14 @@ class Reaped:
 
 
 class Reaper:
-    """Removes expired containers and containers of dead workers, found by label."""
+    """Removes expired containers and containers of dead workers of ``fleet``, by label."""
 
     def __init__(
         self,
         client: docker.DockerClient | docker.APIClient,
         is_worker_alive: Callable[[str], bool],
         *,
+        fleet: str,
         min_age_s: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -54,6 +63,7 @@ class Reaper:
             client.api if isinstance(client, docker.DockerClient) else client
         )
         self._is_worker_alive = is_worker_alive
+        self.fleet = fleet
         self.min_age_s = min_age_s
         self._clock = clock
         self._stop = threading.Event()
@@ -63,7 +73,9 @@ class Reaper:
     def reap_once(self) -> list[Reaped]:
         """One pass; returns what it removed. Docker errors are logged, not raised."""
         try:
-            containers = self._api.containers(all=True, filters={"label": LABEL_SANDBOX})
+            containers = self._api.containers(
+                all=True, filters={"label": [LABEL_SANDBOX, f"{LABEL_FLEET}={self.fleet}"]}
+            )
         except docker.errors.DockerException as e:
             log.warning("reaper.list_failed", error=str(e))
             return []
@@ -120,6 +132,8 @@ class Reaper:
 
     def _verdict(self, c: dict[str, Any], now: float, alive: dict[str, bool]) -> str | None:
         labels = c.get("Labels") or {}
+        if labels.get(LABEL_FLEET) != self.fleet:  # the filter already says so: belt and braces
+            return None
         try:
             expires = float(labels.get(LABEL_EXPIRES) or "inf")
         except ValueError:

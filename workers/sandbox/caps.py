@@ -1,0 +1,23 @@
+"""The server's caps on what a task's ``sandbox`` section may ask for, as both backends
+enforce them. The API refuses such a task at submission (``api.bodies.spec_rules``); a
+backend refuses it again, for a task queued before the caps were lowered."""
+
+from __future__ import annotations
+
+from agent.models import TaskSpec
+
+
+def over_caps(spec: TaskSpec, max_memory_mb: int | None, max_cpus: float | None) -> str | None:
+    """Why ``spec`` asks for more than the caps (None: no cap), or None if it does not."""
+    asked = spec.sandbox
+    if max_memory_mb is not None and asked.memory_mb > max_memory_mb:
+        return (
+            f"sandbox.memory_mb: {asked.memory_mb} is over this server's cap of "
+            f"{max_memory_mb} MB (ACTFLEET_SANDBOX_MAX_MEMORY_MB)"
+        )
+    if max_cpus is not None and asked.cpus > max_cpus:
+        return (
+            f"sandbox.cpus: {asked.cpus:g} is over this server's cap of {max_cpus:g} "
+            "(ACTFLEET_SANDBOX_MAX_CPUS)"
+        )
+    return None
