@@ -6,6 +6,15 @@ off): 429, 408, 5xx, connection errors and timeouts are retried with exponential
 full jitter (or the server's ``Retry-After``), up to ``max_retries`` times and never past
 the request's own ``timeout_s``. Other 4xx raise ``LLMRejected``; retries used up raise
 ``LLMError``. SDK exceptions never leave this module untranslated.
+
+With a ``gate`` (``workers.modelgate``: the fleet-wide cap on the server's in-flight
+requests) every exchange holds one of its slots, released while backing off, and tells it
+how the exchange went, so the fleet's limit adapts. The server being busy (a 429, or a 503
+with ``Retry-After``) then means "wait", not "fail": such answers are retried, honouring
+``Retry-After``, until the request's deadline without counting against ``max_retries``,
+and a request whose deadline passes while it waits (for a slot or for the server) raises
+``LLMError`` only once the deadline has passed, so the task ends ``timed_out``, never
+``llm_error``, for want of capacity.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import openai
 
 from agent.errors import LLMError, LLMRejected
 from agent.llm import LLMReply, LLMRequest
+from workers.modelgate import GateTimeout, ModelGate, Outcome
 from workers.modelwire import Answer, Wire, WireFailed, WireTimeout
 
 # Called after every successful request: (model, seconds, prompt_tokens, completion_tokens).
@@ -118,6 +128,7 @@ class OpenAILLM:
         on_response: OnResponse | None = None,
         sleep: Callable[[float], None] = time.sleep,
         transport: Transport | None = None,
+        gate: ModelGate | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
@@ -129,6 +140,7 @@ class OpenAILLM:
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.on_response = on_response
+        self.gate = gate  # set before the first request, or never
         self._sleep = sleep
         # Builds an httpx client (no network I/O); base_url=None lets the SDK read the env.
         self._client = openai.OpenAI(
@@ -156,8 +168,67 @@ class OpenAILLM:
     def complete(self, request: LLMRequest) -> LLMReply:
         started = time.monotonic()
         deadline = None if request.timeout_s is None else started + request.timeout_s
-        retry = 0
+        retry = 0  # failed exchanges counted against max_retries
+        waits = 0  # "busy" answers under a gate: retried until the deadline, not counted
         while True:
+            sent, outcome = self._exchange(request, deadline)
+            if isinstance(outcome, Answer):
+                if 200 <= outcome.status < 300:
+                    return self._reply(request.model, outcome.body, sent, started)
+                failure: Exception = ServerAnswer(outcome)
+                reason = str(failure)
+                if outcome.status < 500 and outcome.status not in RETRYABLE_STATUSES:
+                    raise LLMRejected(
+                        f"{request.model}: the server refused the request ({reason})"
+                    ) from failure
+                retry_after = parse_retry_after(outcome.headers)
+            else:
+                failure, reason, retry_after = outcome, str(outcome), None
+
+            busy = self.gate is not None and deadline is not None and _busy(outcome, retry_after)
+            if busy:
+                waits += 1
+            else:
+                retry += 1
+                if retry > self.max_retries:
+                    raise LLMError(
+                        f"{request.model}: gave up after {retry} attempts; last: {reason}"
+                    ) from failure
+            delay = compute_backoff(
+                waits if busy else retry,
+                base_s=self.backoff_base_s,
+                max_s=self.backoff_max_s,
+                retry_after_s=retry_after,
+            )
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                if busy:  # waiting out the budget makes the task time out, not fail
+                    self._sleep(max(deadline - time.monotonic(), 0.0))
+                    raise LLMError(
+                        f"{request.model}: the request's time budget ran out while the "
+                        f"server was busy; last: {reason}"
+                    ) from failure
+                raise LLMError(
+                    f"{request.model}: the request's time budget ran out after {retry} "
+                    f"attempts; last: {reason}"
+                ) from failure
+            self._sleep(delay)
+
+    def _exchange(
+        self, request: LLMRequest, deadline: float | None
+    ) -> tuple[float, Answer | WireTimeout | WireFailed]:
+        """One request (through the gate's slot, if any): when it was sent, and the
+        server's answer or the wire's failure. ``LLMError`` once the budget is spent."""
+        gate = self.gate
+        token = 0
+        if gate is not None:
+            try:
+                token = gate.acquire(deadline)
+            except GateTimeout as e:
+                raise LLMError(
+                    f"{request.model}: the request's time budget ran out waiting for a slot ({e})"
+                ) from None
+        outcome: Answer | WireTimeout | WireFailed
+        try:
             timeout = self.timeout_s
             if deadline is not None:
                 timeout = min(timeout, deadline - time.monotonic())
@@ -165,38 +236,16 @@ class OpenAILLM:
                     raise LLMError(f"{request.model}: the request's time budget ran out")
             sent = time.monotonic()
             try:
-                answer = self._send(request, timeout)
+                outcome = self._send(request, timeout)
             except (WireTimeout, WireFailed) as e:
-                failure: Exception = e
-                reason, retry_after = str(e), None
-            else:
-                if 200 <= answer.status < 300:
-                    return self._reply(request.model, answer.body, sent, started)
-                failure = ServerAnswer(answer)
-                reason = str(failure)
-                if answer.status < 500 and answer.status not in RETRYABLE_STATUSES:
-                    raise LLMRejected(
-                        f"{request.model}: the server refused the request ({reason})"
-                    ) from failure
-                retry_after = parse_retry_after(answer.headers)
-
-            retry += 1
-            if retry > self.max_retries:
-                raise LLMError(
-                    f"{request.model}: gave up after {retry} attempts; last: {reason}"
-                ) from failure
-            delay = compute_backoff(
-                retry,
-                base_s=self.backoff_base_s,
-                max_s=self.backoff_max_s,
-                retry_after_s=retry_after,
-            )
-            if deadline is not None and time.monotonic() + delay >= deadline:
-                raise LLMError(
-                    f"{request.model}: the request's time budget ran out after {retry} "
-                    f"attempts; last: {reason}"
-                ) from failure
-            self._sleep(delay)
+                outcome = e
+        except BaseException:
+            if gate is not None:
+                gate.release(token, Outcome.FAILED)
+            raise
+        if gate is not None:
+            gate.release(token, _gate_outcome(outcome, timeout >= self.timeout_s))
+        return sent, outcome
 
     def _send(self, request: LLMRequest, timeout: float) -> Answer:
         """One HTTP exchange: the server's answer whatever its status, or ``WireTimeout`` /
@@ -247,6 +296,31 @@ class OpenAILLM:
             completion_tokens=completion_tokens,
             latency_s=now - started,
         )
+
+
+def _busy(outcome: Answer | Exception, retry_after: float | None) -> bool:
+    """Whether the server said it is busy and to come back: a 429, or a 503 that says when
+    (a bare 503 may be an outage, which counts against the retries like any failure)."""
+    if not isinstance(outcome, Answer):
+        return False
+    return outcome.status == 429 or (outcome.status == 503 and retry_after is not None)
+
+
+def _gate_outcome(outcome: Answer | Exception, full_timeout: bool) -> Outcome:
+    """What an exchange tells the gate about the server's load. A timeout is an overload
+    signal only when the request had the whole adapter timeout, not the task's last few
+    seconds."""
+    if isinstance(outcome, Answer):
+        if 200 <= outcome.status < 300:
+            return Outcome.OK
+        if outcome.status == 429:
+            return Outcome.THROTTLED
+        if outcome.status == 503:
+            return Outcome.UNAVAILABLE
+        return Outcome.FAILED
+    if isinstance(outcome, WireTimeout) and full_timeout:
+        return Outcome.TIMEOUT
+    return Outcome.FAILED
 
 
 def _proxied(url: str) -> bool:
