@@ -8,8 +8,11 @@ last sync and the overload it saw, and learns how many permits it may use.
 - **Adaptive limit (AIMD).** An overload signal (429, 503, a timeout) on a request sent
   under the current epoch lowers the limit to ``decrease`` times what the fleet had in
   flight (or the limit, if lower) and starts a new epoch: the burst of rejections that
-  requests sent under the old limit are still bringing back counts once. Successes raise it
-  by one per limit's worth (``successes / limit``), never above the cap.
+  requests sent under the old limit are still bringing back counts once. While the fleet
+  still has more in flight than the limit (its holders learn of a lower limit at their
+  next sync, and shed as their requests finish) an overload lowers nothing: the excess
+  explains it. Successes raise the limit by one per limit's worth (``successes / limit``),
+  never above the cap.
 - **Fair shares.** The limit is divided max-min fairly over the holders' demands (water
   filling); what nobody demands is spread evenly as headroom, so a holder's demand can grow
   a little between syncs without waiting. A holder is granted its share but never more
@@ -84,6 +87,8 @@ def adapt(
     """The limit and epoch after one holder's report (AIMD), clamped to the cap."""
     limit = min(limit, float(cfg.cap))
     if report.overload_epoch is not None and report.overload_epoch == epoch:
+        if in_flight > limit:  # the fleet has yet to shed down to the limit: that excess
+            return limit, epoch  # is the overload's likely cause, not the limit itself
         base = min(limit, float(max(in_flight, 1)))
         return max(float(cfg.min_limit), base * cfg.decrease), epoch + 1
     if report.successes > 0:

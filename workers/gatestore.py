@@ -67,12 +67,12 @@ end
 local in_flight, others_held = in_use, 0
 for _, n in ipairs(names) do in_flight = in_flight + used[n]; others_held = others_held + held[n] end
 if limit > cap then limit = cap end
-if overload >= 0 and overload == epoch then
+if overload >= 0 and overload == epoch and in_flight <= limit then
   local base = math.max(in_flight, 1)
   if limit < base then base = limit end
   limit = math.max(floor_, base * decrease)
   epoch = epoch + 1
-else
+elseif not (overload >= 0 and overload == epoch) then
   if successes > 0 then limit = math.min(cap, limit + successes / math.max(limit, 1)) end
   limit = math.max(limit, floor_)
 end

@@ -8,8 +8,8 @@ the request's own ``timeout_s``. Other 4xx raise ``LLMRejected``; retries used u
 ``LLMError``. SDK exceptions never leave this module untranslated.
 
 With a ``gate`` (``workers.modelgate``: the fleet-wide cap on the server's in-flight
-requests) every exchange holds one of its slots, released while backing off, and tells it
-how the exchange went, so the fleet's limit adapts. The server being busy (a 429, or a 503
+requests) a completion holds one of its slots from its first exchange to its last, backoffs
+included, and tells it how each exchange went, so the fleet's limit adapts. The server being busy (a 429, or a 503
 with ``Retry-After``) then means "wait", not "fail": such answers are retried, honouring
 ``Retry-After``, until the request's deadline without counting against ``max_retries``,
 and a request whose deadline passes while it waits (for a slot or for the server) raises
@@ -168,10 +168,46 @@ class OpenAILLM:
     def complete(self, request: LLMRequest) -> LLMReply:
         started = time.monotonic()
         deadline = None if request.timeout_s is None else started + request.timeout_s
+        gate = self.gate
+        if gate is None:
+            return self._complete(request, started, deadline, None, 0)
+        try:
+            token = gate.acquire(deadline)
+        except GateTimeout as e:
+            raise LLMError(
+                f"{request.model}: the request's time budget ran out waiting for a slot ({e})"
+            ) from None
+        try:
+            return self._complete(request, started, deadline, gate, token)
+        finally:
+            gate.release()
+
+    def _complete(
+        self,
+        request: LLMRequest,
+        started: float,
+        deadline: float | None,
+        gate: ModelGate | None,
+        token: int,
+    ) -> LLMReply:
+        """The exchanges and backoffs of one completion; under a gate, holding its slot
+        throughout: a request backing off from a busy server keeps its slot, so the fleet
+        sends no other request into that server in its place."""
         retry = 0  # failed exchanges counted against max_retries
         waits = 0  # "busy" answers under a gate: retried until the deadline, not counted
         while True:
-            sent, outcome = self._exchange(request, deadline)
+            timeout = self.timeout_s
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    raise LLMError(f"{request.model}: the request's time budget ran out")
+            sent = time.monotonic()
+            try:
+                outcome: Answer | WireTimeout | WireFailed = self._send(request, timeout)
+            except (WireTimeout, WireFailed) as e:
+                outcome = e
+            if gate is not None:
+                gate.observe(token, _gate_outcome(outcome, timeout >= self.timeout_s))
             if isinstance(outcome, Answer):
                 if 200 <= outcome.status < 300:
                     return self._reply(request.model, outcome.body, sent, started)
@@ -185,7 +221,7 @@ class OpenAILLM:
             else:
                 failure, reason, retry_after = outcome, str(outcome), None
 
-            busy = self.gate is not None and deadline is not None and _busy(outcome, retry_after)
+            busy = gate is not None and deadline is not None and _busy(outcome, retry_after)
             if busy:
                 waits += 1
             else:
@@ -212,40 +248,6 @@ class OpenAILLM:
                     f"attempts; last: {reason}"
                 ) from failure
             self._sleep(delay)
-
-    def _exchange(
-        self, request: LLMRequest, deadline: float | None
-    ) -> tuple[float, Answer | WireTimeout | WireFailed]:
-        """One request (through the gate's slot, if any): when it was sent, and the
-        server's answer or the wire's failure. ``LLMError`` once the budget is spent."""
-        gate = self.gate
-        token = 0
-        if gate is not None:
-            try:
-                token = gate.acquire(deadline)
-            except GateTimeout as e:
-                raise LLMError(
-                    f"{request.model}: the request's time budget ran out waiting for a slot ({e})"
-                ) from None
-        outcome: Answer | WireTimeout | WireFailed
-        try:
-            timeout = self.timeout_s
-            if deadline is not None:
-                timeout = min(timeout, deadline - time.monotonic())
-                if timeout <= 0:
-                    raise LLMError(f"{request.model}: the request's time budget ran out")
-            sent = time.monotonic()
-            try:
-                outcome = self._send(request, timeout)
-            except (WireTimeout, WireFailed) as e:
-                outcome = e
-        except BaseException:
-            if gate is not None:
-                gate.release(token, Outcome.FAILED)
-            raise
-        if gate is not None:
-            gate.release(token, _gate_outcome(outcome, timeout >= self.timeout_s))
-        return sent, outcome
 
     def _send(self, request: LLMRequest, timeout: float) -> Answer:
         """One HTTP exchange: the server's answer whatever its status, or ``WireTimeout`` /

@@ -13,7 +13,8 @@ Redis for that long stops using its own.
 The limit adapts (AIMD): an overload answer (``Outcome.THROTTLED``, ``UNAVAILABLE``,
 ``TIMEOUT``) lowers it fleet-wide, successes raise it back towards the cap. ``acquire``
 waits for a permit until the request's own deadline and raises ``GateTimeout`` after it;
-the model client (``workers.llm``) decides what to retry.
+``observe`` takes each exchange's outcome, ``release`` gives the permit back. The model
+client (``workers.llm``) decides what to retry.
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ class ModelGate:
         self._wait_s.observe(self._clock() - asked)
         return self._epoch
 
-    def release(self, token: int, outcome: Outcome) -> None:
-        self.permits.release()
+    def observe(self, token: int, outcome: Outcome) -> None:
+        """How an exchange under the permit of ``token`` went (one permit may see several:
+        a request retried while it keeps its slot)."""
         if outcome is Outcome.OK:
             with self._lock:
                 self._successes += 1
@@ -113,6 +115,9 @@ class ModelGate:
                 if self._overload_epoch is None or token > self._overload_epoch:
                     self._overload_epoch = token
             self._wake.set()
+
+    def release(self) -> None:
+        self.permits.release()
 
     # -- syncing with the fleet ------------------------------------------------------
 

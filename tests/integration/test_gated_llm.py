@@ -23,6 +23,13 @@ from workers.gatestore import RedisGateStore, server_id, server_label
 from workers.llm import OpenAILLM, Transport
 from workers.modelgate import ModelGate, Outcome
 
+
+def settle(gate: ModelGate, token: int, outcome: Outcome) -> None:
+    """An exchange under the permit ended so, and the permit goes back."""
+    gate.observe(token, outcome)
+    gate.release()
+
+
 PROMPT = [{"role": "user", "content": "hello"}]
 
 
@@ -90,6 +97,30 @@ def test_a_gated_client_waits_out_429s_without_spending_its_retries(
     assert state.limit < 10
 
 
+def test_a_request_backing_off_from_a_busy_server_keeps_its_slot(
+    make_gate: Callable[..., ModelGate],
+) -> None:
+    # given a server that is busy once, then answers
+    script = [
+        {"status": 429, "error": "busy", "headers": {"Retry-After": "0.2"}, "times": 1},
+        {"reply": "done"},
+    ]
+    with FakeLLMServer(script) as server:
+        gate = make_gate(server.url, cap=4)
+        in_use_while_sleeping: list[int] = []
+
+        def sleep(seconds: float) -> None:
+            in_use_while_sleeping.append(gate.permits.usage().in_use)
+            time.sleep(seconds)
+
+        llm = OpenAILLM(base_url=server.url, max_retries=0, gate=gate, sleep=sleep)
+        reply = llm.complete(LLMRequest("m", PROMPT, timeout_s=30))
+    # then it backed off once, holding its slot (no other request took its place meanwhile)
+    assert reply.content == "done"
+    assert in_use_while_sleeping == [1]
+    assert gate.permits.usage().in_use == 0  # and gave it back once answered
+
+
 def test_without_a_gate_the_same_load_fails_requests(transport: Transport) -> None:
     # the counterpart of the test above: what the gate saves a fleet from
     with FakeLLMServer(latency_s=0.3, capacity=3, retry_after_s=0.1) as server:
@@ -123,7 +154,7 @@ def test_a_task_waiting_for_a_slot_times_out_at_its_deadline_not_as_an_llm_error
         result = drive(run_codeact(spec, llm, FakeSandbox(), model="m"))
 
         waited = time.monotonic() - started
-        other.release(token, Outcome.OK)
+        settle(other, token, Outcome.OK)
     # then the task ended timed_out when its own wall clock ran out, having sent nothing
     assert result.status is Status.TIMED_OUT
     assert result.failure_class is FailureClass.TIMEOUT

@@ -20,6 +20,13 @@ from workers.gateplan import FleetState, GateConfig, Report, plan
 from workers.gatestore import RedisGateStore, server_id, server_label
 from workers.modelgate import GateTimeout, ModelGate, Outcome
 
+
+def settle(gate: ModelGate, token: int, outcome: Outcome) -> None:
+    """An exchange under the permit ended so, and the permit goes back."""
+    gate.observe(token, outcome)
+    gate.release()
+
+
 SERVER = server_id("http://127.0.0.1:9/v1")
 
 # A worker process's use of the gate: `threads` loops that take a slot, count themselves in
@@ -66,7 +73,8 @@ HOLDER = textwrap.dedent(
             peak(keys=["inflight", "peak"])
             time.sleep(float(hold_s))
             r.decr("inflight")
-            gate.release(token, Outcome.OK)
+            gate.observe(token, Outcome.OK)
+            gate.release()
             done += 1
     ts = [threading.Thread(target=loop) for _ in range(int(threads))]
     for t in ts: t.start()
@@ -137,7 +145,7 @@ def test_a_killed_holders_slots_come_back_within_the_lease(redis_url: str, r: re
         tokens = [gate.acquire(killed + 10) for _ in range(4)]
         assert time.monotonic() - killed < 1.5 + 2.0
         for t in tokens:
-            gate.release(t, Outcome.OK)
+            settle(gate, t, Outcome.OK)
     finally:
         gate.close()
         if hog.poll() is None:

@@ -34,6 +34,16 @@ def test_overloads_of_requests_sent_under_an_older_limit_count_once() -> None:
     assert (limit, epoch) == (10.8, 4)
 
 
+def test_an_overload_while_the_fleet_is_still_above_the_limit_lowers_nothing() -> None:
+    # given a limit just lowered to 14.4, with holders that have not shed yet (16 in flight)
+    limit, epoch = adapt(14.4, 1, Report(16, 8, overload_epoch=1), in_flight=16, cfg=CFG)
+    # then a 429 of a request sent under that limit is blamed on the excess, not the limit
+    assert (limit, epoch) == (14.4, 1)
+    # and once they have shed, the next one counts
+    limit, epoch = adapt(14.4, 1, Report(14, 7, overload_epoch=1), in_flight=14, cfg=CFG)
+    assert limit == pytest.approx(0.9 * 14) and epoch == 2
+
+
 def test_successes_raise_the_limit_by_one_per_limits_worth_up_to_the_cap() -> None:
     limit, epoch = adapt(10.0, 2, Report(10, 10, successes=5), in_flight=10, cfg=CFG)
     assert limit == pytest.approx(10.5) and epoch == 2

@@ -15,6 +15,12 @@ from workers.gateplan import GateConfig
 from workers.modelgate import GateTimeout, ModelGate, Outcome
 
 
+def settle(gate: ModelGate, token: int, outcome: Outcome) -> None:
+    """An exchange under the permit ended so, and the permit goes back."""
+    gate.observe(token, outcome)
+    gate.release()
+
+
 def wait_for(check: Callable[[], object], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -54,7 +60,7 @@ def test_a_process_alone_gets_the_whole_cap_and_no_more(gates: Callable[..., Mod
     with pytest.raises(GateTimeout):
         a.acquire(soon())
     for t in tokens:
-        a.release(t, Outcome.OK)
+        settle(a, t, Outcome.OK)
 
 
 def test_a_hog_gives_back_down_to_its_share_and_the_other_gets_it(
@@ -80,7 +86,7 @@ def test_a_hog_gives_back_down_to_its_share_and_the_other_gets_it(
         a.acquire(soon())
     # then as a's requests finish and it syncs, 8 of b's waiting requests get a slot
     for t in held[8:]:
-        a.release(t, Outcome.OK)
+        settle(a, t, Outcome.OK)
     a.sync()
     assert b.sync().permits == 8
     wait_for(lambda: len(got) == 8)
@@ -89,7 +95,7 @@ def test_a_hog_gives_back_down_to_its_share_and_the_other_gets_it(
     assert sum(h.held for h in store.state.holders.values()) == 16
     # and when a is done, b's last two get theirs too
     for t in held[:8]:
-        a.release(t, Outcome.OK)
+        settle(a, t, Outcome.OK)
     a.sync()
     b.sync()
     for w in waiters:
@@ -124,7 +130,7 @@ def test_the_fleet_never_has_more_than_the_cap_in_flight_and_both_processes_prog
             with lock:
                 in_flight -= 1
                 done[gate.holder] += 1
-            gate.release(token, Outcome.OK)
+            settle(gate, token, Outcome.OK)
 
     threads = [threading.Thread(target=loop, args=(g,)) for g in (a, b) for _ in range(12)]
     for t in threads:
@@ -148,7 +154,7 @@ def test_an_overload_makes_the_gate_sync_at_once_and_lowers_the_limit_fleet_wide
     tokens = [a.acquire(soon()) for _ in range(8)]
     syncs = store.syncs
     # when a request comes back 429
-    a.release(tokens.pop(), Outcome.THROTTLED)
+    settle(a, tokens.pop(), Outcome.THROTTLED)
     # then the gate reports it promptly and the fleet's limit falls from what was in flight
     wait_for(lambda: store.syncs > syncs)
     assert store.state is not None and store.state.epoch == 1
@@ -156,11 +162,11 @@ def test_an_overload_makes_the_gate_sync_at_once_and_lowers_the_limit_fleet_wide
     # and the other process's grant follows at its next sync
     assert b.sync().limit == pytest.approx(0.9 * 7)
     # a second 429 of a request sent under the old limit does not lower it again
-    a.release(tokens.pop(), Outcome.THROTTLED)
+    settle(a, tokens.pop(), Outcome.THROTTLED)
     wait_for(lambda: store.syncs > syncs + 2)
     assert store.state.epoch == 1
     for t in tokens:
-        a.release(t, Outcome.OK)
+        settle(a, t, Outcome.OK)
 
 
 def test_successes_raise_the_limit_back_towards_the_cap(
@@ -168,15 +174,15 @@ def test_successes_raise_the_limit_back_towards_the_cap(
 ) -> None:
     a = gates("a")
     a.sync()
-    a.release(a.acquire(soon()), Outcome.TIMEOUT)
+    settle(a, a.acquire(soon()), Outcome.TIMEOUT)
     low = a.sync().limit
     assert low < 16
     for _ in range(40):
-        a.release(a.acquire(soon()), Outcome.OK)
+        settle(a, a.acquire(soon()), Outcome.OK)
     assert a.sync().limit > low + 2
     # failures that say nothing about load move nothing
     before = a.sync().limit
-    a.release(a.acquire(soon()), Outcome.FAILED)
+    settle(a, a.acquire(soon()), Outcome.FAILED)
     assert a.sync().limit == before
 
 
@@ -194,7 +200,7 @@ def test_a_process_that_cannot_reach_the_fleet_stops_using_its_permits_after_the
     # and come back with the store
     store.failing = None
     wait_for(lambda: a.permits.usage().granted == 16, timeout_s=5)
-    a.release(a.acquire(soon()), Outcome.OK)
+    settle(a, a.acquire(soon()), Outcome.OK)
 
 
 def test_a_failed_sync_keeps_what_it_had_to_report(
@@ -202,7 +208,7 @@ def test_a_failed_sync_keeps_what_it_had_to_report(
 ) -> None:
     a = gates("a")
     a.sync()
-    a.release(a.acquire(soon()), Outcome.THROTTLED)
+    settle(a, a.acquire(soon()), Outcome.THROTTLED)
     store.failing = redis.ConnectionError("blip")
     with pytest.raises(redis.ConnectionError):
         a.sync()
