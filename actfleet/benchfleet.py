@@ -256,7 +256,7 @@ def run_fleet_bench(
         "cpu_cores_busy": round(sum(c.total_s for c in cpu.values()) / wall_s, 3)
         if wall_s
         else 0.0,
-        **_capacity_figures(
+        **capacity_figures(
             model_capacity, concurrency, turns, latency_s, statuses, wall_s, llm, gate
         ),
     }
@@ -326,7 +326,7 @@ def _gate_figures(
     }
 
 
-def _capacity_figures(
+def capacity_figures(
     capacity: int | None,
     concurrency: int,
     turns: int,
