@@ -112,8 +112,12 @@ class OpenAILLM:
     HTTP proxy configured for the server's URL, or SDK-managed credentials (no API-key
     header); ``transport`` forces one ("wire" or "sdk").
 
-    ``LLMReply.latency_s`` is the wall clock of the whole ``complete`` call, retries and
-    backoff included; ``on_response`` gets the duration of the successful request alone.
+    ``gate`` (``workers.modelgate.ModelGate``, or None for none) is the fleet-wide cap on
+    the server's in-flight requests; the worker sets it before the first request.
+
+    ``LLMReply.latency_s`` is the wall clock of the whole ``complete`` call, the wait for a
+    slot, retries and backoff included; ``on_response`` gets the duration of the successful
+    request alone.
     """
 
     def __init__(

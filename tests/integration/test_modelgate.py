@@ -143,7 +143,7 @@ def test_a_killed_holders_slots_come_back_within_the_lease(redis_url: str, r: re
         killed = time.monotonic()
         # then within the lease TTL (plus a sync) its slots are the survivor's
         tokens = [gate.acquire(killed + 10) for _ in range(4)]
-        assert time.monotonic() - killed < 1.5 + 2.0
+        assert time.monotonic() - killed < 1.5 + 4.0  # the TTL, and a loaded machine's lag
         for t in tokens:
             settle(gate, t, Outcome.OK)
     finally:
