@@ -16,12 +16,24 @@ Two figures say where the rest goes between tasks: ``first_wave_started_s``, whe
 task started (after submission began), and ``dispatch_gap_ms``, how long a freed loop waits
 for its next task: the k-th task to start after the first wave should start the moment the
 k-th task finished, and the gap is the difference.
+
+``cpu_ms_per_task`` is the CPU time every process the bench started used from submission
+to the last finish (``actfleet.proctime``: the API, the workers and the sandboxes below
+them, Redis, and this process, which runs fake-llm), divided by N. Docker sandboxes run
+under the Docker daemon, outside those trees: with ``--backend docker`` they are missing.
+
+With ``model_capacity`` K, fake-llm serves at most K requests at once and answers 429
+(``Retry-After: 1``) beyond, and the workers run behind the model gate
+(``ACTFLEET_MODEL_MAX_INFLIGHT``, ``model_max_inflight``, by default 2K: set too high, so the
+adaptive limit must find K). ``goodput`` is completed tasks per second against the ideal
+that K allows, min(K, C) / (T * L); ``model_gate`` holds the gate's and the server's figures.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from typing import Any
@@ -31,11 +43,15 @@ import redis
 from rich.console import Console
 
 from actfleet.fakellm import FakeLLMServer
+from actfleet.proctime import TreeCPU, tree_cpu
 from actfleet.settings import Settings
 from actfleet.stack import LocalStack
 from store.apikeys import create_key
 from store.keys import Keys
 from store.records import TaskRecord
+from workers.gatestore import RedisGateStore, server_id
+
+MODEL_RETRY_AFTER_S = 1.0
 
 
 def fleet_script(turns: int) -> list[dict[str, Any]]:
@@ -90,12 +106,21 @@ def run_fleet_bench(
     concurrency: int,
     workers: int = 1,
     warm_pool: bool = True,
+    model_capacity: int | None = None,
+    model_max_inflight: int | None = None,
     progress: Console | None = None,
 ) -> dict[str, Any]:
     if tasks < 1 or turns < 1 or concurrency < 1 or latency_s < 0:
         raise ValueError("tasks, turns and concurrency must be >= 1 and latency >= 0")
+    if model_capacity is not None and model_max_inflight is None:
+        model_max_inflight = 2 * model_capacity
     say = progress.print if progress else (lambda *a, **k: None)
-    with FakeLLMServer(script=fleet_script(turns), latency_s=latency_s) as llm:
+    with FakeLLMServer(
+        script=fleet_script(turns),
+        latency_s=latency_s,
+        capacity=model_capacity,
+        retry_after_s=MODEL_RETRY_AFTER_S,
+    ) as llm:
         env = {
             "OPENAI_BASE_URL": llm.url,
             "OPENAI_API_KEY": "bench",
@@ -104,6 +129,8 @@ def run_fleet_bench(
             "ACTFLEET_LOG_LEVEL": "WARNING",
             "ACTFLEET_MAX_ACTIVE_PER_TENANT": str(max(tasks, 1000)),
         }
+        if model_max_inflight is not None:
+            env["ACTFLEET_MODEL_MAX_INFLIGHT"] = str(model_max_inflight)
         per_worker = math.ceil(concurrency / workers)
         if warm_pool:  # as an operator would size it: a warm sandbox per loop
             env |= {"ACTFLEET_POOL_MIN": str(per_worker), "ACTFLEET_POOL_MAX": str(per_worker)}
@@ -139,6 +166,8 @@ def run_fleet_bench(
                 timeout=60,
             )
             say(f"submitting {tasks} tasks of {turns} turns, model latency {latency_s:g}s")
+            roots = _roots(stack)
+            cpu_before = tree_cpu(roots)
             t0 = time.time()
             resp = http.post(
                 "/v1/batches", content=body, headers={"Content-Type": "application/x-ndjson"}
@@ -154,6 +183,8 @@ def run_fleet_bench(
                 if done >= tasks:
                     break
                 time.sleep(2.0)
+            cpu = {k: v - cpu_before[k] for k, v in tree_cpu(roots).items()}
+            gate = _gate_figures(stack, r, keys, llm, model_max_inflight)
             ids = [i.decode() for i in r.lrange(keys.batch_tasks(batch_id), 0, -1)]  # type: ignore[union-attr]
             pipe = r.pipeline(transaction=False)
             for task_id in ids:
@@ -221,7 +252,110 @@ def run_fleet_bench(
             "of_which_outside_model_calls_p50": round(percentile(loop_extra, 0.5) * 1000, 2),
         },
         "phase_overhead_ms": phases,
+        "cpu_ms_per_task": cpu_per_task(cpu, tasks),
+        "cpu_cores_busy": round(sum(c.total_s for c in cpu.values()) / wall_s, 3)
+        if wall_s
+        else 0.0,
+        **capacity_figures(
+            model_capacity, concurrency, turns, latency_s, statuses, wall_s, llm, gate
+        ),
     }
+
+
+def _roots(stack: LocalStack) -> dict[str, int]:
+    """The processes whose trees the bench charges, by role."""
+    roots = {"bench_and_fake_llm": os.getpid()}
+    api, *_ = stack.procs
+    roots["api"] = api.pid
+    for i, proc in enumerate(stack.worker_procs):
+        roots[f"worker{i}"] = proc.pid
+    if stack.redis is not None and stack.redis.proc is not None:
+        roots["redis"] = stack.redis.proc.pid
+    return roots
+
+
+def cpu_per_task(cpu: dict[str, TreeCPU], tasks: int) -> dict[str, float]:
+    """CPU ms per task, in total and by where it went. This process's own CPU only: the
+    stack's processes are its children, charged on their own lines."""
+
+    def ms(seconds: float) -> float:
+        return round(seconds * 1000 / tasks, 2)
+
+    workers = [c for name, c in cpu.items() if name.startswith("worker")]
+    parts = {
+        "workers": ms(sum(c.own_s for c in workers)),
+        "sandboxes": ms(sum(c.descendants_s for c in workers)),
+        "api": ms(cpu["api"].total_s) if "api" in cpu else 0.0,
+        "redis": ms(cpu["redis"].total_s) if "redis" in cpu else 0.0,
+        "bench_and_fake_llm": ms(cpu["bench_and_fake_llm"].own_s),
+    }
+    return {"total": round(sum(parts.values()), 2), **parts}
+
+
+def _gate_figures(
+    stack: LocalStack, r: redis.Redis, keys: Keys, llm: FakeLLMServer, cap: int | None
+) -> dict[str, Any] | None:
+    """The model gate's figures: from Redis (the fleet's limit) and from the workers'
+    metrics files (every process's overloads and slot waits)."""
+    if cap is None:
+        return None
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    state = RedisGateStore(r, keys, server_id(llm.url)).state(cap)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(stack.metrics_dir))
+    overloads: dict[str, float] = {}
+    wait_sum = wait_count = 0.0
+    for metric in registry.collect():
+        for sample in metric.samples:
+            if sample.name == "actfleet_llm_overloads_total":
+                signal = sample.labels.get("signal", "?")
+                overloads[signal] = overloads.get(signal, 0.0) + sample.value
+            elif sample.name == "actfleet_llm_slot_wait_seconds_sum":
+                wait_sum += sample.value
+            elif sample.name == "actfleet_llm_slot_wait_seconds_count":
+                wait_count += sample.value
+    return {
+        "max_inflight": cap,
+        "final_limit": round(state.limit, 2),
+        "limit_decreases": state.epoch,
+        "overloads_seen": {k: int(v) for k, v in sorted(overloads.items())},
+        "slot_wait_mean_ms": round(wait_sum / wait_count * 1000, 2) if wait_count else None,
+        "requests": int(wait_count),
+    }
+
+
+def capacity_figures(
+    capacity: int | None,
+    concurrency: int,
+    turns: int,
+    latency_s: float,
+    statuses: dict[str, int],
+    wall_s: float,
+    llm: FakeLLMServer,
+    gate: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Goodput against what the model server's capacity allows, and the gate's figures."""
+    out: dict[str, Any] = {"error_tasks": statuses.get("error", 0)}
+    if gate is not None:
+        out["model_gate"] = gate
+    if capacity is None:
+        return out
+    completed = statuses.get("completed", 0)
+    rate = completed / wall_s if wall_s else 0.0
+    ideal = min(capacity, concurrency) / (turns * latency_s) if latency_s else None
+    out["model_capacity"] = capacity
+    out["goodput_tasks_per_s"] = round(rate, 3)
+    out["goodput_ideal_tasks_per_s"] = round(ideal, 3) if ideal else None
+    out["goodput"] = round(rate / ideal, 4) if ideal else None
+    out["model_server"] = {
+        "served": llm.served,
+        "rejected_429": llm.rejected,
+        "peak_in_service": llm.peak_in_service,
+        "utilization": round(llm.busy_s / (capacity * wall_s), 4) if wall_s else None,
+    }
+    return out
 
 
 PHASES = ("start", "model_wait", "model_client", "exec", "finish")

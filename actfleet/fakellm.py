@@ -26,6 +26,11 @@ reply whatever the request's stop sequences, as some servers do).
 
 Like real servers, a reply is cut before the first of the request's ``stop`` sequences
 (which is dropped) and at ``max_tokens``, counting tokens as ``len(text) // 4 + 1``.
+
+With a ``capacity`` of K, like a model server with K batch slots behind a rate limiter, at
+most K chat requests are in service at once (from arrival until the reply is written); one
+arriving beyond that is answered at once with 429 and ``Retry-After``, and uses up nothing
+of the script.
 """
 
 from __future__ import annotations
@@ -267,6 +272,11 @@ class FakeLLMServer:
     for the last 100,000 replies sent, how long after its latency each went out (the server's own lateness,
     which benchmarks must not blame on the client).
 
+    ``capacity``: at most this many chat requests in service at once, the rest answered 429
+    with ``Retry-After: retry_after_s`` (None: no limit). ``served``, ``rejected``,
+    ``peak_in_service`` and ``busy_s`` (the sum of the admitted requests' times in service)
+    count what happened.
+
     One asyncio loop in one thread serves every connection: a thread per connection spent
     most of its CPU fighting over the GIL once a load test kept a hundred of them open.
     """
@@ -277,7 +287,13 @@ class FakeLLMServer:
         host: str = "127.0.0.1",
         port: int = 0,
         latency_s: float = 0.0,
+        capacity: int | None = None,
+        retry_after_s: float = 1.0,
     ) -> None:
+        if capacity is not None and capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        if retry_after_s < 0:
+            raise ValueError("retry_after_s must not be negative")
         rules = DEFAULT_SCRIPT if script is None else script
         self.rules = [r if isinstance(r, Rule) else _parse_rule(i, r) for i, r in enumerate(rules)]
         self.host = host
@@ -285,6 +301,13 @@ class FakeLLMServer:
         self.latency_s = latency_s
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=1000)
         self.late_s: collections.deque[float] = collections.deque(maxlen=100_000)
+        self.capacity = capacity
+        self.retry_after_s = retry_after_s
+        self.in_service = 0
+        self.peak_in_service = 0
+        self.served = 0
+        self.rejected = 0
+        self.busy_s = 0.0
         self._fired = [0] * len(self.rules)
         self._lock = threading.Lock()
         self._bound_port: int | None = None
@@ -402,14 +425,19 @@ class FakeLLMServer:
                 reply = self._answer(request)
                 # Other methods get a 501 with a body, which a HEAD client would not read.
                 keep_alive = request.keep_alive and request.method in ("GET", "POST")
-                data = _encode(reply, close=not keep_alive)
-                if reply.delay_s > 0:
-                    # Encoded before the wait: when a burst of replies falls due together,
-                    # each has only its write left, so none goes out late. The wait is for
-                    # what is left of the latency: reading the rules and rendering the reply
-                    # are part of the model's time, not added to it.
-                    await asyncio.sleep(received + reply.delay_s - time.monotonic())
-                writer.write(data)
+                try:
+                    data = _encode(reply, close=not keep_alive)
+                    if reply.delay_s > 0:
+                        # Encoded before the wait: when a burst of replies falls due
+                        # together, each has only its write left, so none goes out late. The
+                        # wait is for what is left of the latency: reading the rules and
+                        # rendering the reply are part of the model's time, not added to it.
+                        await asyncio.sleep(received + reply.delay_s - time.monotonic())
+                    writer.write(data)
+                finally:
+                    if reply.in_service:
+                        self.in_service -= 1
+                        self.busy_s += time.monotonic() - received
                 self.late_s.append(time.monotonic() - received - reply.delay_s)
                 if not keep_alive:
                     break
@@ -446,14 +474,24 @@ class FakeLLMServer:
             return _failure(400, "'messages' must be a list of objects")
         if body.get("stream"):
             return _failure(400, "streaming is not supported by the fake server; omit 'stream'")
+        if self.capacity is not None and self.in_service >= self.capacity:
+            self.rejected += 1
+            after = (("Retry-After", f"{self.retry_after_s:g}"),)
+            message = f"at capacity ({self.capacity} requests in service); retry later"
+            return _failure(429, message, "rate_limit_exceeded", after)
         self.requests.append(body)
         rule, groups = self.pick(Conversation.of(messages))
         latency = self.latency_s if rule is None or rule.latency_s is None else rule.latency_s
         headers = rule.headers if rule else ()
         if rule is not None and rule.status is not None:
             message = rule.error or _phrase(rule.status)
-            return _failure(rule.status, message, "fake_error", headers, latency)
-        return _Reply(200, _completion(body, messages, rule, groups), headers, latency)
+            reply = _failure(rule.status, message, "fake_error", headers, latency)
+        else:
+            reply = _Reply(200, _completion(body, messages, rule, groups), headers, latency)
+        self.in_service += 1  # _converse takes it off once the reply is written
+        self.peak_in_service = max(self.peak_in_service, self.in_service)
+        self.served += 1
+        return reply._replace(in_service=True)
 
 
 _BACKLOG = 1024  # bursts of connections must not be refused
@@ -473,6 +511,7 @@ class _Reply(NamedTuple):
     payload: object
     headers: Sequence[tuple[str, str]] = ()
     delay_s: float = 0.0  # the model's latency: how long to wait before sending
+    in_service: bool = False  # it holds one of the server's capacity slots until written
 
 
 def _failure(

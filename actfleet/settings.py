@@ -60,6 +60,15 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=20)
     llm_timeout_s: float = 120.0
     llm_max_retries: int = 4
+    model_max_inflight: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "fleet-wide cap on in-flight requests to the model server (per base URL), shared "
+            "by every worker through Redis; the limit adapts below it on 429/503/timeouts "
+            "(unset: no cap, each worker sends what its loops ask)"
+        ),
+    )
     worker_metrics_port: int | None = Field(
         None, description="serve the worker's /metrics on this port (unset: no server)"
     )

@@ -27,6 +27,11 @@ Layout (``{p}`` is the configurable prefix, ``af`` by default)::
     {p}:tenant:{t}:webhooks:disabled  hash  endpoint URL -> when it answered 410 Gone
     {p}:worker:{id}            string  a worker's heartbeat, with a TTL: JSON status
                                        {"leases": n, "pool_idle": n}
+    {p}:gate:{{s}}              hash    one model server's gate; ``s`` is a digest of its base
+                                       URL, in literal braces (a hash tag: one cluster slot):
+                                       v = version (bumped by every write), limit = the
+                                       adaptive limit, epoch = decreases so far,
+                                       h:{worker_id} = "held,want,in_use,expires_ms"
 """
 
 from __future__ import annotations
@@ -47,6 +52,10 @@ WORKER_TTL_S = 30.0
 WEBHOOK_FIRST_DELAY_S = 0.0  # a finished task's webhook is due at once
 WEBHOOK_LEASE_S = 60.0  # a claimed attempt not settled by then is claimed again (> timeouts)
 WEBHOOK_ATTEMPTS_KEPT = 100  # attempts recorded per delivery (the newest)
+GATE_LEASE_TTL_S = 10.0  # a worker's model-server permits come back this long after its last sync
+GATE_TICK_S = 1.0  # how often a worker syncs its permits when nothing presses
+GATE_FAST_TICK_S = 0.2  # ... and while its requests wait for permits it is owed or needs
+GATE_STATE_TTL_S = 24 * 3600  # a gate nobody synced for this long is forgotten (limit = cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +95,9 @@ class Keys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"
+
+    def gate(self, server_id: str) -> str:
+        return f"{self.prefix}:gate:{{{server_id}}}"
 
     @property
     def apikeys(self) -> str:

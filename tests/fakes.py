@@ -1,12 +1,14 @@
-"""Small fakes of the core's ports, for tests of the pure engine."""
+"""Small fakes of the core's ports (and the model gate's store), for tests on fakes."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from agent.llm import LLMReply, LLMRequest
 from agent.sandbox import ExecResult
+from workers.gateplan import FleetState, GateConfig, Grant, Report, plan
 
 
 class ScriptedLLM:
@@ -61,3 +63,32 @@ class PythonRegex:
         import re
 
         return re.search(pattern, text) is not None
+
+
+class MemoryGateStore:
+    """``workers.gatestore.GateStore`` in memory: the fleet's rules (``plan``) on one state,
+    with a settable clock (ms) and a switch to make syncs fail as if Redis were away."""
+
+    def __init__(self, now_ms: int = 0) -> None:
+        self.state: FleetState | None = None
+        self.now_ms = now_ms
+        self.failing: Exception | None = None
+        self.syncs = 0
+        self.left: list[str] = []
+        self._lock = threading.Lock()
+
+    def sync(self, holder: str, report: Report, config: GateConfig) -> Grant:
+        with self._lock:
+            if self.failing is not None:
+                raise self.failing
+            state = self.state or FleetState(float(config.cap))
+            self.state, grant = plan(state, holder, report, self.now_ms, config)
+            self.syncs += 1
+            return grant
+
+    def leave(self, holder: str) -> None:
+        with self._lock:
+            self.left.append(holder)
+            if self.state is not None:
+                holders = {h: v for h, v in self.state.holders.items() if h != holder}
+                self.state = FleetState(self.state.limit, self.state.epoch, holders)

@@ -6,6 +6,15 @@ off): 429, 408, 5xx, connection errors and timeouts are retried with exponential
 full jitter (or the server's ``Retry-After``), up to ``max_retries`` times and never past
 the request's own ``timeout_s``. Other 4xx raise ``LLMRejected``; retries used up raise
 ``LLMError``. SDK exceptions never leave this module untranslated.
+
+With a ``gate`` (``workers.modelgate``: the fleet-wide cap on the server's in-flight
+requests) a completion holds one of its slots from its first exchange to its last, backoffs
+included, and tells it how each exchange went, so the fleet's limit adapts. The server being busy (a 429, or a 503
+with ``Retry-After``) then means "wait", not "fail": such answers are retried, honouring
+``Retry-After``, until the request's deadline without counting against ``max_retries``,
+and a request whose deadline passes while it waits (for a slot or for the server) raises
+``LLMError`` only once the deadline has passed, so the task ends ``timed_out``, never
+``llm_error``, for want of capacity.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import openai
 from agent.errors import LLMError, LLMRejected
 from agent.llm import LLMReply, LLMRequest
 from agent.text import replace_unencodable
+from workers.modelgate import GateTimeout, ModelGate, Outcome
 from workers.modelwire import Answer, Wire, WireFailed, WireTimeout
 
 # Called after every successful request: (model, seconds, prompt_tokens, completion_tokens).
@@ -103,8 +113,12 @@ class OpenAILLM:
     HTTP proxy configured for the server's URL, or SDK-managed credentials (no API-key
     header); ``transport`` forces one ("wire" or "sdk").
 
-    ``LLMReply.latency_s`` is the wall clock of the whole ``complete`` call, retries and
-    backoff included; ``on_response`` gets the duration of the successful request alone.
+    ``gate`` (``workers.modelgate.ModelGate``, or None for none) is the fleet-wide cap on
+    the server's in-flight requests; the worker sets it before the first request.
+
+    ``LLMReply.latency_s`` is the wall clock of the whole ``complete`` call, the wait for a
+    slot, retries and backoff included; ``on_response`` gets the duration of the successful
+    request alone.
     """
 
     def __init__(
@@ -119,6 +133,7 @@ class OpenAILLM:
         on_response: OnResponse | None = None,
         sleep: Callable[[float], None] = time.sleep,
         transport: Transport | None = None,
+        gate: ModelGate | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
@@ -130,6 +145,7 @@ class OpenAILLM:
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
         self.on_response = on_response
+        self.gate = gate  # set before the first request, or never
         self._sleep = sleep
         # Builds an httpx client (no network I/O); base_url=None lets the SDK read the env.
         self._client = openai.OpenAI(
@@ -157,7 +173,33 @@ class OpenAILLM:
     def complete(self, request: LLMRequest) -> LLMReply:
         started = time.monotonic()
         deadline = None if request.timeout_s is None else started + request.timeout_s
-        retry = 0
+        gate = self.gate
+        if gate is None:
+            return self._complete(request, started, deadline, None, 0)
+        try:
+            token = gate.acquire(deadline)
+        except GateTimeout as e:
+            raise LLMError(
+                f"{request.model}: the request's time budget ran out waiting for a slot ({e})"
+            ) from None
+        try:
+            return self._complete(request, started, deadline, gate, token)
+        finally:
+            gate.release()
+
+    def _complete(
+        self,
+        request: LLMRequest,
+        started: float,
+        deadline: float | None,
+        gate: ModelGate | None,
+        token: int,
+    ) -> LLMReply:
+        """The exchanges and backoffs of one completion; under a gate, holding its slot
+        throughout: a request backing off from a busy server keeps its slot, so the fleet
+        sends no other request into that server in its place."""
+        retry = 0  # failed exchanges counted against max_retries
+        waits = 0  # "busy" answers under a gate: retried until the deadline, not counted
         while True:
             timeout = self.timeout_s
             if deadline is not None:
@@ -166,33 +208,46 @@ class OpenAILLM:
                     raise LLMError(f"{request.model}: the request's time budget ran out")
             sent = time.monotonic()
             try:
-                answer = self._send(request, timeout)
+                outcome: Answer | WireTimeout | WireFailed = self._send(request, timeout)
             except (WireTimeout, WireFailed) as e:
-                failure: Exception = e
-                reason, retry_after = str(e), None
-            else:
-                if 200 <= answer.status < 300:
-                    return self._reply(request.model, answer.body, sent, started)
-                failure = ServerAnswer(answer)
+                outcome = e
+            if gate is not None:
+                gate.observe(token, _gate_outcome(outcome, timeout >= self.timeout_s))
+            if isinstance(outcome, Answer):
+                if 200 <= outcome.status < 300:
+                    return self._reply(request.model, outcome.body, sent, started)
+                failure: Exception = ServerAnswer(outcome)
                 reason = str(failure)
-                if answer.status < 500 and answer.status not in RETRYABLE_STATUSES:
+                if outcome.status < 500 and outcome.status not in RETRYABLE_STATUSES:
                     raise LLMRejected(
                         f"{request.model}: the server refused the request ({reason})"
                     ) from failure
-                retry_after = parse_retry_after(answer.headers)
+                retry_after = parse_retry_after(outcome.headers)
+            else:
+                failure, reason, retry_after = outcome, str(outcome), None
 
-            retry += 1
-            if retry > self.max_retries:
-                raise LLMError(
-                    f"{request.model}: gave up after {retry} attempts; last: {reason}"
-                ) from failure
+            busy = gate is not None and deadline is not None and _busy(outcome, retry_after)
+            if busy:
+                waits += 1
+            else:
+                retry += 1
+                if retry > self.max_retries:
+                    raise LLMError(
+                        f"{request.model}: gave up after {retry} attempts; last: {reason}"
+                    ) from failure
             delay = compute_backoff(
-                retry,
+                waits if busy else retry,
                 base_s=self.backoff_base_s,
                 max_s=self.backoff_max_s,
                 retry_after_s=retry_after,
             )
             if deadline is not None and time.monotonic() + delay >= deadline:
+                if busy:  # waiting out the budget makes the task time out, not fail
+                    self._sleep(max(deadline - time.monotonic(), 0.0))
+                    raise LLMError(
+                        f"{request.model}: the request's time budget ran out while the "
+                        f"server was busy; last: {reason}"
+                    ) from failure
                 raise LLMError(
                     f"{request.model}: the request's time budget ran out after {retry} "
                     f"attempts; last: {reason}"
@@ -253,6 +308,31 @@ class OpenAILLM:
             completion_tokens=completion_tokens,
             latency_s=now - started,
         )
+
+
+def _busy(outcome: Answer | Exception, retry_after: float | None) -> bool:
+    """Whether the server said it is busy and to come back: a 429, or a 503 that says when
+    (a bare 503 may be an outage, which counts against the retries like any failure)."""
+    if not isinstance(outcome, Answer):
+        return False
+    return outcome.status == 429 or (outcome.status == 503 and retry_after is not None)
+
+
+def _gate_outcome(outcome: Answer | Exception, full_timeout: bool) -> Outcome:
+    """What an exchange tells the gate about the server's load. A timeout is an overload
+    signal only when the request had the whole adapter timeout, not the task's last few
+    seconds."""
+    if isinstance(outcome, Answer):
+        if 200 <= outcome.status < 300:
+            return Outcome.OK
+        if outcome.status == 429:
+            return Outcome.THROTTLED
+        if outcome.status == 503:
+            return Outcome.UNAVAILABLE
+        return Outcome.FAILED
+    if isinstance(outcome, WireTimeout) and full_timeout:
+        return Outcome.TIMEOUT
+    return Outcome.FAILED
 
 
 def _proxied(url: str) -> bool:

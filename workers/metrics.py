@@ -57,6 +57,42 @@ LLM_REQUEST = Histogram(
     buckets=_SHORT_BUCKETS,
 )
 LLM_TOKENS = Counter("actfleet_llm_tokens_total", "Tokens used.", ["kind"])
+# The model-server gate (ACTFLEET_MODEL_MAX_INFLIGHT); ``server`` is the base URL's host:port.
+LLM_INFLIGHT = Gauge(
+    "actfleet_llm_inflight_requests",
+    "Model requests holding a slot of the gate now.",
+    ["server"],
+    multiprocess_mode="livesum",
+)
+LLM_WAITING = Gauge(
+    "actfleet_llm_waiting_requests",
+    "Model requests waiting for a slot of the gate.",
+    ["server"],
+    multiprocess_mode="livesum",
+)
+LLM_PERMITS = Gauge(
+    "actfleet_llm_permits",
+    "Slots of the gate the workers hold (their shares of the limit).",
+    ["server"],
+    multiprocess_mode="livesum",
+)
+LLM_LIMIT = Gauge(
+    "actfleet_llm_concurrency_limit",
+    "The fleet-wide adaptive limit on a model server's in-flight requests.",
+    ["server"],
+    multiprocess_mode="mostrecent",
+)
+LLM_OVERLOADS = Counter(
+    "actfleet_llm_overloads_total",
+    "Overload answers from a model server through the gate: 429, 503 or a timeout.",
+    ["server", "signal"],
+)
+LLM_SLOT_WAIT = Histogram(
+    "actfleet_llm_slot_wait_seconds",
+    "Time a model request waited for a slot of the gate.",
+    ["server"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
 SANDBOX_ACQUIRE = Histogram(
     "actfleet_sandbox_acquire_seconds",
     "Time to get a ready sandbox.",

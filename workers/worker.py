@@ -1,8 +1,9 @@
 """A worker process: the Celery app with its tasks, and the runtime they share.
 
 ``WorkerRuntime`` owns what lives as long as the process: the Redis client, the model
-client, the sandbox provider, the heartbeat and sweeper threads, the metrics server. Its
-constructor does no I/O; ``start()`` (on Celery's ``worker_ready``) does.
+client (and its gate, with ``ACTFLEET_MODEL_MAX_INFLIGHT``), the sandbox provider, the
+heartbeat and sweeper threads, the metrics server. Its constructor does no I/O;
+``start()`` (on Celery's ``worker_ready``) does.
 
 Run it with ``actfleet worker`` (or ``run_worker(settings)``).
 """
@@ -25,13 +26,16 @@ from celery.signals import worker_ready, worker_shutdown
 from actfleet.heap import freeze_startup_heap
 from actfleet.settings import Settings
 from store import keys
-from store.keys import HEARTBEAT_INTERVAL_S, Keys
+from store.keys import GATE_LEASE_TTL_S, HEARTBEAT_INTERVAL_S, Keys
 from store.tasks import TaskStore
 from store.webhooks import WebhookOutbox
 from workers import metrics
 from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
+from workers.gateplan import GateConfig
+from workers.gatestore import RedisGateStore, server_id, server_label
 from workers.leases import Heartbeat
 from workers.lull import LullExecutor
+from workers.modelgate import ModelGate
 from workers.runner import Runner
 from workers.sandbox import bwrap_dirs, make_provider
 from workers.sandbox.reaper import Reaper
@@ -82,6 +86,7 @@ class WorkerRuntime:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._closer: LullExecutor | None = None
+        self._gate: ModelGate | None = None
 
     @property
     def runner(self) -> Runner:
@@ -103,6 +108,8 @@ class WorkerRuntime:
             max_retries=self.settings.llm_max_retries,
             on_response=on_response,
         )
+        if self.settings.model_max_inflight is not None:
+            llm.gate = self._gate = self._build_gate(llm.base_url, self.settings.model_max_inflight)
         provider = make_provider(self.settings, self.worker_id)
         self._pool = ThreadPoolExecutor(
             self.settings.worker_concurrency, thread_name_prefix="sandbox-start"
@@ -121,11 +128,18 @@ class WorkerRuntime:
             sandbox_closer=self._closer,
         )
 
+    def _build_gate(self, base_url: str, cap: int) -> ModelGate:
+        store = RedisGateStore(self.store.r, self.store.keys, server_id(base_url))
+        config = GateConfig(cap, ttl_ms=int(GATE_LEASE_TTL_S * 1000))
+        return ModelGate(store, self.worker_id, config, server=server_label(base_url))
+
     def start(self) -> None:
         if self.settings.worker_metrics_port:
             metrics.serve(self.settings.worker_metrics_port)
         self.runner  # noqa: B018  build the model client and sandbox provider up front
         self.heartbeat.start()  # first, so this worker counts as alive for every reaper
+        if self._gate is not None:
+            self._gate.start()
         if self.settings.sandbox == "docker":
             self._start_docker_housekeeping()
         else:  # the folders of bwrap sandboxes whose workers died (their owners' locks)
@@ -170,6 +184,8 @@ class WorkerRuntime:
         self.sweeper.close()
         self.webhooks.close()
         self.heartbeat.close()
+        if self._gate is not None:
+            self._gate.close()  # its permits go back to the fleet now, not at lease expiry
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self._closer is not None:

@@ -2,7 +2,8 @@
 
 ``bench sandbox`` times a sandbox backend on its own (cold start to first result, warm
 acquire for pooled backends, exec round trip); ``bench fleet`` pushes N tasks of T turns
-through the real API, queue, workers and sandboxes against a fake model of fixed latency.
+through the real API, queue, workers and sandboxes against a fake model of fixed latency
+(with ``--model-capacity K``, one that serves K requests at once, behind the model gate).
 """
 
 from __future__ import annotations
@@ -65,6 +66,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="start every sandbox cold (default: a warm pool of C sandboxes)",
     )
+    f.add_argument(
+        "--model-capacity",
+        type=_at_least(1),
+        metavar="K",
+        help="fake-llm serves at most K requests at once, 429 beyond; reports goodput",
+    )
+    f.add_argument(
+        "--model-max-inflight",
+        type=_at_least(1),
+        metavar="M",
+        help="run the workers behind the model gate with this cap "
+        "(ACTFLEET_MODEL_MAX_INFLIGHT; default with --model-capacity: 2K, without: no gate)",
+    )
     f.add_argument("--backend", choices=["bwrap", "docker"], help="default: ACTFLEET_SANDBOX")
     f.add_argument("--json", action="store_true", help="print one JSON document")
     f.set_defaults(func=bench_fleet)
@@ -103,6 +117,8 @@ def bench_fleet(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         workers=args.workers,
         warm_pool=args.warm_pool,
+        model_capacity=args.model_capacity,
+        model_max_inflight=args.model_max_inflight,
         progress=None if args.json else Console(stderr=True),
     )
     _print(report, args.json, "fleet")

@@ -29,17 +29,41 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="SECONDS",
         help="seconds each reply takes, unless its rule says otherwise (default %(default)s)",
     )
+    p.add_argument(
+        "--capacity",
+        type=int,
+        metavar="K",
+        help="serve at most K requests at once and answer 429 beyond (default: no limit)",
+    )
+    p.add_argument(
+        "--retry-after",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="the Retry-After of those 429s (default %(default)s)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.latency < 0:
         raise CLIError("--latency must not be negative")
+    if args.capacity is not None and args.capacity < 1:
+        raise CLIError("--capacity must be at least 1")
+    if args.retry_after < 0:
+        raise CLIError("--retry-after must not be negative")
     try:
         rules = load_script(args.script) if args.script else None
     except ScriptError as e:
         raise CLIError(f"bad script: {e}") from e
-    server = FakeLLMServer(rules, host=args.host, port=args.port, latency_s=args.latency)
+    server = FakeLLMServer(
+        rules,
+        host=args.host,
+        port=args.port,
+        latency_s=args.latency,
+        capacity=args.capacity,
+        retry_after_s=args.retry_after,
+    )
     try:
         url = server.start()
     except OSError as e:

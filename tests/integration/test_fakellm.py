@@ -204,6 +204,42 @@ def test_concurrent_requests_are_not_serialized() -> None:
     assert all(-0.001 < late < 0.5 for late in server.late_s)
 
 
+def test_beyond_its_capacity_the_server_answers_429_at_once_and_spends_no_rule() -> None:
+    # given a server that serves 2 requests at once, 0.5 s each, and a rule that fires once
+    script: list[dict[str, Any]] = [{"reply": "first", "times": 1}, {"reply": "later"}]
+    with FakeLLMServer(script, latency_s=0.5, capacity=2, retry_after_s=3) as server:
+        with httpx.Client(timeout=10) as client, ThreadPoolExecutor(5) as pool:
+            body = {"model": "m", "messages": [user("hi")]}
+            started = time.monotonic()
+            answers = list(
+                pool.map(
+                    lambda _: client.post(f"{server.url}/chat/completions", json=body), range(5)
+                )
+            )
+            elapsed = time.monotonic() - started
+            # when the two in service are done, there is room again
+            after = client.post(f"{server.url}/chat/completions", json=body)
+        # then 2 were served and 3 refused with 429 and the Retry-After, without waiting
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [200, 200, 429, 429, 429]
+        refused = [a for a in answers if a.status_code == 429]
+        assert all(a.headers["retry-after"] == "3" for a in refused)
+        assert all(a.json()["error"]["type"] == "rate_limit_exceeded" for a in refused)
+        assert elapsed < 2.0
+        replies = sorted(reply_of(a) for a in answers if a.status_code == 200)
+        assert replies == ["first", "later"]  # a refusal used up no rule
+        assert after.status_code == 200
+        assert (server.served, server.rejected, server.peak_in_service) == (3, 3, 2)
+        assert server.in_service == 0
+        assert 1.4 < server.busy_s < 3.0  # three replies of 0.5 s in service
+
+
+def test_cli_checks_the_capacity(capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli_main(["fake-llm", "--capacity", "0", "--port", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--capacity must be at least 1" in err and "Traceback" not in err
+
+
 def test_per_rule_latency_overrides_the_servers() -> None:
     with FakeLLMServer([{"reply": "quick", "latency_s": 0}], latency_s=5) as server:
         started = time.monotonic()
