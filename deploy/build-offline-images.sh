@@ -23,9 +23,27 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 say() { printf '[build-offline-images] %s\n' "$*" >&2; }
 
 docker info >/dev/null 2>&1 || { say "no Docker engine answers (start dockerd, or run .ci/docker.sh)"; exit 1; }
-"$repo/sandbox_images/build.sh"
-"$repo/deploy/build-service-image.sh"
-"$repo/deploy/offline/build-debian-image.sh" redis
-"$repo/deploy/offline/build-debian-image.sh" prometheus
+"$repo/sandbox_images/build.sh"  # first: the service image is built on its base
+# The other three at once (debootstrap mostly waits on downloads and dpkg, one core each);
+# each one's output goes to its own log, shown if it fails.
+logs="$(mktemp -d)"
+trap 'rm -rf "$logs"' EXIT
+"$repo/deploy/build-service-image.sh" >"$logs/service" 2>&1 &
+service=$!
+"$repo/deploy/offline/build-debian-image.sh" redis >"$logs/redis" 2>&1 &
+redis=$!
+"$repo/deploy/offline/build-debian-image.sh" prometheus >"$logs/prometheus" 2>&1 &
+prometheus=$!
+failed=0
+for step in service redis prometheus; do
+    if ! wait "${!step}"; then
+        say "building the $step image failed:"
+        tail -n 30 "$logs/$step" >&2
+        failed=1
+    else
+        tail -n 1 "$logs/$step" >&2
+    fi
+done
+[ "$failed" = 0 ] || exit 1
 say "images ready; now: export DOCKER_GID=\$(stat -c %g /var/run/docker.sock) and"
 say "  docker-compose -p actfleet -f docker-compose.yml -f docker-compose.offline.yml --profile demo up -d"

@@ -92,7 +92,7 @@ fi
 command -v debootstrap >/dev/null || { say "debootstrap is missing (apt-get install debootstrap)"; exit 1; }
 
 rootfs="$cache/$what-rootfs"
-debs="$cache/debootstrap-debs"  # downloads shared by every image built here
+debs="$cache/debootstrap-debs-$what"  # its own: builds of both images may run at once
 mkdir -p "$cache" "$debs"
 if [ "$force" = 1 ] || [ ! -f "$rootfs/.actfleet-complete" ]; then
     mirror="$(debian_mirror)"
