@@ -13,8 +13,9 @@
 #   prometheus  ENTRYPOINT prometheus, promtool on PATH, user prometheus, /prometheus its
 #               volume, /etc/prometheus for the configuration (prom/prometheus's layout)
 #
-# Idempotent: an existing image is kept (FORCE=1 rebuilds it; the root filesystem is kept
-# in $ACTFLEET_BUILD_CACHE and reused unless FORCE=1).
+# Idempotent: an image built by this same script is kept (its label actfleet.build-hash is
+# a hash of the script and the image's name); the root filesystem is kept in
+# $ACTFLEET_BUILD_CACHE and reused while that hash holds. FORCE=1 rebuilds both.
 #
 # Environment: ACTFLEET_BUILD_CACHE (default /var/cache/actfleet-build), DEBIAN_MIRROR
 # (default: read from the apt sources), ACTFLEET_REDIS_IMAGE / ACTFLEET_PROMETHEUS_IMAGE
@@ -85,8 +86,9 @@ debian_mirror() {
     say "no Debian mirror found in the apt sources; set DEBIAN_MIRROR"; exit 1
 }
 
-if [ "$force" != 1 ] && docker image inspect "$image" >/dev/null 2>&1; then
-    say "$image exists (FORCE=1 rebuilds it)"
+build_hash="$( { cat "${BASH_SOURCE[0]}"; echo "$what $packages"; } | sha256sum | cut -c1-32)"
+if [ "$force" != 1 ] && [ "$(docker image inspect --format '{{index .Config.Labels "actfleet.build-hash"}}' "$image" 2>/dev/null)" = "$build_hash" ]; then
+    say "$image is up to date ($build_hash)"
     exit 0
 fi
 command -v debootstrap >/dev/null || { say "debootstrap is missing (apt-get install debootstrap)"; exit 1; }
@@ -94,7 +96,7 @@ command -v debootstrap >/dev/null || { say "debootstrap is missing (apt-get inst
 rootfs="$cache/$what-rootfs"
 debs="$cache/debootstrap-debs-$what"  # its own: builds of both images may run at once
 mkdir -p "$cache" "$debs"
-if [ "$force" = 1 ] || [ ! -f "$rootfs/.actfleet-complete" ]; then
+if [ "$force" = 1 ] || [ "$(cat "$rootfs/.actfleet-complete" 2>/dev/null)" != "$build_hash" ]; then
     mirror="$(debian_mirror)"
     say "debootstrap bookworm (minbase + $packages) from the apt mirror into $rootfs"
     as_root rm -rf "$rootfs"
@@ -111,12 +113,13 @@ if [ "$force" = 1 ] || [ ! -f "$rootfs/.actfleet-complete" ]; then
         # Debian's package ships an example configuration; the compose file mounts its own.
         as_root chroot "$rootfs" sh -c "mkdir -p /etc/prometheus && chown -R '$user:$user' /etc/prometheus"
     fi
-    as_root touch "$rootfs/.actfleet-complete"
+    echo "$build_hash" | as_root tee "$rootfs/.actfleet-complete" >/dev/null
 fi
 
 say "docker import $image"
 as_root tar -C "$rootfs" --exclude=./.actfleet-complete -c . | docker import \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'ENV LANG=C.UTF-8' \
+    --change "LABEL actfleet.build-hash=$build_hash" \
     "${changes[@]}" - "$image" >/dev/null
 say "built $image"
