@@ -39,8 +39,9 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[2]
 SANDBOX_LABEL = "actfleet.worker"
-TURN_LATENCY_S = 1.0  # the fake model's reply time: a task lasts about two of them
+TURN_LATENCY_S = 1.5  # the fake model's reply time: a task lasts about two of them
 CONCURRENCY = 4  # agent loops per worker: a batch cannot all land on one worker
+SECOND_BATCH = 48  # four waves over three workers: the queue is not empty at the kill
 # The worker's own lease and sweeper timings (store.keys): a dead worker's task is taken
 # over about 45 s after its last heartbeat; give it room on a loaded machine.
 TAKEOVER_TIMEOUT_S = 240.0
@@ -356,31 +357,27 @@ def test_compose_stack_runs_scales_survives_a_killed_worker_and_leaves_nothing(
     )
 
     # -- a batch spreads over the three; one is killed mid-batch -------------------------
-    second = batch_of(36, "three")
+    second = batch_of(SECOND_BATCH, "three")
+    containers = {stack.inspect(c)["Config"]["Hostname"]: c for c in stack.containers("worker")}
     batch = client.submit_batch(second)
 
     def victim_mid_task() -> tuple[str, set[str]] | None:
         held: dict[str, set[str]] = {}
         for task_id, worker_id, seq in stack.leases():
-            if seq >= 2:  # started, and its first reply is in the stream
+            if seq >= 1:  # claimed and started: its model call is under way
                 held.setdefault(worker_id, set()).add(task_id)
         busiest = max(held.items(), key=lambda kv: len(kv[1]), default=None)
         return busiest if busiest and len(busiest[1]) >= 2 else None
 
     victim_id, _ = wait_for(victim_mid_task, 120, "a worker in the middle of two tasks", poll_s=0.2)
     victim_host = victim_id.split("-", 1)[0]
-    (victim_container,) = [
-        c
-        for c in stack.containers("worker")
-        if stack.inspect(c)["Config"]["Hostname"] == victim_host
-    ]
-    docker("kill", victim_container)
+    docker("kill", containers[victim_host])
     # what it held when it died (a task it finished just before is not among them)
     victim_tasks = {t for t, w, _ in stack.leases() if w == victim_id}
     assert victim_tasks, "the killed worker held no task"
 
     status = client.wait_batch(batch["id"], poll_s=1, timeout_s=TAKEOVER_TIMEOUT_S)
-    assert status["counts"]["completed"] == 36, status
+    assert status["counts"]["completed"] == SECOND_BATCH, status
     ids = assert_all_correct(client, batch["id"], second)
 
     # nothing lost, nothing twice: each task finished once, each step appears once
