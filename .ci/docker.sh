@@ -30,6 +30,14 @@ if ! command -v debootstrap >/dev/null 2>&1; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >>"$log_dir/apt.log" 2>&1
 fi
 
+# A compose implementation for docker-compose.yml (tests/e2e/test_compose.py): Debian's
+# docker-compose 1.29, unless `docker compose` (v2) already works.
+if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
+    say "installing docker-compose"
+    as_root apt-get update -qq >>"$log_dir/apt.log" 2>&1
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >>"$log_dir/apt.log" 2>&1
+fi
+
 # 2. The daemon: start it in the background unless one already answers.
 if ! docker info >/dev/null 2>&1; then
     if ! pgrep -x dockerd >/dev/null 2>&1; then

@@ -20,6 +20,13 @@ if [ "${#need[@]}" -gt 0 ]; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# iproute2 (`ip netns`, veth pairs): tests/e2e/test_multihost.py makes its hosts with it.
+if ! command -v ip >/dev/null 2>&1; then
+    say "installing iproute2"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
+fi
+
 python="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     say "creating .venv"
