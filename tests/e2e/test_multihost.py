@@ -40,6 +40,7 @@ from agent.models import Status
 from store.apikeys import create_key
 from store.keys import Keys
 from store.tasks import TaskStore
+from tests.netguard import guard
 
 pytestmark = [
     pytest.mark.e2e,
@@ -111,6 +112,7 @@ class Lab:
         self.tmp = tmp
         self.tag = uuid.uuid4().hex[:6]
         self.net = unused_subnet()
+        guard.allow(f"{self.net}.0/24")  # the hosts this test makes are the network rule's too
         self.switch = f"af{self.tag}-sw"
         self.client_if = f"af{self.tag}c"
         self.hosts: dict[str, Host] = {}

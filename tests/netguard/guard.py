@@ -46,8 +46,19 @@ def expected() -> Iterator[None]:
         _expected -= 1
 
 
-def _allowed_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_nets: list[Network] = []
+
+
+def allow(cidr: str) -> None:
+    """Let this process and the processes it starts from now on reach ``cidr``: hosts a test
+    made itself (``ip netns``)."""
+    _nets.append(ipaddress.ip_network(cidr, strict=False))
+    os.environ[ALLOW_ENV] = ",".join(p for p in (os.environ.get(ALLOW_ENV, ""), cidr) if p)
+
+
+def _allowed_networks() -> list[Network]:
+    nets: list[Network] = [
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("::1/128"),
         ipaddress.ip_network("0.0.0.0/32"),  # "this host" on Linux
@@ -95,7 +106,8 @@ def _violation(what: str) -> NetworkRuleViolation:
 def install() -> None:
     if getattr(socket, "_actfleet_netguard", False):
         return
-    nets = _allowed_networks()
+    _nets[:] = _allowed_networks()
+    nets = _nets
     local_names = LOCAL_NAMES | _hosts_file_names()
     real_getaddrinfo = socket.getaddrinfo
     real_connect = socket.socket.connect
