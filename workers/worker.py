@@ -59,7 +59,9 @@ class WorkerRuntime:
         self.app = app
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.store = TaskStore(
-            redis_client(settings.redis_url or DEFAULT_REDIS_URL), Keys(settings.key_prefix)
+            redis_client(settings.redis_url or DEFAULT_REDIS_URL),
+            Keys(settings.key_prefix),
+            patience_s=settings.redis_patience_s,
         )
         self.heartbeat = Heartbeat(self.store, self.worker_id, interval_s=2.0)
         self.sweeper = Sweeper(
