@@ -17,7 +17,8 @@ Layout (``{p}`` is the configurable prefix, ``af`` by default)::
     {p}:webhooks:due           zset    task id -> when its webhook is overdue (FINISH adds
                                        it; a delivery's final outcome removes it)
     {p}:worker:{id}            string  a worker's heartbeat, with a TTL: JSON status
-                                       {"leases": n, "pool_idle": n}
+                                       {"leases": n, "pool_idle": n, "consumer": "ok" or
+                                       "stalled", "draining": bool}
 """
 
 from __future__ import annotations

@@ -1,8 +1,13 @@
 """A worker process: the Celery app with its tasks, and the runtime they share.
 
 ``WorkerRuntime`` owns what lives as long as the process: the Redis client, the model
-client, the sandbox provider, the heartbeat and sweeper threads, the metrics server. Its
-constructor does no I/O; ``start()`` (on Celery's ``worker_ready``) does.
+client, the sandbox provider, the heartbeat and sweeper threads, the health and metrics
+server. Its constructor does no I/O; ``start()`` (on Celery's ``worker_ready``) does.
+
+Health: a ``ConsumerWatch`` fed by the heartbeat tells a dead broker consumer (messages
+waiting, free slots, nothing received for ``worker_consumer_stall_s``); the status key
+and ``/healthz`` say so, and with ``worker_exit_on_stall`` the worker then stops and
+exits with ``EXIT_CONSUMER_STALLED`` so that its supervisor starts a fresh one.
 
 Run it with ``actfleet worker`` (or ``run_worker(settings)``).
 """
@@ -21,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 import structlog
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import task_received, worker_ready, worker_shutdown
+from celery.worker import state as celery_state
 
 from actfleet.heap import freeze_startup_heap
 from actfleet.settings import Settings
@@ -30,6 +36,7 @@ from store.keys import HEARTBEAT_INTERVAL_S, WEBHOOK_GRACE_S, Keys
 from store.tasks import TaskStore
 from workers import metrics, webhooks
 from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
+from workers.health import ConsumerWatch, HealthServer
 from workers.leases import Heartbeat
 from workers.lull import LullExecutor
 from workers.runner import Runner
@@ -51,6 +58,7 @@ def redis_client(url: str) -> redis.Redis:
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005
+EXIT_CONSUMER_STALLED = 3  # the process's exit status when it stopped for a dead consumer
 
 
 class WorkerRuntime:
@@ -63,7 +71,17 @@ class WorkerRuntime:
             Keys(settings.key_prefix),
             patience_s=settings.redis_patience_s,
         )
-        self.heartbeat = Heartbeat(self.store, self.worker_id, interval_s=2.0)
+        self.consumer = ConsumerWatch(settings.worker_consumer_stall_s, on_stall=self._stalled)
+        self.heartbeat = Heartbeat(
+            self.store,
+            self.worker_id,
+            interval_s=2.0,
+            consumer=self.consumer,
+            held=lambda: len(celery_state.reserved_requests),
+            slots=settings.worker_concurrency,
+        )
+        self.exit_code = 0
+        self._health: HealthServer | None = None
         self.sweeper = Sweeper(
             self.store,
             self.worker_id,
@@ -118,7 +136,9 @@ class WorkerRuntime:
 
     def start(self) -> None:
         if self.settings.worker_metrics_port:
-            metrics.serve(self.settings.worker_metrics_port)
+            self._health = HealthServer(
+                self.settings.worker_metrics_port, self.health, metrics.registry()
+            ).start()
         self.runner  # noqa: B018  build the model client and sandbox provider up front
         self.heartbeat.start()  # first, so this worker counts as alive for every reaper
         if self.settings.sandbox == "docker":
@@ -146,6 +166,34 @@ class WorkerRuntime:
         log.info("sandbox.reaped", containers=len(reaped))
         self._reaper.start(60.0)
 
+    def health(self) -> dict[str, object]:
+        """What ``/healthz`` and ``/readyz`` report (see ``workers.health``)."""
+        return {
+            "worker": self.worker_id,
+            "consumer": self.consumer.state,
+            "redis": "ok" if self.heartbeat.redis_ok() else "unavailable",
+            "draining": False,
+            "leases": len(self.heartbeat.leases()),
+        }
+
+    def message_received(self) -> None:
+        self.consumer.received()
+
+    def _stalled(self, waited_s: float) -> None:
+        """The consumer took nothing for ``waited_s`` while messages waited and slots were
+        free: it is dead. Say so (status key, health), and stop so a supervisor restarts
+        the worker."""
+        log.error(
+            "consumer.stalled",
+            waited_s=round(waited_s, 1),
+            exits=self.settings.worker_exit_on_stall,
+        )
+        if self.settings.worker_exit_on_stall:
+            self.exit_code = EXIT_CONSUMER_STALLED
+            # Celery's own warm shutdown, as a SIGTERM would start it: its consumer loop
+            # checks this flag on every tick, and the process exits with this status.
+            celery_state.should_stop = EXIT_CONSUMER_STALLED
+
     def _status(self) -> dict[str, object]:
         """What the worker's status key says besides its leases."""
         provider = self.runner.provider
@@ -156,6 +204,8 @@ class WorkerRuntime:
         return {}
 
     def close(self) -> None:
+        if self._health is not None:
+            self._health.close()
         if self._reaper is not None:
             self._reaper.stop()
         self.sweeper.close()
@@ -214,21 +264,27 @@ def make_worker_app(settings: Settings) -> tuple[Celery, WorkerRuntime]:
     def on_shutdown(sender: object = None, **_: object) -> None:
         runtime.close()
 
+    def on_received(sender: object = None, **_: object) -> None:
+        if getattr(sender, "app", None) is app:
+            runtime.message_received()
+
     worker_ready.connect(on_ready, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)
+    task_received.connect(on_received, weak=False)
     return app, runtime
 
 
-def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
-    """Run a worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown)."""
+def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
+    """Run a worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown);
+    returns the exit status (0, or ``EXIT_CONSUMER_STALLED``)."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per model call is noise
     # Many agent loops share this process's GIL. Each returns from a socket wait needing the
     # GIL back, and the default 5 ms switch interval makes every such return (the consumer
     # taking a message, a model reply arriving) wait behind busy threads; 0.5 ms keeps
     # these hand-offs short at a small cost in switching.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    app, _ = make_worker_app(settings)
-    app.worker_main(
+    app, runtime = make_worker_app(settings)
+    status = app.start(
         [
             "worker",
             "--pool=threads",
@@ -241,3 +297,4 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
             f"--hostname=actfleet-{os.getpid()}@{socket.gethostname()}",
         ]
     )
+    return runtime.exit_code or int(status or 0)

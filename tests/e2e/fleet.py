@@ -52,6 +52,14 @@ SCRIPT: list[dict[str, Any]] = [
     {"when": {"turn": 4, "last_regex": "acc (?P<out>\\d+)"}, "reply": "<solution>{out}</solution>"},
 ]
 STEP_TYPES = (EventType.LLM_REPLY, EventType.EXEC_RESULT)
+_KOMBU_QOS_WORKER = """
+import sys
+from kombu.transport import redis as kombu_redis
+from store import broker
+broker.Channel.QoS = kombu_redis.QoS
+from actfleet.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 class Fleet:
@@ -99,21 +107,23 @@ class Fleet:
 
     # -- processes ---------------------------------------------------------------------
 
-    def start_worker(self, concurrency: int = 6, **env: str) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, concurrency: int = 6, *, kombu_qos: bool = False, **env: str
+    ) -> subprocess.Popen[bytes]:
+        """``actfleet worker`` with its health server on a free port. ``kombu_qos``: with
+        kombu's own acknowledgement bookkeeping instead of ``store.broker``'s, whose
+        consumer dies when its tasks end during a Redis outage: a real dead consumer, for
+        the checks of what a worker does about one."""
         n = len(self.workers)
         port = free_port()
         log = (self.tmp / f"worker-{n}.log").open("wb")
+        args = ["worker", "--concurrency", str(concurrency), "--metrics-port", str(port)]
+        if kombu_qos:
+            launcher = [sys.executable, "-c", _KOMBU_QOS_WORKER, *args]
+        else:
+            launcher = [sys.executable, "-m", "actfleet", *args]
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "actfleet",
-                "worker",
-                "--concurrency",
-                str(concurrency),
-                "--metrics-port",
-                str(port),
-            ],
+            launcher,
             env={**self.env, **env},
             stdout=log,
             stderr=log,

@@ -6,6 +6,7 @@ by themselves. Real processes throughout (``tests/e2e/fleet.py``).
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import RedisServer
-from tests.e2e.fleet import Fleet, assert_each_ran_exactly_once
+from tests.e2e.fleet import Fleet, assert_each_ran_exactly_once, wait_for
 
 pytestmark = [
     pytest.mark.e2e,
@@ -48,3 +49,44 @@ def test_a_worker_whose_tasks_end_while_redis_is_down_consumes_again_after_it_re
     fleet.wait_all_terminal(ids, timeout_s=150)
     assert_each_ran_exactly_once(fleet, ids)
     assert worker.poll() is None
+    assert fleet.health(worker).json()["consumer"] == "ok"
+
+
+def test_a_worker_whose_consumer_died_says_so_and_exits_so_a_supervisor_restarts_it(
+    fleet: Fleet,
+) -> None:
+    # given two workers whose consumers die in a Redis outage that outlasts their tasks
+    # (kombu's own ack bookkeeping): one told to stay up, one to exit (the default)
+    stay = fleet.start_worker(
+        concurrency=2,
+        kombu_qos=True,
+        ACTFLEET_WORKER_EXIT_ON_STALL="false",
+        **_STALL_ENV,
+    )
+    leave = fleet.start_worker(concurrency=2, kombu_qos=True, **_STALL_ENV)
+    fleet.wait_healthy(stay)
+    fleet.wait_healthy(leave)
+    ids = fleet.submit(8)
+    fleet.wait_mid_task(stay.pid, n=2)
+    fleet.wait_mid_task(leave.pid, n=2)
+    fleet.server.kill()
+    time.sleep(12)
+    fleet.server.start()
+
+    # then each notices that messages wait while it has free slots and takes none: its
+    # status key and /healthz say so, and the one allowed to exits with status 3
+    assert leave.wait(timeout=120) == 3
+    wait_for(lambda: fleet.health(stay).status_code == 503, 60)
+    assert fleet.health(stay).json()["consumer"] == "stalled"
+    statuses = [json.loads(v) for v in fleet.store.r.mget(fleet.store.r.keys("af:worker:*"))]
+    assert [s["consumer"] for s in statuses] == ["stalled"]
+    assert "consumer.stalled" in fleet.logs()
+
+    # and once a fresh worker replaces them, every task finishes exactly once
+    stay.kill()
+    fleet.start_worker(concurrency=4)
+    fleet.wait_all_terminal(ids, timeout_s=180)
+    assert_each_ran_exactly_once(fleet, ids)
+
+
+_STALL_ENV = {"ACTFLEET_REDIS_PATIENCE_S": "3", "ACTFLEET_WORKER_CONSUMER_STALL_S": "10"}
