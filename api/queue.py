@@ -24,12 +24,13 @@ class Enqueuer:
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
 
-    async def enqueue(self, task_ids: Sequence[str]) -> None:
-        """Queue ``task_ids`` in order, all or none (one MULTI/EXEC for every chunk)."""
+    async def enqueue(self, task_ids: Sequence[str], enqueued_ms: int) -> None:
+        """Queue ``task_ids`` in order, all or none (one MULTI/EXEC for every chunk);
+        ``enqueued_ms`` is their score in the queued index (``AsyncStore.write_tasks``)."""
         if not task_ids:
             return
         pipe = self.client.pipeline(transaction=True)
-        for queue, messages in run_task_pushes(task_ids):
+        for queue, messages in run_task_pushes(task_ids, enqueued_ms):
             pipe.lpush(queue, *messages)
         try:
             await pipe.execute()

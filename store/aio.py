@@ -117,14 +117,17 @@ class AsyncStore:
         ]
 
     async def write_tasks(self, records: Sequence[TaskRecord]) -> None:
-        """Store records, index entries and ``task.queued`` events; batch ids are appended
-        to their batch's task list in order. Slots must have been reserved."""
+        """Store records, index entries (the tenant's, and the queued index with
+        ``queued_ms``, the push time their messages carry) and ``task.queued`` events;
+        batch ids are appended to their batch's task list in order. Slots must have been
+        reserved."""
         for start in range(0, len(records), WRITE_CHUNK):
             chunk = records[start : start + WRITE_CHUNK]
             pipe = self.client.pipeline(transaction=True)
             for rec in chunk:
                 pipe.hset(self.keys.task(rec.id), mapping=rec.to_hash())  # type: ignore[arg-type]
                 pipe.zadd(self.keys.tenant_tasks(rec.tenant), {rec.id: rec.created_at})
+                pipe.zadd(self.keys.queued, {rec.id: queued_ms(rec)})
                 pipe.xadd(
                     self.keys.events(rec.id),
                     {"e": queued_event(rec).to_json()},
@@ -268,6 +271,11 @@ class AsyncStore:
             keys, args = self._finish_queued_call(rec.id, rec.tenant, rec.batch_id, result)
             await self._finish(keys=keys, args=args, client=pipe)
         await pipe.execute()
+
+
+def queued_ms(rec: TaskRecord) -> int:
+    """A new task's score in the queued index, and the push time its message carries."""
+    return int(rec.created_at * 1000)
 
 
 def queued_event(rec: TaskRecord) -> Event:

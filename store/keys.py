@@ -6,6 +6,12 @@ Layout (``{p}`` is the configurable prefix, ``af`` by default)::
     {p}:events:{id}            stream  the task's events; entry field "e" = Event JSON
     {p}:lease:{id}             string  "{worker_id}/{attempt}" with a TTL: who runs it now
     {p}:running                zset    task id -> lease expiry (unix ms); the sweeper's index
+    {p}:queued                 zset    task id -> when its latest message was pushed (unix
+                                       ms), while it waits for a worker: the index the
+                                       sweeper finds lost messages in (CLAIM removes it)
+    {p}:queue:taken_ms         string  the latest push time (unix ms) of a message a worker
+                                       has taken: the queue is FIFO, so a message pushed
+                                       well before it should have been taken too
     {p}:tenant:{t}:tasks       zset    task id -> created_at; GET /v1/tasks
     {p}:tenant:{t}:active      string  count of the tenant's non-terminal tasks
     {p}:batch:{id}             hash    the batch record
@@ -57,6 +63,14 @@ class Keys:
     @property
     def running(self) -> str:
         return f"{self.prefix}:running"
+
+    @property
+    def queued(self) -> str:
+        return f"{self.prefix}:queued"
+
+    @property
+    def queue_taken(self) -> str:
+        return f"{self.prefix}:queue:taken_ms"
 
     def tenant_tasks(self, tenant: str) -> str:
         return f"{self.prefix}:tenant:{tenant}:tasks"

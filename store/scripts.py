@@ -113,18 +113,31 @@ def finish_call(
 
 # CLAIM: take a delivered task, unless it is finished or someone holds a live lease; and,
 # for an attempt within ARGV[6], append its task.started event (turn: the checkpoint's; data:
-# the worker, whether it resumes), so a task's start costs one round trip.
-# KEYS: 1 task hash, 2 lease, 3 running zset, 4 events stream
+# the worker, whether it resumes), so a task's start costs one round trip. A delivery also
+# moves the queue's taken mark to its message's push time (ARGV[8]; 0 = not known), and a
+# claimed task leaves the queued index.
+# KEYS: 1 task hash, 2 lease, 3 running zset, 4 events stream, 5 queued zset, 6 taken mark
 # ARGV: 1 worker id, 2 now (unix s), 3 lease ttl ms, 4 lease expiry (unix ms), 5 task id,
-#       6 max attempts (0: append no event), 7 stream maxlen
+#       6 max attempts (0: append no event), 7 stream maxlen, 8 message push time (unix ms)
 # Returns: {attempt, checkpoint or "", seq (after the started event), started_at, the record
 #          after the claim (HGETALL)} on success; {0, reason} when the delivery must be
 #          dropped (reason: "missing", "terminal", "duplicate").
 CLAIM = """
+local pushed = tonumber(ARGV[8])
+if pushed > 0 and pushed > tonumber(redis.call('GET', KEYS[6]) or '0') then
+  redis.call('SET', KEYS[6], ARGV[8])
+end
 local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return {0, 'missing'} end
-if st ~= 'queued' and st ~= 'running' then return {0, 'terminal'} end
+if not st then
+  redis.call('ZREM', KEYS[5], ARGV[5])
+  return {0, 'missing'}
+end
+if st ~= 'queued' and st ~= 'running' then
+  redis.call('ZREM', KEYS[5], ARGV[5])
+  return {0, 'terminal'}
+end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {0, 'duplicate'} end
+redis.call('ZREM', KEYS[5], ARGV[5])
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('SET', KEYS[2], ARGV[1] .. '/' .. attempt, 'PX', ARGV[3])
 local started = redis.call('HGET', KEYS[1], 'started_at')
@@ -206,9 +219,11 @@ return 1
 """
 
 # SWEEP: deal with one task whose lease expired (its worker died or stalled).
-# KEYS: 1 task hash, 2 lease, 3 running zset
-# ARGV: 1 now (unix ms), 2 max attempts, 3 task id, 4 sweeper id, 5 lease ttl ms
-# Returns: "requeue" (status back to queued, out of the index: enqueue a new message),
+# KEYS: 1 task hash, 2 lease, 3 running zset, 4 queued zset
+# ARGV: 1 expired before (unix ms), 2 max attempts, 3 task id, 4 sweeper id, 5 lease ttl ms,
+#       6 now (unix ms): the new message's push time, its score in the queued index
+# Returns: "requeue" (status back to queued, from the running index to the queued one:
+#          enqueue a new message),
 #          "exhausted" (the sweeper now holds the lease as ARGV[4]/attempt: FINISH it as
 #          error/worker_lost), or "skip" (it is not expired after all, or already done).
 SWEEP = """
@@ -226,7 +241,28 @@ if attempt >= tonumber(ARGV[2]) then
   return 'exhausted'
 end
 redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[6], ARGV[3])
 redis.call('HSET', KEYS[1], 'status', 'queued')
+return 'requeue'
+"""
+
+# REQUEUE_LOST: one queued task that the sweeper found to have lost its message (see
+# ``TaskStore.requeue_lost``): still queued, no lease, and its index score (its latest
+# message's push time) not after ARGV[2]. It then gets a new message: its score becomes
+# ARGV[3], so no other sweeper pushes one too, and the next look at it waits for that
+# message. An entry for a task that is gone, running or finished just leaves the index.
+# KEYS: 1 task hash, 2 lease, 3 queued zset
+# ARGV: 1 task id, 2 lost if pushed no later than (unix ms), 3 now (unix ms)
+# Returns: "requeue" (push a message with push time ARGV[3]) or "skip".
+REQUEUE_LOST = """
+local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return 'skip' end
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued'
+   or redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return 'skip'
+end
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 return 'requeue'
 """
 

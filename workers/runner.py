@@ -95,10 +95,13 @@ class Runner:
         self.on_finished = on_finished
         self.sandbox_closer = sandbox_closer
 
-    def run(self, task_id: str) -> Done | RetryAfter:
+    def run(self, task_id: str, enqueued_ms: int | None = None) -> Done | RetryAfter:
+        """Run one delivery of ``task_id``, whose message was pushed at ``enqueued_ms``."""
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(task_id=task_id, worker=self.worker_id)
-        claim = self.store.claim(task_id, self.worker_id, self.settings.max_attempts)
+        claim = self.store.claim(
+            task_id, self.worker_id, self.settings.max_attempts, enqueued_ms
+        )
         if isinstance(claim, Dropped):
             log.info("delivery.dropped", reason=claim.reason)
             metrics.DELIVERIES_DROPPED.labels(claim.reason).inc()

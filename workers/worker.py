@@ -86,9 +86,10 @@ class WorkerRuntime:
             self.store,
             self.worker_id,
             max_attempts=settings.max_attempts,
-            enqueue=lambda task_id: enqueue(app, task_id),
+            enqueue=lambda task_id, enqueued_ms: enqueue(app, task_id, enqueued_ms),
             on_finished=self._schedule_webhook_if_any,
             interval_s=HEARTBEAT_INTERVAL_S,
+            queued_grace_s=settings.queued_grace_s,
         )
         self._runner: Runner | None = None
         self._reaper: Reaper | None = None

@@ -171,7 +171,7 @@ class Fleet:
                 TaskSpec.from_dict({"prompt": f"{prompt} #{i}", "expected": {"answer": "3"}})
             )
             self.store.create(rec)
-            enqueue(self.celery, rec.id)
+            enqueue(self.celery, rec.id, int(rec.created_at * 1000))
             ids.append(rec.id)
         return ids
 

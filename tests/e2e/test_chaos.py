@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from store import keys
 from tests.conftest import RedisServer
 from tests.e2e.fleet import Fleet, assert_each_ran_exactly_once, wait_for
 
@@ -90,3 +91,32 @@ def test_a_worker_whose_consumer_died_says_so_and_exits_so_a_supervisor_restarts
 
 
 _STALL_ENV = {"ACTFLEET_REDIS_PATIENCE_S": "3", "ACTFLEET_WORKER_CONSUMER_STALL_S": "10"}
+
+
+def test_a_task_whose_broker_message_was_lost_is_enqueued_again_and_runs_once(
+    fleet: Fleet,
+) -> None:
+    # given three tasks accepted by the API while no worker runs
+    fleet.start_api()
+    with fleet.api_client() as api:
+        ids = []
+        for i in range(3):
+            resp = api.post(
+                "/v1/tasks", json={"prompt": f"count #{i}", "expected": {"answer": "3"}}
+            )
+            assert resp.status_code == 202, resp.text
+            ids.append(resp.json()["id"])
+
+    # when one task's message vanishes from the queue (a crash, a flush, a stray LREM)
+    lost = ids[1]
+    for raw in fleet.store.r.lrange(keys.TASK_QUEUE, 0, -1):
+        if lost in json.loads(raw)["headers"]["argsrepr"]:
+            assert fleet.store.r.lrem(keys.TASK_QUEUE, 1, raw) == 1
+    assert fleet.queue_depth() == 2
+    # and a worker starts
+    fleet.start_worker(concurrency=4, ACTFLEET_QUEUED_GRACE_S="5")
+
+    # then the lost one is given a new message after the grace, and each task runs once
+    fleet.wait_all_terminal(ids, timeout_s=120)
+    assert_each_ran_exactly_once(fleet, ids)
+    assert "message_lost" in fleet.logs()
