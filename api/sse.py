@@ -5,8 +5,9 @@ the stored entries at once when there are some and waits for new ones otherwise,
 event goes out exactly once, in stream order, and a client that reconnects with
 ``Last-Event-ID`` continues right after the last event it saw. The stream closes after
 ``task.finished``; an idle stream gets a comment every ``sse_heartbeat_s`` so proxies keep
-it open, and is closed if its task turns out to be terminal with nothing left to send
-(a stream that expired or was trimmed).
+it open for as long as its task runs (the blocking read's client has a socket timeout
+longer than that, see ``api.app``), and is closed if its task turns out to be terminal
+with nothing left to send (a stream that expired or was trimmed).
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
 from agent.events import EventType
 from agent.models import TERMINAL_STATUSES
 from api.errors import ApiError
 from store.keys import EVENT_FIELD
 
 READ_COUNT = 500
+log = structlog.get_logger("actfleet.api")
 _STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 
 
@@ -49,7 +55,17 @@ def format_event(entry_id: str, fields: dict[str, str]) -> tuple[str, bool]:
 
 
 async def event_stream(state: Any, tenant: str, task_id: str, after: str) -> AsyncIterator[str]:
-    client = state.redis
+    """The frames of the task's stream after ``after``. If Redis goes away the stream
+    ends, as a dropped connection would: the client reconnects with Last-Event-ID."""
+    try:
+        async for frame in _frames(state, task_id, after):
+            yield frame
+    except (RedisConnectionError, RedisTimeoutError) as e:
+        log.warning("sse.redis_unavailable", task_id=task_id, error=repr(e))
+
+
+async def _frames(state: Any, task_id: str, after: str) -> AsyncIterator[str]:
+    client = state.stream_redis
     stream = state.keys.events(task_id)
     block_ms = int(state.settings.sse_heartbeat_s * 1000)
     last = after

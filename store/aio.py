@@ -17,6 +17,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from agent.errors import ActfleetError
 from agent.events import Event, EventType
@@ -27,6 +30,32 @@ from store.records import RecordError, TaskRecord, new_task_id
 from store.scripts import FINISH, finish_call
 
 WRITE_CHUNK = 500  # tasks per MULTI/EXEC when submitting
+SOCKET_TIMEOUT_S = 5.0  # a command that gets no reply for this long fails
+STREAM_READ_MARGIN_S = 10.0  # a blocking read's socket waits this much past its block time
+
+
+def connect(url: str, *, block_s: float = 0.0) -> aioredis.Redis:
+    """The API's client for ``url``.
+
+    A command that meets a dead connection is sent once more, on a new one: after a
+    Redis restart every pooled connection is dead, and without this the first request
+    on each of them would fail. Only connection errors are retried, not timeouts (a
+    command that timed out may have run). ``block_s``: the longest blocking read this
+    client does (``XREAD BLOCK``); its socket timeout must outlast it, or redis-py
+    aborts the read as a timeout while Redis is merely waiting for data.
+    """
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=max(SOCKET_TIMEOUT_S, block_s + STREAM_READ_MARGIN_S),
+        socket_connect_timeout=SOCKET_TIMEOUT_S,
+        retry=Retry(
+            ExponentialBackoff(cap=0.5, base=0.05),
+            retries=1,
+            supported_errors=(RedisConnectionError,),
+        ),
+    )
+
 
 # RESERVE: take n slots of a tenant's active-task budget, or none.
 # KEYS: 1 tenant active counter. ARGV: 1 n, 2 limit.

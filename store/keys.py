@@ -22,6 +22,9 @@ Layout (``{p}`` is the configurable prefix, ``af`` by default)::
     {p}:stats:finished         hash    terminal status -> count, fleet-wide (FINISH bumps it)
     {p}:webhooks:due           zset    task id -> when its webhook is overdue (FINISH adds
                                        it; a delivery's final outcome removes it)
+    {p}:workers                zset    worker id -> its last heartbeat (unix s): who to read
+                                       the status of (entries older than WORKER_TTL_S are
+                                       gone workers; readers trim them)
     {p}:worker:{id}            string  a worker's heartbeat, with a TTL: JSON status
                                        {"leases": n, "pool_idle": n, "consumer": "ok" or
                                        "stalled", "draining": bool}
@@ -92,6 +95,10 @@ class Keys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
 
     @property
     def apikeys(self) -> str:

@@ -103,7 +103,10 @@ class Heartbeat:
             self._thread.join(timeout=5)
         # Best effort: the key expires within WORKER_TTL_S anyway.
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-            self.store.r.delete(self.store.keys.worker(self.worker_id))
+            pipe = self.store.r.pipeline(transaction=False)
+            pipe.delete(self.store.keys.worker(self.worker_id))
+            pipe.zrem(self.store.keys.workers, self.worker_id)
+            pipe.execute()
 
     def beat(self) -> None:
         """One tick: renew leases, apply cancel requests, publish liveness and gauges."""
@@ -130,8 +133,11 @@ class Heartbeat:
         if self.consumer is not None:
             self.consumer.observe(queued=sum(depths), held=self.held(), slots=self.slots)
             status["consumer"] = self.consumer.state
-        key = self.store.keys.worker(self.worker_id)
-        self.store.r.set(key, json.dumps(status), ex=int(WORKER_TTL_S))
+        k = self.store.keys
+        pipe = self.store.r.pipeline(transaction=False)
+        pipe.set(k.worker(self.worker_id), json.dumps(status), ex=int(WORKER_TTL_S))
+        pipe.zadd(k.workers, {self.worker_id: time.time()})
+        pipe.execute()
         self.last_ok = time.monotonic()
 
     def redis_ok(self) -> bool:
