@@ -166,9 +166,12 @@ return {attempt, cp, seq, started, redis.call('HGETALL', KEYS[1])}
 # A lease that vanished (Redis restarted and lost the last second of writes, or paused
 # longer than the TTL) is taken back while the record still says this attempt runs and
 # no one else claimed it in between.
+# An attempt that ended by its own hand (it finished the task, or released it) is not a
+# lost lease: a renewal racing with that end says "ended", so nobody warns about it.
 # KEYS: 1 task hash, 2 lease, 3 running zset
 # ARGV: 1 owner, 2 lease ttl ms, 3 lease expiry (unix ms), 4 task id, 5 attempt
-# Returns: {1 if the lease is held (0 if lost), cancel_requested "1"/"0"}
+# Returns: {1 if the lease is held, 0 if lost, 2 if the task is finished or this owner
+#          released it; cancel_requested "1"/"0"}
 RENEW = """
 local cancel = redis.call('HGET', KEYS[1], 'cancel_requested') or '0'
 local cur = redis.call('GET', KEYS[2])
@@ -177,12 +180,14 @@ if cur == ARGV[1] then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
   return {1, cancel}
 end
-if not cur and redis.call('HGET', KEYS[1], 'status') == 'running'
-   and redis.call('HGET', KEYS[1], 'attempt') == ARGV[5] then
+local st = redis.call('HGET', KEYS[1], 'status')
+if not cur and st == 'running' and redis.call('HGET', KEYS[1], 'attempt') == ARGV[5] then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
   return {1, cancel}
 end
+if st and st ~= 'queued' and st ~= 'running' then return {2, cancel} end
+if redis.call('HGET', KEYS[1], 'released_by') == ARGV[1] then return {2, cancel} end
 return {0, cancel}
 """
 
@@ -213,7 +218,7 @@ return id
 RELEASE = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('HSET', KEYS[1], 'status', 'queued', 'released_by', ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 return 1
 """

@@ -66,6 +66,7 @@ class Dropped:
 class LeaseState:
     held: bool
     cancel_requested: bool
+    ended: bool = False  # not held because this attempt finished or released the task
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +239,9 @@ class TaskStore:
 
         replies = self._patient(op)
         return {
-            task_id: LeaseState(held=int(rep[0]) == 1, cancel_requested=_s(rep[1]) == "1")
+            task_id: LeaseState(
+                held=int(rep[0]) == 1, cancel_requested=_s(rep[1]) == "1", ended=int(rep[0]) == 2
+            )
             for (task_id, _, _), rep in zip(items, replies, strict=True)
         }
 

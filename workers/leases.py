@@ -114,7 +114,7 @@ class Heartbeat:
         states = self.store.renew((le.task_id, le.owner, le.attempt) for le in leases)
         for lease in leases:
             state = states.get(lease.task_id)
-            if state is None:
+            if state is None or state.ended:  # it just finished or was released: not lost
                 continue
             if not state.held and not lease.lost.is_set():
                 log.warning("lease.lost", task_id=lease.task_id, owner=lease.owner)
