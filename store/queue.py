@@ -168,9 +168,7 @@ def run_task_message(task_id: str, enqueued_ms: int, *, origin: str = _ORIGIN) -
     )
 
 
-def run_task_pushes(
-    task_ids: Sequence[str], enqueued_ms: int
-) -> list[tuple[str, list[str]]]:
+def run_task_pushes(task_ids: Sequence[str], enqueued_ms: int) -> list[tuple[str, list[str]]]:
     """``(queue, messages)`` LPUSH arguments that enqueue ``task_ids`` in order.
 
     kombu's Redis consumers pop from the list's tail, and LPUSH pushes its arguments onto

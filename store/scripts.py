@@ -149,7 +149,8 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 local cp = redis.call('HGET', KEYS[1], 'checkpoint') or ''
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-if attempt <= tonumber(ARGV[6]) then
+local handbacks = tonumber(redis.call('HGET', KEYS[1], 'handbacks') or '0')
+if attempt - handbacks <= tonumber(ARGV[6]) then
   local turn, resumed = 0, 'false'
   if cp ~= '' then turn, resumed = cjson.decode(cp)['turn'] or 0, 'true' end
   local event = '{"type":"task.started","turn":' .. string.format('%d', turn)
@@ -223,9 +224,28 @@ redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 return 1
 """
 
+# HANDBACK: a worker that stops gives a task it has not finished back to the queue, at its
+# checkpoint: lease gone, status queued, from the running index to the queued one with
+# push time ARGV[3] (the caller pushes the message), and counted in "handbacks". An
+# attempt handed back is not a failure: the attempt budget (max_attempts) counts
+# attempt - handbacks, so a rolling restart never exhausts a task.
+# KEYS: 1 task hash, 2 lease, 3 running zset, 4 queued zset
+# ARGV: 1 owner, 2 task id, 3 now (unix ms)
+# Returns: 1 handed back; 0 fenced out (finished meanwhile, or no longer this owner's).
+HANDBACK = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'released_by', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'handbacks', 1)
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+return 1
+"""
+
 # SWEEP: deal with one task whose lease expired (its worker died or stalled).
 # KEYS: 1 task hash, 2 lease, 3 running zset, 4 queued zset
-# ARGV: 1 expired before (unix ms), 2 max attempts, 3 task id, 4 sweeper id, 5 lease ttl ms,
+# ARGV: 1 expired before (unix ms), 2 max attempts (of attempt - handbacks, see HANDBACK),
+#       3 task id, 4 sweeper id, 5 lease ttl ms,
 #       6 now (unix ms): the new message's push time, its score in the queued index
 # Returns: "requeue" (status back to queued, from the running index to the queued one:
 #          enqueue a new message),
@@ -241,7 +261,8 @@ if st ~= 'queued' and st ~= 'running' then
   return 'skip'
 end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
-if attempt >= tonumber(ARGV[2]) then
+local handbacks = tonumber(redis.call('HGET', KEYS[1], 'handbacks') or '0')
+if attempt - handbacks >= tonumber(ARGV[2]) then
   redis.call('SET', KEYS[2], ARGV[4] .. '/' .. attempt, 'PX', ARGV[5])
   return 'exhausted'
 end

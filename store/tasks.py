@@ -110,6 +110,7 @@ class TaskStore:
         self._finish = client.register_script(scripts.FINISH)
         self._overdue = client.register_script(scripts.OVERDUE_WEBHOOKS)
         self._requeue_lost = client.register_script(scripts.REQUEUE_LOST)
+        self._handback = client.register_script(scripts.HANDBACK)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -276,6 +277,20 @@ class TaskStore:
             )
         )
         return int(out) == 1
+
+    def hand_back(self, task_id: str, owner: str) -> int | None:
+        """Give an unfinished task back to the queue at its checkpoint, without using an
+        attempt (a worker that stops). Returns the push time (unix ms) the caller's new
+        message must carry, or None if ``owner`` is fenced out."""
+        k = self.keys
+        now_ms = int(self.clock() * 1000)
+        out = self._patient(
+            lambda: self._handback(
+                keys=[k.task(task_id), k.lease(task_id), k.running, k.queued],
+                args=[owner, task_id, now_ms],
+            )
+        )
+        return now_ms if int(out) == 1 else None
 
     def worker_alive(self, worker_id: str) -> bool:
         """Has ``worker_id`` sent a heartbeat within ``WORKER_TTL_S``?"""

@@ -60,6 +60,7 @@ class ConsumerWatch:
         self._waiting_since: float | None = None  # messages waiting and free slots, since
         self._last_seen: float | None = None
         self._stalled = False
+        self._suspended = False
 
     @property
     def state(self) -> str:
@@ -70,6 +71,12 @@ class ConsumerWatch:
             self._waiting_since = None
             self._stalled = False
 
+    def suspend(self) -> None:
+        """Judge no more: the worker is stopping, its consumer stopped on purpose."""
+        with self._lock:
+            self._suspended = True
+            self._waiting_since = None
+
     def observe(self, *, queued: int, held: int, slots: int) -> None:
         """``queued`` messages wait in the broker; this worker holds ``held`` of ``slots``."""
         now = self.clock()
@@ -77,6 +84,8 @@ class ConsumerWatch:
         with self._lock:
             gap = self._last_seen is None or now - self._last_seen > self.max_gap_s
             self._last_seen = now
+            if self._suspended:
+                return
             if queued <= 0 or held >= slots:
                 self._waiting_since = None
                 self._stalled = False

@@ -37,19 +37,23 @@ class Lease:
     attempt: int
     cancelled: threading.Event = field(default_factory=threading.Event)
     lost: threading.Event = field(default_factory=threading.Event)
+    handed_back: threading.Event = field(default_factory=threading.Event)  # worker stopping
     sandbox: Sandbox | None = None  # closed when the lease stops
+    _closed: bool = False
 
     def stopping(self) -> bool:
-        return self.cancelled.is_set() or self.lost.is_set()
+        return self.cancelled.is_set() or self.lost.is_set() or self.handed_back.is_set()
 
     def stop(self, why: threading.Event) -> None:
-        first = not self.stopping()
+        """Set ``why`` and close the sandbox (once), so an execution in flight returns."""
         why.set()
-        if first and self.sandbox is not None:
-            try:
-                self.sandbox.close()
-            except Exception:  # closing is best effort; the loop ends either way
-                log.exception("sandbox.close_failed", task_id=self.task_id)
+        if self._closed or self.sandbox is None:
+            return
+        self._closed = True
+        try:
+            self.sandbox.close()
+        except Exception:  # closing is best effort; the loop ends either way
+            log.exception("sandbox.close_failed", task_id=self.task_id)
 
 
 class Heartbeat:

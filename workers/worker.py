@@ -9,6 +9,12 @@ waiting, free slots, nothing received for ``worker_consumer_stall_s``); the stat
 and ``/healthz`` say so, and with ``worker_exit_on_stall`` the worker then stops and
 exits with ``EXIT_CONSUMER_STALLED`` so that its supervisor starts a fresh one.
 
+Stopping (SIGTERM, or a dead consumer): Celery's warm shutdown stops the consumer, so
+the worker takes no new task, and waits for the running ones. ``drain`` gives them
+``worker_shutdown_grace_s`` to finish, then hands back each one still running (lease
+released, task queued again at its checkpoint with a new message, no attempt used) and
+closes its sandbox, so the process exits soon after, with status 0.
+
 Run it with ``actfleet worker`` (or ``run_worker(settings)``).
 """
 
@@ -26,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 import structlog
 from celery import Celery
-from celery.signals import task_received, worker_ready, worker_shutdown
+from celery.signals import task_received, worker_ready, worker_shutdown, worker_shutting_down
 from celery.worker import state as celery_state
 
 from actfleet.heap import freeze_startup_heap
@@ -37,7 +43,7 @@ from store.tasks import TaskStore
 from workers import metrics, webhooks
 from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
 from workers.health import ConsumerWatch, HealthServer
-from workers.leases import Heartbeat
+from workers.leases import Heartbeat, Lease
 from workers.lull import LullExecutor
 from workers.runner import Runner
 from workers.sandbox import make_provider
@@ -59,6 +65,7 @@ def redis_client(url: str) -> redis.Redis:
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 EXIT_CONSUMER_STALLED = 3  # the process's exit status when it stopped for a dead consumer
+FORCED_EXIT_AFTER_S = 15.0  # after the hand-backs, how long Celery may take to wind down
 
 
 class WorkerRuntime:
@@ -82,6 +89,8 @@ class WorkerRuntime:
         )
         self.exit_code = 0
         self._health: HealthServer | None = None
+        self._drainer: threading.Thread | None = None
+        self._closing = threading.Event()
         self.sweeper = Sweeper(
             self.store,
             self.worker_id,
@@ -173,9 +182,56 @@ class WorkerRuntime:
             "worker": self.worker_id,
             "consumer": self.consumer.state,
             "redis": "ok" if self.heartbeat.redis_ok() else "unavailable",
-            "draining": False,
+            "draining": self.draining,
             "leases": len(self.heartbeat.leases()),
         }
+
+    @property
+    def draining(self) -> bool:
+        return self._drainer is not None
+
+    def drain(self) -> None:
+        """Start stopping: running tasks get ``worker_shutdown_grace_s`` to finish, then
+        are handed back. Returns at once (it may run in a signal handler)."""
+        with self._lock:
+            if self._drainer is not None:
+                return
+            self._drainer = threading.Thread(target=self._drain, name="drain", daemon=True)
+        self.consumer.suspend()
+        self._drainer.start()
+
+    def _drain(self) -> None:
+        grace_s = self.settings.worker_shutdown_grace_s
+        log.info("worker.draining", grace_s=grace_s, running=len(self.heartbeat.leases()))
+        deadline = time.monotonic() + grace_s
+        while self.heartbeat.leases() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for lease in self.heartbeat.leases():
+            self._hand_back(lease)
+        # Celery now waits for its threads. One that is inside a long model call must not
+        # hold the exit for minutes: its task is back in the queue, nothing is lost by going.
+        if not self._closing.wait(FORCED_EXIT_AFTER_S):
+            log.warning("worker.exit_forced", after_s=FORCED_EXIT_AFTER_S)
+            os._exit(self.exit_code)
+
+    def _hand_back(self, lease: Lease) -> None:
+        lease.handed_back.set()  # first, so the task's thread takes its fencing as intended
+        try:
+            pushed = self.store.hand_back(lease.task_id, lease.owner)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            # Its lease expires and a sweeper requeues it (as a worker lost).
+            log.error("task.hand_back_failed", task_id=lease.task_id, error=repr(e))
+            lease.stop(lease.handed_back)
+            return
+        lease.stop(lease.handed_back)  # close the sandbox: an execution in flight returns
+        if pushed is None:
+            return  # it finished meanwhile
+        log.warning("task.handed_back", task_id=lease.task_id, reason="shutdown")
+        metrics.TASKS_RETRIED.labels("shutdown").inc()
+        try:
+            enqueue(self.app, lease.task_id, pushed)
+        except Exception as e:  # the queued index still has it: a sweeper re-sends it
+            log.error("task.enqueue_failed", task_id=lease.task_id, error=repr(e))
 
     def message_received(self) -> None:
         self.consumer.received()
@@ -191,20 +247,23 @@ class WorkerRuntime:
         )
         if self.settings.worker_exit_on_stall:
             self.exit_code = EXIT_CONSUMER_STALLED
+            self.drain()
             # Celery's own warm shutdown, as a SIGTERM would start it: its consumer loop
             # checks this flag on every tick, and the process exits with this status.
             celery_state.should_stop = EXIT_CONSUMER_STALLED
 
     def _status(self) -> dict[str, object]:
-        """What the worker's status key says besides its leases."""
+        """What the worker's status key says besides its leases and its consumer."""
+        out: dict[str, object] = {"draining": self.draining}
         provider = self.runner.provider
         if hasattr(provider, "pool_idle"):
-            return {"pool_idle": provider.pool_idle()}
-        if hasattr(provider, "pool_stats"):
-            return {"pool_idle": sum(s.idle for s in provider.pool_stats().values())}
-        return {}
+            out["pool_idle"] = provider.pool_idle()
+        elif hasattr(provider, "pool_stats"):
+            out["pool_idle"] = sum(s.idle for s in provider.pool_stats().values())
+        return out
 
     def close(self) -> None:
+        self._closing.set()
         if self._health is not None:
             self._health.close()
         if self._reaper is not None:
@@ -269,9 +328,13 @@ def make_worker_app(settings: Settings) -> tuple[Celery, WorkerRuntime]:
         if getattr(sender, "app", None) is app:
             runtime.message_received()
 
+    def on_shutting_down(**_: object) -> None:
+        runtime.drain()  # SIGTERM/SIGINT: Celery stops consuming; we bound the wait
+
     worker_ready.connect(on_ready, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)
     task_received.connect(on_received, weak=False)
+    worker_shutting_down.connect(on_shutting_down, weak=False)
     return app, runtime
 
 

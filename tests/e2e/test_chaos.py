@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.events import EventType
+from agent.models import Status
 from store import keys
 from tests.conftest import RedisServer
 from tests.e2e.fleet import Fleet, assert_each_ran_exactly_once, wait_for
@@ -120,3 +122,86 @@ def test_a_task_whose_broker_message_was_lost_is_enqueued_again_and_runs_once(
     fleet.wait_all_terminal(ids, timeout_s=120)
     assert_each_ran_exactly_once(fleet, ids)
     assert "message_lost" in fleet.logs()
+
+
+def started_by(fleet: Fleet, task_id: str) -> list[tuple[float, str]]:
+    """(when, worker id) of each task.started event of the task."""
+    return [
+        (e.ts, str(e.data["worker"]))
+        for e in fleet.store.events(task_id)
+        if e.type is EventType.STARTED
+    ]
+
+
+def test_sigterm_lets_a_worker_finish_what_it_runs_take_nothing_new_and_exit_0(
+    fleet: Fleet,
+) -> None:
+    # given a worker in the middle of two tasks, with four more waiting
+    worker = fleet.start_worker(concurrency=2, ACTFLEET_WORKER_SHUTDOWN_GRACE_S="60")
+    ids = fleet.submit(6)
+    running = fleet.wait_mid_task(worker.pid, n=2)
+
+    # when it gets SIGTERM
+    signalled = time.time()
+    assert fleet.sigterm(worker) == 0
+
+    # then it finished the two it ran (as their first and only attempt) and took no other
+    for task_id in running:
+        rec = fleet.store.get(task_id)
+        assert rec is not None and rec.status is Status.COMPLETED
+        assert rec.attempt == 1
+    mine = f"-{worker.pid}-"
+    late = [t for t in ids for ts, w in started_by(fleet, t) if mine in w and ts > signalled]
+    assert late == []
+    assert fleet.queue_depth() == 4
+    # and the rest wait for the next worker, which runs each once
+    fleet.start_worker(concurrency=4)
+    fleet.wait_all_terminal(ids, timeout_s=120)
+    assert_each_ran_exactly_once(fleet, ids)
+
+
+def test_sigterm_hands_back_what_does_not_finish_within_the_grace(fleet: Fleet) -> None:
+    # given a worker in the middle of two long tasks, a 1 s grace and no attempt to spare
+    env = {"ACTFLEET_WORKER_SHUTDOWN_GRACE_S": "1", "ACTFLEET_MAX_ATTEMPTS": "1"}
+    worker = fleet.start_worker(concurrency=2, **env)
+    ids = fleet.submit(2, prompt="slow")
+    running = fleet.wait_mid_task(worker.pid, n=2)
+
+    # when it gets SIGTERM, it exits 0 soon, without waiting for the tasks
+    assert fleet.sigterm(worker, timeout_s=60) == 0
+
+    # then both went back to the queue at their checkpoint, using no attempt, and another
+    # worker finishes each exactly once
+    for task_id in running:
+        rec = fleet.store.get(task_id)
+        assert rec is not None and rec.status is Status.QUEUED and rec.handbacks == 1
+    fleet.start_worker(concurrency=2, **env)
+    fleet.wait_all_terminal(ids, timeout_s=120)
+    assert_each_ran_exactly_once(fleet, ids)
+    for task_id in running:
+        assert fleet.store.get(task_id).attempt == 2  # type: ignore[union-attr]
+        assert len(started_by(fleet, task_id)) == 2  # the second resumed
+
+
+def test_a_rolling_restart_of_every_worker_mid_batch_loses_and_repeats_nothing(
+    fleet: Fleet,
+) -> None:
+    # given three workers working through a batch (hand-backs use no attempt; one spare
+    # attempt covers a sandbox that fails to start while workers come and go)
+    env = {"ACTFLEET_WORKER_SHUTDOWN_GRACE_S": "2", "ACTFLEET_MAX_ATTEMPTS": "2"}
+    old = [fleet.start_worker(concurrency=3, **env) for _ in range(3)]
+    ids = fleet.submit(45)
+    fleet.wait_mid_task(old[0].pid, n=2)
+
+    # when each is replaced in turn: a new one starts, the old one gets SIGTERM
+    for worker in old:
+        fresh = fleet.start_worker(concurrency=3, **env)
+        fleet.wait_healthy(fresh)
+        assert fleet.sigterm(worker, timeout_s=60) == 0
+
+    # then every task ends once, correct, with no step twice; some were handed back
+    fleet.wait_all_terminal(ids, timeout_s=240)
+    assert_each_ran_exactly_once(fleet, ids)
+    assert fleet.finished_by_status() == {"completed": 45.0}
+    handbacks = sum(fleet.store.get(t).handbacks for t in ids)  # type: ignore[union-attr]
+    assert handbacks >= 1
