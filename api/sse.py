@@ -12,6 +12,7 @@ with nothing left to send (a stream that expired or was trimmed).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from api.errors import ApiError
 from store.keys import EVENT_FIELD
 
 READ_COUNT = 500
+STORE_RETRY_S = 2.0  # while Redis is unreachable, how often a stream tries it again
 log = structlog.get_logger("actfleet.api")
 _STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 
@@ -55,40 +57,62 @@ def format_event(entry_id: str, fields: dict[str, str]) -> tuple[str, bool]:
 
 
 async def event_stream(state: Any, tenant: str, task_id: str, after: str) -> AsyncIterator[str]:
-    """The frames of the task's stream after ``after``. If Redis goes away the stream
-    ends, as a dropped connection would: the client reconnects with Last-Event-ID."""
-    try:
-        async for frame in _frames(state, task_id, after):
-            yield frame
-    except (RedisConnectionError, RedisTimeoutError) as e:
-        log.warning("sse.redis_unavailable", task_id=task_id, error=repr(e))
+    """The frames of the task's stream after ``after``, until its terminal event.
 
-
-async def _frames(state: Any, task_id: str, after: str) -> AsyncIterator[str]:
+    While Redis is unreachable (a restart) the stream stays open: it sends a comment
+    every ``sse_heartbeat_s`` and reads on where it stopped once Redis answers again, so
+    a client sees neither a gap nor an end that is not the task's."""
     client = state.stream_redis
     stream = state.keys.events(task_id)
-    block_ms = int(state.settings.sse_heartbeat_s * 1000)
+    heartbeat_s = state.settings.sse_heartbeat_s
     last = after
+    down = False
     yield "retry: 2000\n\n"
     while True:
-        reply = await client.xread({stream: last}, count=READ_COUNT, block=block_ms)
-        entries = reply[0][1] if reply else []
-        for entry_id, fields in entries:
-            frame, terminal = format_event(_s(entry_id), {_s(k): _s(v) for k, v in fields.items()})
-            last = _s(entry_id)
-            yield frame
-            if terminal:
-                return
-        if entries:
+        try:
+            frames, terminal, last = await _read(state, client, stream, task_id, last)
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            if not down:
+                log.warning("sse.redis_unavailable", task_id=task_id, error=repr(e))
+            down = True
+            yield ": waiting for the store\n\n"
+            await asyncio.sleep(min(heartbeat_s, STORE_RETRY_S))
             continue
-        status = await client.hget(state.keys.task(task_id), "status")
-        if status is None or _s(status) in TERMINAL_STATUSES:
-            # FINISH sets the status and appends task.finished atomically, so one more
-            # read tells "finished just now" from "its events expired or were trimmed".
-            if await client.xread({stream: last}, count=1):
-                continue
+        down = False
+        for frame in frames:
+            yield frame
+        if terminal:
             return
-        yield ": keep-alive\n\n"
+        if not frames:
+            yield ": keep-alive\n\n"
+
+
+async def _read(
+    state: Any, client: Any, stream: str, task_id: str, last: str
+) -> tuple[list[str], bool, str]:
+    """One blocking read after ``last``: (frames, whether the stream is over, new last)."""
+    block_ms = int(state.settings.sse_heartbeat_s * 1000)
+    reply = await client.xread({stream: last}, count=READ_COUNT, block=block_ms)
+    if reply:
+        return _frames(reply, last)
+    status = await client.hget(state.keys.task(task_id), "status")
+    if status is None or _s(status) in TERMINAL_STATUSES:
+        # FINISH sets the status and appends task.finished atomically, so one more
+        # read tells "finished just now" from "its events expired or were trimmed".
+        reply = await client.xread({stream: last}, count=READ_COUNT)
+        return _frames(reply, last) if reply else ([], True, last)
+    return [], False, last
+
+
+def _frames(reply: Any, last: str) -> tuple[list[str], bool, str]:
+    frames = []
+    for entry_id, fields in reply[0][1]:
+        frame, terminal = format_event(_s(entry_id), {_s(k): _s(v) for k, v in fields.items()})
+        last = _s(entry_id)
+        frames.append(frame)
+        if terminal:
+            return frames, True, last
+    return frames, False, last
 
 
 def _s(v: Any) -> str:

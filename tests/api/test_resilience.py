@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import httpx
+import redis
 
 from agent.events import EventType
 from tests.api.conftest import Fleet, spec
@@ -49,6 +50,36 @@ def test_an_event_stream_stays_open_with_heartbeats_while_its_task_is_quiet(
     first_keepalive = next(t for t, line in lines if line == ": keep-alive")
     assert first_keepalive - started > 5  # a heartbeat after the old timeout
     assert lines[-1][0] - started > 14  # open until the task finished
+
+
+def test_an_event_stream_stays_open_across_a_redis_restart_and_misses_nothing(
+    make_fleet: Any, redis_server: RedisServer
+) -> None:
+    # given a client following a running task
+    fleet: Fleet = make_fleet(sse_heartbeat_s=1.0)
+    with fleet.client() as c:
+        task_id = c.post("/v1/tasks", json=spec()).json()["id"]
+        fleet.start_task(task_id)
+        lines: list[tuple[float, str]] = []
+        reader = threading.Thread(target=raw_stream, args=(c, task_id, lines))
+        reader.start()
+        time.sleep(1.5)  # the AOF has the task
+
+        # when Redis is down for a few seconds, and the task goes on after it is back
+        redis_server.kill()
+        time.sleep(4)
+        redis_server.start()
+        fleet.redis = redis.Redis.from_url(redis_server.url)  # the old one's socket is dead
+        fleet.append(task_id, EventType.LLM_REPLY, turn=1, content="after the restart")
+        fleet.finish(task_id)
+        reader.join(timeout=30)
+
+    # then the same stream waited through the outage and carried every event, in order
+    assert not reader.is_alive()
+    text = [line for _, line in lines]
+    assert ": waiting for the store" in text
+    events = [line.removeprefix("event: ") for line in text if line.startswith("event: ")]
+    assert events == ["task.queued", "task.started", "llm.reply", "task.finished"]
 
 
 def test_the_first_requests_after_a_redis_restart_succeed(
