@@ -151,6 +151,10 @@ class Fleet:
             base_url=self.api_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
         )
 
+    def api_client_nokey(self) -> httpx.Client:
+        """A client that needs no Redis to be built (for probes while Redis is down)."""
+        return httpx.Client(base_url=self.api_url, timeout=30)
+
     def health(self, proc: subprocess.Popen[bytes], path: str = "/healthz") -> httpx.Response:
         port = self.health_ports[proc.pid]
         return httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
@@ -262,3 +266,7 @@ def assert_each_ran_exactly_once(fleet: Fleet, ids: list[str]) -> None:
         assert len(steps) == 7  # 4 replies, 3 executions: no turn lost, none twice
         assert [e.type for e in events].count(EventType.FINISHED) == 1
         assert events[-1].type is EventType.FINISHED
+        # every entry between task.queued and task.finished was appended under its own
+        # sequence number: none twice, none outside the fenced appends
+        seq = int(fleet.store.r.hget(f"af:task:{task_id}", "seq") or 0)
+        assert len(events) == seq + 2, (task_id, seq, [e.type for e in events])

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agent.events import EventType
@@ -205,3 +207,73 @@ def test_a_rolling_restart_of_every_worker_mid_batch_loses_and_repeats_nothing(
     assert fleet.finished_by_status() == {"completed": 45.0}
     handbacks = sum(fleet.store.get(t).handbacks for t in ids)  # type: ignore[union-attr]
     assert handbacks >= 1
+
+
+OUTAGE_S = 130.0  # longer than the store's patience (120 s) and kombu's retry backoff (30 s)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_redis_down_longer_than_every_reconnect_window_and_the_fleet_recovers_by_itself(
+    fleet: Fleet,
+) -> None:
+    # given the API, two workers with every slot busy, more tasks waiting, and a client
+    # following one running task's events
+    fleet.start_api()
+    workers = [fleet.start_worker(concurrency=3) for _ in range(2)]
+    for worker in workers:
+        fleet.wait_healthy(worker)
+    with fleet.api_client() as api:
+        ids = [
+            api.post("/v1/tasks", json={"prompt": f"count #{i}", "expected": {"answer": "3"}})
+            .raise_for_status()
+            .json()["id"]
+            for i in range(10)
+        ]
+    for worker in workers:
+        fleet.wait_mid_task(worker.pid, n=2)
+    followed = fleet.leases_of(workers[0].pid)[0]
+    lines: list[str] = []
+    follower = threading.Thread(target=follow, args=(fleet, followed, lines), daemon=True)
+    follower.start()
+    time.sleep(1.5)  # the AOF has everything so far
+
+    # when Redis is SIGKILLed and stays down longer than every reconnect window
+    fleet.server.kill()
+    time.sleep(10)
+    # (meanwhile the API is not ready, and the workers are not ready but alive: a
+    # supervisor must not restart them for an outage that is not theirs)
+    with fleet.api_client_nokey() as api:
+        assert api.get("/readyz").status_code == 503
+    for worker in workers:
+        assert fleet.health(worker).status_code == 200
+        assert fleet.health(worker, "/readyz").status_code == 503
+    time.sleep(OUTAGE_S - 10)
+    fleet.server.start()
+
+    # then the API's first requests succeed, the workers consume again by themselves, and
+    # every task finishes exactly once, the interrupted ones resumed from their checkpoints
+    with fleet.api_client() as api:
+        assert api.get(f"/v1/tasks/{ids[0]}").status_code == 200
+        assert api.get("/readyz").status_code == 200
+    fleet.wait_all_terminal(ids, timeout_s=240)
+    assert_each_ran_exactly_once(fleet, ids)
+    for worker in workers:
+        assert worker.poll() is None
+        assert fleet.health(worker).json()["consumer"] == "ok"
+    # and the client that followed a task through the outage saw each of its events once
+    follower.join(timeout=30)
+    stored = [i.decode() for i, _ in fleet.store.r.xrange(f"af:events:{followed}")]
+    assert [line.removeprefix("id: ") for line in lines if line.startswith("id: ")] == stored
+
+
+def follow(fleet: Fleet, task_id: str, lines: list[str]) -> None:
+    """Read the task's SSE stream through the API until the server ends it."""
+    with (
+        fleet.api_client() as api,
+        api.stream(
+            "GET", f"/v1/tasks/{task_id}/events", timeout=httpx.Timeout(30, read=None)
+        ) as resp,
+    ):
+        for line in resp.iter_lines():
+            lines.append(line)
