@@ -281,14 +281,14 @@ class TaskStore:
     def hand_back(self, task_id: str, owner: str) -> int | None:
         """Give an unfinished task back to the queue at its checkpoint, without using an
         attempt (a worker that stops). Returns the push time (unix ms) the caller's new
-        message must carry, or None if ``owner`` is fenced out."""
+        message must carry, or None if ``owner`` is fenced out. Raises Redis errors."""
         k = self.keys
         now_ms = int(self.clock() * 1000)
-        out = self._patient(
-            lambda: self._handback(
-                keys=[k.task(task_id), k.lease(task_id), k.running, k.queued],
-                args=[owner, task_id, now_ms],
-            )
+        # Not patient: a worker that stops while Redis is down must not wait out the
+        # patience for each task; their leases expire and a sweeper requeues them.
+        out = self._handback(
+            keys=[k.task(task_id), k.lease(task_id), k.running, k.queued],
+            args=[owner, task_id, now_ms],
         )
         return now_ms if int(out) == 1 else None
 

@@ -10,10 +10,9 @@ and ``/healthz`` say so, and with ``worker_exit_on_stall`` the worker then stops
 exits with ``EXIT_CONSUMER_STALLED`` so that its supervisor starts a fresh one.
 
 Stopping (SIGTERM, or a dead consumer): Celery's warm shutdown stops the consumer, so
-the worker takes no new task, and waits for the running ones. ``drain`` gives them
-``worker_shutdown_grace_s`` to finish, then hands back each one still running (lease
-released, task queued again at its checkpoint with a new message, no attempt used) and
-closes its sandbox, so the process exits soon after, with status 0.
+the worker takes no new task, and ``workers.shutdown.Drain`` gives the running ones
+``worker_shutdown_grace_s`` to finish before it hands them back, so the process exits
+soon after, with status 0 (or ``EXIT_CONSUMER_STALLED``).
 
 Run it with ``actfleet worker`` (or ``run_worker(settings)``).
 """
@@ -43,11 +42,12 @@ from store.tasks import TaskStore
 from workers import metrics, webhooks
 from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
 from workers.health import ConsumerWatch, HealthServer
-from workers.leases import Heartbeat, Lease
+from workers.leases import Heartbeat
 from workers.lull import LullExecutor
 from workers.runner import Runner
 from workers.sandbox import make_provider
 from workers.sandbox.reaper import Reaper
+from workers.shutdown import Drain
 from workers.sweeper import Sweeper
 
 log = structlog.get_logger(__name__)
@@ -65,7 +65,6 @@ def redis_client(url: str) -> redis.Redis:
 
 GIL_SWITCH_INTERVAL_S = 0.0005
 EXIT_CONSUMER_STALLED = 3  # the process's exit status when it stopped for a dead consumer
-FORCED_EXIT_AFTER_S = 15.0  # after the hand-backs, how long Celery may take to wind down
 
 
 class WorkerRuntime:
@@ -89,8 +88,12 @@ class WorkerRuntime:
         )
         self.exit_code = 0
         self._health: HealthServer | None = None
-        self._drainer: threading.Thread | None = None
-        self._closing = threading.Event()
+        self._drain = Drain(
+            self.store,
+            self.heartbeat,
+            lambda task_id, enqueued_ms: enqueue(app, task_id, enqueued_ms),
+            settings.worker_shutdown_grace_s,
+        )
         self.sweeper = Sweeper(
             self.store,
             self.worker_id,
@@ -188,50 +191,12 @@ class WorkerRuntime:
 
     @property
     def draining(self) -> bool:
-        return self._drainer is not None
+        return self._drain.started
 
-    def drain(self) -> None:
-        """Start stopping: running tasks get ``worker_shutdown_grace_s`` to finish, then
-        are handed back. Returns at once (it may run in a signal handler)."""
-        with self._lock:
-            if self._drainer is not None:
-                return
-            self._drainer = threading.Thread(target=self._drain, name="drain", daemon=True)
-        self.consumer.suspend()
-        self._drainer.start()
-
-    def _drain(self) -> None:
-        grace_s = self.settings.worker_shutdown_grace_s
-        log.info("worker.draining", grace_s=grace_s, running=len(self.heartbeat.leases()))
-        deadline = time.monotonic() + grace_s
-        while self.heartbeat.leases() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for lease in self.heartbeat.leases():
-            self._hand_back(lease)
-        # Celery now waits for its threads. One that is inside a long model call must not
-        # hold the exit for minutes: its task is back in the queue, nothing is lost by going.
-        if not self._closing.wait(FORCED_EXIT_AFTER_S):
-            log.warning("worker.exit_forced", after_s=FORCED_EXIT_AFTER_S)
-            os._exit(self.exit_code)
-
-    def _hand_back(self, lease: Lease) -> None:
-        lease.handed_back.set()  # first, so the task's thread takes its fencing as intended
-        try:
-            pushed = self.store.hand_back(lease.task_id, lease.owner)
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            # Its lease expires and a sweeper requeues it (as a worker lost).
-            log.error("task.hand_back_failed", task_id=lease.task_id, error=repr(e))
-            lease.stop(lease.handed_back)
-            return
-        lease.stop(lease.handed_back)  # close the sandbox: an execution in flight returns
-        if pushed is None:
-            return  # it finished meanwhile
-        log.warning("task.handed_back", task_id=lease.task_id, reason="shutdown")
-        metrics.TASKS_RETRIED.labels("shutdown").inc()
-        try:
-            enqueue(self.app, lease.task_id, pushed)
-        except Exception as e:  # the queued index still has it: a sweeper re-sends it
-            log.error("task.enqueue_failed", task_id=lease.task_id, error=repr(e))
+    def drain(self, exit_code: int = 0) -> None:
+        """Start stopping (see ``workers.shutdown``); returns at once."""
+        self.consumer.suspend()  # its consumer stops on purpose now
+        self._drain.start(exit_code)
 
     def message_received(self) -> None:
         self.consumer.received()
@@ -247,7 +212,7 @@ class WorkerRuntime:
         )
         if self.settings.worker_exit_on_stall:
             self.exit_code = EXIT_CONSUMER_STALLED
-            self.drain()
+            self.drain(EXIT_CONSUMER_STALLED)
             # Celery's own warm shutdown, as a SIGTERM would start it: its consumer loop
             # checks this flag on every tick, and the process exits with this status.
             celery_state.should_stop = EXIT_CONSUMER_STALLED
@@ -263,7 +228,7 @@ class WorkerRuntime:
         return out
 
     def close(self) -> None:
-        self._closing.set()
+        self._drain.closed()
         if self._health is not None:
             self._health.close()
         if self._reaper is not None:

@@ -190,9 +190,9 @@ def test_a_rolling_restart_of_every_worker_mid_batch_loses_and_repeats_nothing(
 ) -> None:
     # given three workers working through a batch (hand-backs use no attempt; one spare
     # attempt covers a sandbox that fails to start while workers come and go)
-    env = {"ACTFLEET_WORKER_SHUTDOWN_GRACE_S": "2", "ACTFLEET_MAX_ATTEMPTS": "2"}
+    env = {"ACTFLEET_WORKER_SHUTDOWN_GRACE_S": "1", "ACTFLEET_MAX_ATTEMPTS": "2"}
     old = [fleet.start_worker(concurrency=3, **env) for _ in range(3)]
-    ids = fleet.submit(45)
+    ids = fleet.submit(30) + fleet.submit(30, prompt="slow")  # the slow ones outlast a grace
     fleet.wait_mid_task(old[0].pid, n=2)
 
     # when each is replaced in turn: a new one starts, the old one gets SIGTERM
@@ -204,7 +204,7 @@ def test_a_rolling_restart_of_every_worker_mid_batch_loses_and_repeats_nothing(
     # then every task ends once, correct, with no step twice; some were handed back
     fleet.wait_all_terminal(ids, timeout_s=240)
     assert_each_ran_exactly_once(fleet, ids)
-    assert fleet.finished_by_status() == {"completed": 45.0}
+    assert fleet.finished_by_status() == {"completed": 60.0}
     handbacks = sum(fleet.store.get(t).handbacks for t in ids)  # type: ignore[union-attr]
     assert handbacks >= 1
 
