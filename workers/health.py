@@ -39,7 +39,8 @@ class ConsumerWatch:
     """Judges the broker consumer from the heartbeat's observations. Thread-safe.
 
     ``observe`` is called each heartbeat tick in which Redis answered; ``received`` each
-    time the consumer hands over a message. A gap between observations longer than
+    time the consumer hands over a message, the only thing that brings a consumer judged
+    dead back to life. A gap between observations longer than
     ``max_gap_s`` (Redis was down, the heartbeat stalled) starts the judgement afresh, so
     an outage never counts as time the consumer had to take a message.
     """
@@ -87,8 +88,7 @@ class ConsumerWatch:
             if self._suspended:
                 return
             if queued <= 0 or held >= slots:
-                self._waiting_since = None
-                self._stalled = False
+                self._waiting_since = None  # nothing to judge by (a dead one stays dead)
             elif gap or self._waiting_since is None:
                 self._waiting_since = now
             elif not self._stalled and now - self._waiting_since >= self.stall_s:

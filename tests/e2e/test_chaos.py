@@ -36,62 +36,43 @@ def fleet(redis_server: RedisServer, tmp_path: Path) -> Iterator[Fleet]:
     f.close()
 
 
-def test_a_worker_whose_tasks_end_while_redis_is_down_consumes_again_after_it_returns(
+def test_after_an_outage_that_outlasts_their_tasks_workers_consume_again_or_say_they_cannot(
     fleet: Fleet,
 ) -> None:
-    # given one worker with every slot busy, whose store gives up on Redis after 3 s
-    worker = fleet.start_worker(concurrency=2, ACTFLEET_REDIS_PATIENCE_S="3")
-    ids = fleet.submit(6)
-    fleet.wait_mid_task(worker.pid, n=2)
-
-    # when Redis dies for longer than that patience, so both tasks end (unacknowledged,
-    # the broker being gone) during the outage, and then comes back
-    fleet.server.kill()
-    time.sleep(12)
-    fleet.server.start()
-
-    # then the worker's consumer takes messages again: every task finishes exactly once
-    fleet.wait_all_terminal(ids, timeout_s=150)
-    assert_each_ran_exactly_once(fleet, ids)
-    assert worker.poll() is None
-    assert fleet.health(worker).json()["consumer"] == "ok"
-
-
-def test_a_worker_whose_consumer_died_says_so_and_exits_so_a_supervisor_restarts_it(
-    fleet: Fleet,
-) -> None:
-    # given two workers whose consumers die in a Redis outage that outlasts their tasks
-    # (kombu's own ack bookkeeping): one told to stay up, one to exit (the default)
+    # given three workers with every slot busy, whose store gives up on Redis after 3 s:
+    # ours, and two whose consumer dies when its tasks end while Redis is down (kombu's
+    # own ack bookkeeping), one told to stay up, one to exit on a dead consumer (the default)
+    ours = fleet.start_worker(concurrency=2, **_STALL_ENV)
     stay = fleet.start_worker(
-        concurrency=2,
-        kombu_qos=True,
-        ACTFLEET_WORKER_EXIT_ON_STALL="false",
-        **_STALL_ENV,
+        concurrency=2, kombu_qos=True, ACTFLEET_WORKER_EXIT_ON_STALL="false", **_STALL_ENV
     )
     leave = fleet.start_worker(concurrency=2, kombu_qos=True, **_STALL_ENV)
-    fleet.wait_healthy(stay)
-    fleet.wait_healthy(leave)
-    ids = fleet.submit(8)
-    fleet.wait_mid_task(stay.pid, n=2)
-    fleet.wait_mid_task(leave.pid, n=2)
+    for worker in (ours, stay, leave):
+        fleet.wait_healthy(worker)
+    ids = fleet.submit(30)  # enough that messages still wait when Redis is back
+    for worker in (ours, stay, leave):
+        fleet.wait_mid_task(worker.pid, n=2)
+
+    # when Redis dies for longer than that patience, so every running task ends (its
+    # acknowledgement failing, the broker being gone) during the outage, and comes back
     fleet.server.kill()
     time.sleep(12)
     fleet.server.start()
 
-    # then each notices that messages wait while it has free slots and takes none: its
-    # status key and /healthz say so, and the one allowed to exits with status 3
+    # then the dead consumers are noticed: messages wait, slots are free, nothing taken;
+    # the status key and /healthz say so, and the one allowed to exits with status 3
     assert leave.wait(timeout=120) == 3
     wait_for(lambda: fleet.health(stay).status_code == 503, 60)
     assert fleet.health(stay).json()["consumer"] == "stalled"
-    statuses = [json.loads(v) for v in fleet.store.r.mget(fleet.store.r.keys("af:worker:*"))]
-    assert [s["consumer"] for s in statuses] == ["stalled"]
     assert "consumer.stalled" in fleet.logs()
-
-    # and once a fresh worker replaces them, every task finishes exactly once
-    stay.kill()
-    fleet.start_worker(concurrency=4)
+    # and our worker's consumer takes messages again: every task finishes exactly once
     fleet.wait_all_terminal(ids, timeout_s=180)
     assert_each_ran_exactly_once(fleet, ids)
+    assert ours.poll() is None
+    assert fleet.health(ours).json()["consumer"] == "ok"
+    keys_ = fleet.store.r.keys("af:worker:*")
+    statuses = sorted(json.loads(v)["consumer"] for v in fleet.store.r.mget(keys_))
+    assert statuses == ["ok", "stalled"]
 
 
 _STALL_ENV = {"ACTFLEET_REDIS_PATIENCE_S": "3", "ACTFLEET_WORKER_CONSUMER_STALL_S": "10"}

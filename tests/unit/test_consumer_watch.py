@@ -53,6 +53,8 @@ def test_a_consumer_that_receives_again_is_alive_again() -> None:
     watch = make(clock, fired)
     ticks(watch, clock, 70, queued=1, held=0, slots=1)
     assert watch.state == STALLED
+    ticks(watch, clock, 30, queued=0, held=0, slots=1)  # others emptied the queue
+    assert watch.state == STALLED  # that says nothing about this consumer
     watch.received()
     assert watch.state == OK
 
