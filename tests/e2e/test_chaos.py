@@ -173,13 +173,14 @@ def test_a_rolling_restart_of_every_worker_mid_batch_loses_and_repeats_nothing(
     # attempt covers a sandbox that fails to start while workers come and go)
     env = {"ACTFLEET_WORKER_SHUTDOWN_GRACE_S": "1", "ACTFLEET_MAX_ATTEMPTS": "2"}
     old = [fleet.start_worker(concurrency=3, **env) for _ in range(3)]
-    ids = fleet.submit(30) + fleet.submit(30, prompt="slow")  # the slow ones outlast a grace
+    ids = fleet.submit(30, prompt="slow") + fleet.submit(30)  # the first ones outlast a grace
     fleet.wait_mid_task(old[0].pid, n=2)
 
     # when each is replaced in turn: a new one starts, the old one gets SIGTERM
     for worker in old:
         fresh = fleet.start_worker(concurrency=3, **env)
         fleet.wait_healthy(fresh)
+        fleet.wait_mid_task(worker.pid, n=1)
         assert fleet.sigterm(worker, timeout_s=60) == 0
 
     # then every task ends once, correct, with no step twice; some were handed back
