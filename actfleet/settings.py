@@ -89,6 +89,28 @@ class Settings(BaseSettings):
     webhook_poll_s: float = Field(
         1.0, gt=0, le=60, description="how often workers look for due ones"
     )
+    redis_patience_s: float = Field(
+        120.0, gt=0, description="how long a worker's store calls wait for Redis to come back"
+    )
+    worker_shutdown_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="on SIGTERM, how long running tasks may finish before they are handed back",
+    )
+    worker_consumer_stall_s: float = Field(
+        60.0,
+        gt=0,
+        description="messages waiting, free slots and nothing received for this long: the "
+        "worker's broker consumer is dead (health 503, status key says so)",
+    )
+    worker_exit_on_stall: bool = Field(
+        True, description="a worker whose consumer is dead hands its tasks back and exits 3"
+    )
+    queued_grace_s: float = Field(
+        60.0,
+        gt=0,
+        description="a queued task whose message is gone for this long is enqueued again",
+    )
 
     # api
     api_url: str = "http://127.0.0.1:8000"

@@ -24,6 +24,10 @@ import redis
 
 from agent.errors import ActfleetError
 
+# How long a stopping worker may take: its default shutdown grace (30 s), the time it
+# gives its threads after the hand-backs (15 s), and some margin.
+WORKER_STOP_S = 60.0
+
 
 class StackError(ActfleetError):
     """A piece of the local stack did not start."""
@@ -207,13 +211,22 @@ class LocalStack:
                 raise StackError(f"`actfleet {name}` exited with status {proc.returncode}")
 
     def stop(self) -> None:
+        """SIGTERM every worker at once (each finishes or hands back its tasks within its
+        grace, see ``WorkerRuntime.drain``), then the API; SIGKILL what outlasts that."""
         from prometheus_client.multiprocess import mark_process_dead
 
-        for proc in reversed(self.procs):
+        workers = [p for p in self.procs if p in self.worker_procs]
+        for proc in workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in workers:
+            _reap(proc, WORKER_STOP_S)
+        for proc in [*workers, *(p for p in reversed(self.procs) if p not in workers)]:
             _terminate(proc)
             if self.state_dir is not None:
                 mark_process_dead(proc.pid, str(self.metrics_dir))
         self.procs.clear()
+        self.worker_procs.clear()
         if self.redis is not None:
             self.redis.stop()
         if self._tmp is not None:
@@ -231,6 +244,11 @@ def _terminate(proc: subprocess.Popen | None, timeout_s: float = 15.0) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
+    _reap(proc, timeout_s)
+
+
+def _reap(proc: subprocess.Popen, timeout_s: float) -> None:
+    """Wait for ``proc`` to exit; SIGKILL it after ``timeout_s``."""
     try:
         proc.wait(timeout_s)
     except subprocess.TimeoutExpired:

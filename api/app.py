@@ -1,8 +1,10 @@
 """The FastAPI app factory: ``create_app(settings)``; run it with uvicorn.
 
-Construction does no I/O: the Redis client, the store and the enqueuer are built in
-the lifespan and hung on ``app.state`` (settings, keys, redis, store, batches, enqueuer,
-metrics), which is what routes use.
+Construction does no I/O: the Redis clients, the store and the enqueuer are built in
+the lifespan and hung on ``app.state`` (settings, keys, redis, stream_redis, store,
+batches, enqueuer, metrics), which is what routes use. ``stream_redis`` serves the event
+streams' blocking reads, whose socket timeout must outlast a heartbeat interval; every
+other command keeps the short one of ``redis``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -24,8 +25,8 @@ from api import routes_batches, routes_tasks, webhooks
 from api.errors import install_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware, render
 from api.openapi import install_openapi
-from api.queue import Enqueuer
-from store.aio import AsyncStore
+from api.queue import Enqueuer, fleet_health
+from store.aio import AsyncStore, connect
 from store.batches import BatchStore
 from store.keys import Keys
 
@@ -42,9 +43,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not settings.redis_url:
             raise ActfleetError("ACTFLEET_REDIS_URL is not set: the API needs Redis")
-        client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+        client = connect(settings.redis_url)
+        streams = connect(settings.redis_url, block_s=settings.sse_heartbeat_s)
         store = AsyncStore(client, app.state.keys)
         app.state.redis = client
+        app.state.stream_redis = streams
         app.state.store = store
         app.state.batches = BatchStore(store)
         app.state.enqueuer = Enqueuer(client)
@@ -52,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await client.aclose()
+            await streams.aclose()
 
     app = FastAPI(
         title="actfleet",
@@ -76,14 +80,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"], responses={503: {"description": "Redis is unreachable"}})
+    @app.get(
+        "/readyz",
+        tags=["ops"],
+        responses={503: {"description": "Redis or the task queue is unreachable"}},
+    )
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness: Redis answers a PING."""
+        """Readiness: Redis answers and the broker's task queue can be read. The body also
+        says how many workers sent a heartbeat lately and how many of those report a dead
+        broker consumer (those do not make the API unready: their own health does)."""
+        state = request.app.state
         try:
-            await request.app.state.redis.ping()
+            fleet = await fleet_health(state.redis, state.keys)
         except Exception as e:  # any failure to reach Redis means "not ready"
             return JSONResponse({"status": "unavailable", "redis": repr(e)}, 503)
-        return JSONResponse({"status": "ok", "redis": "ok"})
+        return JSONResponse({"status": "ok", "redis": "ok", **fleet})
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
     async def metrics_page(request: Request) -> Response:

@@ -5,16 +5,22 @@ the stored entries at once when there are some and waits for new ones otherwise,
 event goes out exactly once, in stream order, and a client that reconnects with
 ``Last-Event-ID`` continues right after the last event it saw. The stream closes after
 ``task.finished``; an idle stream gets a comment every ``sse_heartbeat_s`` so proxies keep
-it open, and is closed if its task turns out to be terminal with nothing left to send
-(a stream that expired or was trimmed).
+it open for as long as its task runs (the blocking read's client has a socket timeout
+longer than that, see ``api.app``), and is closed if its task turns out to be terminal
+with nothing left to send (a stream that expired or was trimmed).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
 from typing import Any
+
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agent.events import EventType
 from agent.models import TERMINAL_STATUSES
@@ -22,6 +28,8 @@ from api.errors import ApiError
 from store.keys import EVENT_FIELD
 
 READ_COUNT = 500
+STORE_RETRY_S = 2.0  # while Redis is unreachable, how often a stream tries it again
+log = structlog.get_logger("actfleet.api")
 # fullmatch (no trailing newline); 19 digits: each part must fit Redis's unsigned 64 bits
 STREAM_ID = "[0-9]{1,19}(?:-[0-9]{1,19})?"
 _STREAM_ID = re.compile(STREAM_ID)
@@ -51,30 +59,62 @@ def format_event(entry_id: str, fields: dict[str, str]) -> tuple[str, bool]:
 
 
 async def event_stream(state: Any, tenant: str, task_id: str, after: str) -> AsyncIterator[str]:
-    client = state.redis
+    """The frames of the task's stream after ``after``, until its terminal event.
+
+    While Redis is unreachable (a restart) the stream stays open: it sends a comment
+    every ``sse_heartbeat_s`` and reads on where it stopped once Redis answers again, so
+    a client sees neither a gap nor an end that is not the task's."""
+    client = state.stream_redis
     stream = state.keys.events(task_id)
-    block_ms = int(state.settings.sse_heartbeat_s * 1000)
+    heartbeat_s = state.settings.sse_heartbeat_s
     last = after
+    down = False
     yield "retry: 2000\n\n"
     while True:
-        reply = await client.xread({stream: last}, count=READ_COUNT, block=block_ms)
-        entries = reply[0][1] if reply else []
-        for entry_id, fields in entries:
-            frame, terminal = format_event(_s(entry_id), {_s(k): _s(v) for k, v in fields.items()})
-            last = _s(entry_id)
-            yield frame
-            if terminal:
-                return
-        if entries:
+        try:
+            frames, terminal, last = await _read(state, client, stream, task_id, last)
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            if not down:
+                log.warning("sse.redis_unavailable", task_id=task_id, error=repr(e))
+            down = True
+            yield ": waiting for the store\n\n"
+            await asyncio.sleep(min(heartbeat_s, STORE_RETRY_S))
             continue
-        status = await client.hget(state.keys.task(task_id), "status")
-        if status is None or _s(status) in TERMINAL_STATUSES:
-            # FINISH sets the status and appends task.finished atomically, so one more
-            # read tells "finished just now" from "its events expired or were trimmed".
-            if await client.xread({stream: last}, count=1):
-                continue
+        down = False
+        for frame in frames:
+            yield frame
+        if terminal:
             return
-        yield ": keep-alive\n\n"
+        if not frames:
+            yield ": keep-alive\n\n"
+
+
+async def _read(
+    state: Any, client: Any, stream: str, task_id: str, last: str
+) -> tuple[list[str], bool, str]:
+    """One blocking read after ``last``: (frames, whether the stream is over, new last)."""
+    block_ms = int(state.settings.sse_heartbeat_s * 1000)
+    reply = await client.xread({stream: last}, count=READ_COUNT, block=block_ms)
+    if reply:
+        return _frames(reply, last)
+    status = await client.hget(state.keys.task(task_id), "status")
+    if status is None or _s(status) in TERMINAL_STATUSES:
+        # FINISH sets the status and appends task.finished atomically, so one more
+        # read tells "finished just now" from "its events expired or were trimmed".
+        reply = await client.xread({stream: last}, count=READ_COUNT)
+        return _frames(reply, last) if reply else ([], True, last)
+    return [], False, last
+
+
+def _frames(reply: Any, last: str) -> tuple[list[str], bool, str]:
+    frames = []
+    for entry_id, fields in reply[0][1]:
+        frame, terminal = format_event(_s(entry_id), {_s(k): _s(v) for k, v in fields.items()})
+        last = _s(entry_id)
+        frames.append(frame)
+        if terminal:
+            return frames, True, last
+    return frames, False, last
 
 
 def _s(v: Any) -> str:

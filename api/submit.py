@@ -15,7 +15,7 @@ import structlog
 from agent.models import TaskSpec
 from api.errors import ApiError
 from api.queue import EnqueueError
-from store.aio import TenantLimitError
+from store.aio import TenantLimitError, queued_ms
 from store.batches import BatchRecord
 from store.records import TaskRecord
 
@@ -52,7 +52,8 @@ async def submit(
             log.error("tasks.undo_failed", tenant=tenant, error=repr(undo_error))
         raise
     try:
-        await state.enqueuer.enqueue([r.id for r in records])
+        ids = [r.id for r in records]
+        await state.enqueuer.enqueue(ids, queued_ms(records[0]) if records else 0)
     except EnqueueError as e:
         log.error("tasks.enqueue_failed", tenant=tenant, n=len(records), error=str(e))
         await store.fail_tasks(records, "the queue refused the task; submit it again")

@@ -17,6 +17,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from agent.errors import ActfleetError
 from agent.events import Event, EventType
@@ -27,6 +30,32 @@ from store.records import RecordError, TaskRecord, new_task_id
 from store.scripts import FINISH, finish_call
 
 WRITE_CHUNK = 500  # tasks per MULTI/EXEC when submitting
+SOCKET_TIMEOUT_S = 5.0  # a command that gets no reply for this long fails
+STREAM_READ_MARGIN_S = 10.0  # a blocking read's socket waits this much past its block time
+
+
+def connect(url: str, *, block_s: float = 0.0) -> aioredis.Redis:
+    """The API's client for ``url``.
+
+    A command that meets a dead connection is sent once more, on a new one: after a
+    Redis restart every pooled connection is dead, and without this the first request
+    on each of them would fail. Only connection errors are retried, not timeouts (a
+    command that timed out may have run). ``block_s``: the longest blocking read this
+    client does (``XREAD BLOCK``); its socket timeout must outlast it, or redis-py
+    aborts the read as a timeout while Redis is merely waiting for data.
+    """
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=max(SOCKET_TIMEOUT_S, block_s + STREAM_READ_MARGIN_S),
+        socket_connect_timeout=SOCKET_TIMEOUT_S,
+        retry=Retry(
+            ExponentialBackoff(cap=0.5, base=0.05),
+            retries=1,
+            supported_errors=(RedisConnectionError,),
+        ),
+    )
+
 
 # RESERVE: take n slots of a tenant's active-task budget, or none.
 # KEYS: 1 tenant active counter. ARGV: 1 n, 2 limit.
@@ -117,14 +146,17 @@ class AsyncStore:
         ]
 
     async def write_tasks(self, records: Sequence[TaskRecord]) -> None:
-        """Store records, index entries and ``task.queued`` events; batch ids are appended
-        to their batch's task list in order. Slots must have been reserved."""
+        """Store records, index entries (the tenant's, and the queued index with
+        ``queued_ms``, the push time their messages carry) and ``task.queued`` events;
+        batch ids are appended to their batch's task list in order. Slots must have been
+        reserved."""
         for start in range(0, len(records), WRITE_CHUNK):
             chunk = records[start : start + WRITE_CHUNK]
             pipe = self.client.pipeline(transaction=True)
             for rec in chunk:
                 pipe.hset(self.keys.task(rec.id), mapping=rec.to_hash())  # type: ignore[arg-type]
                 pipe.zadd(self.keys.tenant_tasks(rec.tenant), {rec.id: rec.created_at})
+                pipe.zadd(self.keys.queued, {rec.id: queued_ms(rec)})
                 pipe.xadd(
                     self.keys.events(rec.id),
                     {"e": queued_event(rec).to_json()},
@@ -268,6 +300,11 @@ class AsyncStore:
             keys, args = self._finish_queued_call(rec.id, rec.tenant, rec.batch_id, result)
             await self._finish(keys=keys, args=args, client=pipe)
         await pipe.execute()
+
+
+def queued_ms(rec: TaskRecord) -> int:
+    """A new task's score in the queued index, and the push time its message carries."""
+    return int(rec.created_at * 1000)
 
 
 def queued_event(rec: TaskRecord) -> Event:

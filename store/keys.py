@@ -6,6 +6,12 @@ Layout (``{p}`` is the configurable prefix, ``af`` by default)::
     {p}:events:{id}            stream  the task's events; entry field "e" = Event JSON
     {p}:lease:{id}             string  "{worker_id}/{attempt}" with a TTL: who runs it now
     {p}:running                zset    task id -> lease expiry (unix ms); the sweeper's index
+    {p}:queued                 zset    task id -> when its latest message was pushed (unix
+                                       ms), while it waits for a worker: the index the
+                                       sweeper finds lost messages in (CLAIM removes it)
+    {p}:queue:taken_ms         string  the latest push time (unix ms) of a message a worker
+                                       has taken: the queue is FIFO, so a message pushed
+                                       well before it should have been taken too
     {p}:tenant:{t}:tasks       zset    task id -> created_at; GET /v1/tasks
     {p}:tenant:{t}:active      string  count of the tenant's non-terminal tasks
     {p}:batch:{id}             hash    the batch record
@@ -25,8 +31,12 @@ Layout (``{p}`` is the configurable prefix, ``af`` by default)::
     {p}:tenant:{t}:whsec       hash    the tenant's signing secrets: current, previous,
                                        previous_until (unix s), rotated_at
     {p}:tenant:{t}:webhooks:disabled  hash  endpoint URL -> when it answered 410 Gone
+    {p}:workers                zset    worker id -> its last heartbeat (unix s): who to read
+                                       the status of (entries older than WORKER_TTL_S are
+                                       gone workers; readers trim them)
     {p}:worker:{id}            string  a worker's heartbeat, with a TTL: JSON status
-                                       {"leases": n, "pool_idle": n}
+                                       {"leases": n, "pool_idle": n, "consumer": "ok" or
+                                       "stalled", "draining": bool}
     {p}:gate:{{s}}              hash    one model server's gate; ``s`` is a digest of its base
                                        URL, in literal braces (a hash tag: one cluster slot):
                                        v = version (bumped by every write), limit = the
@@ -75,6 +85,14 @@ class Keys:
     def running(self) -> str:
         return f"{self.prefix}:running"
 
+    @property
+    def queued(self) -> str:
+        return f"{self.prefix}:queued"
+
+    @property
+    def queue_taken(self) -> str:
+        return f"{self.prefix}:queue:taken_ms"
+
     def tenant_tasks(self, tenant: str) -> str:
         return f"{self.prefix}:tenant:{tenant}:tasks"
 
@@ -98,6 +116,10 @@ class Keys:
 
     def gate(self, server_id: str) -> str:
         return f"{self.prefix}:gate:{{{server_id}}}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
 
     @property
     def apikeys(self) -> str:

@@ -96,8 +96,16 @@ def make_celery(
     return app
 
 
-def enqueue(app: Celery, task_id: str) -> None:
-    app.send_task(keys.RUN_TASK, args=[task_id], queue=keys.TASK_QUEUE)
+def enqueue(app: Celery, task_id: str, enqueued_ms: int) -> None:
+    """Push a ``run_task`` message for ``task_id``; ``enqueued_ms`` (unix ms) is the push
+    time recorded in the queued index (``store.keys``), carried so that the worker that
+    takes the message can tell how far the FIFO queue has moved."""
+    app.send_task(
+        keys.RUN_TASK,
+        args=[task_id],
+        kwargs={"enqueued_ms": enqueued_ms},
+        queue=keys.TASK_QUEUE,
+    )
 
 
 # -- bulk enqueue ---------------------------------------------------------------------------
@@ -115,11 +123,12 @@ _ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
 BULK_CHUNK = 1000  # messages per LPUSH
 
 
-def run_task_message(task_id: str, *, origin: str = _ORIGIN) -> str:
-    """The broker message that ``send_task(RUN_TASK, args=[task_id])`` would push."""
+def run_task_message(task_id: str, enqueued_ms: int, *, origin: str = _ORIGIN) -> str:
+    """The broker message that ``enqueue(app, task_id, enqueued_ms)`` would push."""
     message_id = str(uuid.uuid4())
     args = [task_id]
-    body = json.dumps([args, {}, _EMBED]).encode()
+    kwargs = {"enqueued_ms": enqueued_ms}
+    body = json.dumps([args, kwargs, _EMBED]).encode()
     return json.dumps(
         {
             "body": base64.b64encode(body).decode(),
@@ -139,7 +148,7 @@ def run_task_message(task_id: str, *, origin: str = _ORIGIN) -> str:
                 "root_id": message_id,
                 "parent_id": None,
                 "argsrepr": repr(args),
-                "kwargsrepr": "{}",
+                "kwargsrepr": repr(kwargs),
                 "origin": origin,
                 "ignore_result": None,
                 "replaced_task_nesting": 0,
@@ -158,12 +167,12 @@ def run_task_message(task_id: str, *, origin: str = _ORIGIN) -> str:
     )
 
 
-def run_task_pushes(task_ids: Sequence[str]) -> list[tuple[str, list[str]]]:
+def run_task_pushes(task_ids: Sequence[str], enqueued_ms: int) -> list[tuple[str, list[str]]]:
     """``(queue, messages)`` LPUSH arguments that enqueue ``task_ids`` in order.
 
     kombu's Redis consumers pop from the list's tail, and LPUSH pushes its arguments onto
     the head one by one, so the first id given is the first one a worker takes."""
-    messages = [run_task_message(t) for t in task_ids]
+    messages = [run_task_message(t, enqueued_ms) for t in task_ids]
     return [
         (keys.TASK_QUEUE, messages[start : start + BULK_CHUNK])
         for start in range(0, len(messages), BULK_CHUNK)

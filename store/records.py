@@ -45,6 +45,12 @@ class TaskRecord:
     finished_at: float | None = None
     cancel_requested: bool = False
     result: Result | None = None
+    handbacks: int = 0  # attempts a stopping worker handed back (they use no attempt budget)
+
+    @property
+    def attempts_used(self) -> int:
+        """Attempts that count against ``max_attempts``."""
+        return self.attempt - self.handbacks
 
     def to_hash(self) -> dict[str, str]:
         """All fields as strings, for HSET. Absent optionals are omitted."""
@@ -93,6 +99,7 @@ class TaskRecord:
                     if d.get("result")
                     else None
                 ),
+                handbacks=int(d.get("handbacks", "0")),
             )
         except (KeyError, ValueError, TypeError, ActfleetError) as e:
             raise RecordError(f"malformed task record {d.get('id', '?')}: {e!r}") from e

@@ -130,18 +130,31 @@ def finish_call(
 
 # CLAIM: take a delivered task, unless it is finished or someone holds a live lease; and,
 # for an attempt within ARGV[6], append its task.started event (turn: the checkpoint's; data:
-# the worker, whether it resumes), so a task's start costs one round trip.
-# KEYS: 1 task hash, 2 lease, 3 running zset, 4 events stream
+# the worker, whether it resumes), so a task's start costs one round trip. A delivery also
+# moves the queue's taken mark to its message's push time (ARGV[8]; 0 = not known), and a
+# claimed task leaves the queued index.
+# KEYS: 1 task hash, 2 lease, 3 running zset, 4 events stream, 5 queued zset, 6 taken mark
 # ARGV: 1 worker id, 2 now (unix s), 3 lease ttl ms, 4 lease expiry (unix ms), 5 task id,
-#       6 max attempts (0: append no event), 7 stream maxlen
+#       6 max attempts (0: append no event), 7 stream maxlen, 8 message push time (unix ms)
 # Returns: {attempt, checkpoint or "", seq (after the started event), started_at, the record
 #          after the claim (HGETALL)} on success; {0, reason} when the delivery must be
 #          dropped (reason: "missing", "terminal", "duplicate").
 CLAIM = """
+local pushed = tonumber(ARGV[8])
+if pushed > 0 and pushed > tonumber(redis.call('GET', KEYS[6]) or '0') then
+  redis.call('SET', KEYS[6], ARGV[8])
+end
 local st = redis.call('HGET', KEYS[1], 'status')
-if not st then return {0, 'missing'} end
-if st ~= 'queued' and st ~= 'running' then return {0, 'terminal'} end
+if not st then
+  redis.call('ZREM', KEYS[5], ARGV[5])
+  return {0, 'missing'}
+end
+if st ~= 'queued' and st ~= 'running' then
+  redis.call('ZREM', KEYS[5], ARGV[5])
+  return {0, 'terminal'}
+end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {0, 'duplicate'} end
+redis.call('ZREM', KEYS[5], ARGV[5])
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('SET', KEYS[2], ARGV[1] .. '/' .. attempt, 'PX', ARGV[3])
 local started = redis.call('HGET', KEYS[1], 'started_at')
@@ -153,7 +166,8 @@ redis.call('HSET', KEYS[1], 'status', 'running', 'worker', ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 local cp = redis.call('HGET', KEYS[1], 'checkpoint') or ''
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-if attempt <= tonumber(ARGV[6]) then
+local handbacks = tonumber(redis.call('HGET', KEYS[1], 'handbacks') or '0')
+if attempt - handbacks <= tonumber(ARGV[6]) then
   local turn, resumed = 0, 'false'
   if cp ~= '' then turn, resumed = cjson.decode(cp)['turn'] or 0, 'true' end
   local event = '{"type":"task.started","turn":' .. string.format('%d', turn)
@@ -170,9 +184,12 @@ return {attempt, cp, seq, started, redis.call('HGETALL', KEYS[1])}
 # A lease that vanished (Redis restarted and lost the last second of writes, or paused
 # longer than the TTL) is taken back while the record still says this attempt runs and
 # no one else claimed it in between.
+# An attempt that ended by its own hand (it finished the task, or released it) is not a
+# lost lease: a renewal racing with that end says "ended", so nobody warns about it.
 # KEYS: 1 task hash, 2 lease, 3 running zset
 # ARGV: 1 owner, 2 lease ttl ms, 3 lease expiry (unix ms), 4 task id, 5 attempt
-# Returns: {1 if the lease is held (0 if lost), cancel_requested "1"/"0"}
+# Returns: {1 if the lease is held, 0 if lost, 2 if the task is finished or this owner
+#          released it; cancel_requested "1"/"0"}
 RENEW = """
 local cancel = redis.call('HGET', KEYS[1], 'cancel_requested') or '0'
 local cur = redis.call('GET', KEYS[2])
@@ -181,12 +198,14 @@ if cur == ARGV[1] then
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
   return {1, cancel}
 end
-if not cur and redis.call('HGET', KEYS[1], 'status') == 'running'
-   and redis.call('HGET', KEYS[1], 'attempt') == ARGV[5] then
+local st = redis.call('HGET', KEYS[1], 'status')
+if not cur and st == 'running' and redis.call('HGET', KEYS[1], 'attempt') == ARGV[5] then
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
   redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
   return {1, cancel}
 end
+if st and st ~= 'queued' and st ~= 'running' then return {2, cancel} end
+if redis.call('HGET', KEYS[1], 'released_by') == ARGV[1] then return {2, cancel} end
 return {0, cancel}
 """
 
@@ -217,15 +236,36 @@ return id
 RELEASE = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('HSET', KEYS[1], 'status', 'queued', 'released_by', ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 return 1
 """
 
+# HANDBACK: a worker that stops gives a task it has not finished back to the queue, at its
+# checkpoint: lease gone, status queued, from the running index to the queued one with
+# push time ARGV[3] (the caller pushes the message), and counted in "handbacks". An
+# attempt handed back is not a failure: the attempt budget (max_attempts) counts
+# attempt - handbacks, so a rolling restart never exhausts a task.
+# KEYS: 1 task hash, 2 lease, 3 running zset, 4 queued zset
+# ARGV: 1 owner, 2 task id, 3 now (unix ms)
+# Returns: 1 handed back; 0 fenced out (finished meanwhile, or no longer this owner's).
+HANDBACK = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'released_by', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'handbacks', 1)
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
+return 1
+"""
+
 # SWEEP: deal with one task whose lease expired (its worker died or stalled).
-# KEYS: 1 task hash, 2 lease, 3 running zset
-# ARGV: 1 now (unix ms), 2 max attempts, 3 task id, 4 sweeper id, 5 lease ttl ms
-# Returns: "requeue" (status back to queued, out of the index: enqueue a new message),
+# KEYS: 1 task hash, 2 lease, 3 running zset, 4 queued zset
+# ARGV: 1 expired before (unix ms), 2 max attempts (of attempt - handbacks, see HANDBACK),
+#       3 task id, 4 sweeper id, 5 lease ttl ms,
+#       6 now (unix ms): the new message's push time, its score in the queued index
+# Returns: "requeue" (status back to queued, from the running index to the queued one:
+#          enqueue a new message),
 #          "exhausted" (the sweeper now holds the lease as ARGV[4]/attempt: FINISH it as
 #          error/worker_lost), or "skip" (it is not expired after all, or already done).
 SWEEP = """
@@ -238,11 +278,34 @@ if st ~= 'queued' and st ~= 'running' then
   return 'skip'
 end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
-if attempt >= tonumber(ARGV[2]) then
+local handbacks = tonumber(redis.call('HGET', KEYS[1], 'handbacks') or '0')
+if attempt - handbacks >= tonumber(ARGV[2]) then
   redis.call('SET', KEYS[2], ARGV[4] .. '/' .. attempt, 'PX', ARGV[5])
   return 'exhausted'
 end
 redis.call('ZREM', KEYS[3], ARGV[3])
+redis.call('ZADD', KEYS[4], ARGV[6], ARGV[3])
 redis.call('HSET', KEYS[1], 'status', 'queued')
 return 'requeue'
 """
+
+# REQUEUE_LOST: one queued task that the sweeper found to have lost its message (see
+# ``TaskStore.requeue_lost``): still queued, no lease, and its index score (its latest
+# message's push time) not after ARGV[2]. It then gets a new message: its score becomes
+# ARGV[3], so no other sweeper pushes one too, and the next look at it waits for that
+# message. An entry for a task that is gone, running or finished just leaves the index.
+# KEYS: 1 task hash, 2 lease, 3 queued zset
+# ARGV: 1 task id, 2 lost if pushed no later than (unix ms), 3 now (unix ms)
+# Returns: "requeue" (push a message with push time ARGV[3]) or "skip".
+REQUEUE_LOST = """
+local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return 'skip' end
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued'
+   or redis.call('EXISTS', KEYS[2]) == 1 then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return 'skip'
+end
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+return 'requeue'
+"""
+

@@ -66,12 +66,21 @@ class Dropped:
 class LeaseState:
     held: bool
     cancel_requested: bool
+    ended: bool = False  # not held because this attempt finished or released the task
 
 
 @dataclass(frozen=True, slots=True)
 class SweepOutcome:
-    requeue: tuple[str, ...] = ()  # enqueue a new message for each
+    requeue: tuple[str, ...] = ()  # enqueue a new message for each, pushed at enqueued_ms
     exhausted: tuple[tuple[str, str], ...] = ()  # (task id, sweeper owner): finish them
+    enqueued_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LostMessages:
+    requeue: tuple[str, ...]  # enqueue a new message for each, pushed at enqueued_ms
+    enqueued_ms: int
+    queue_empty: bool  # the queue was empty at this look (pass it to the next one)
 
 
 class TaskStore:
@@ -99,6 +108,8 @@ class TaskStore:
         self._release = client.register_script(scripts.RELEASE)
         self._sweep = client.register_script(scripts.SWEEP)
         self._finish = client.register_script(scripts.FINISH)
+        self._requeue_lost = client.register_script(scripts.REQUEUE_LOST)
+        self._handback = client.register_script(scripts.HANDBACK)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -137,16 +148,27 @@ class TaskStore:
 
     # -- transitions ---------------------------------------------------------------------
 
-    def claim(self, task_id: str, worker_id: str, max_attempts: int = 0) -> Claim | Dropped:
+    def claim(
+        self, task_id: str, worker_id: str, max_attempts: int = 0, enqueued_ms: int | None = None
+    ) -> Claim | Dropped:
         """Take the lease for a delivery of ``task_id`` (attempt + 1), or say why not.
 
         An attempt within ``max_attempts`` also gets its ``task.started`` event appended
-        (``Claim.seq`` counts it); one beyond gets none, to be finished as exhausted."""
+        (``Claim.seq`` counts it); one beyond gets none, to be finished as exhausted.
+        ``enqueued_ms``: when the delivered message was pushed (it moves the queue's taken
+        mark, see ``requeue_lost``); None when the message does not say."""
         k = self.keys
         now = self.clock()
         out = self._patient(
             lambda: self._claim(
-                keys=[k.task(task_id), k.lease(task_id), k.running, k.events(task_id)],
+                keys=[
+                    k.task(task_id),
+                    k.lease(task_id),
+                    k.running,
+                    k.events(task_id),
+                    k.queued,
+                    k.queue_taken,
+                ],
                 args=[
                     worker_id,
                     repr(now),
@@ -155,6 +177,7 @@ class TaskStore:
                     task_id,
                     max_attempts,
                     self.stream_maxlen,
+                    int(enqueued_ms or 0),
                 ],
             )
         )
@@ -192,7 +215,9 @@ class TaskStore:
 
         replies = self._patient(op)
         return {
-            task_id: LeaseState(held=int(rep[0]) == 1, cancel_requested=_s(rep[1]) == "1")
+            task_id: LeaseState(
+                held=int(rep[0]) == 1, cancel_requested=_s(rep[1]) == "1", ended=int(rep[0]) == 2
+            )
             for (task_id, _, _), rep in zip(items, replies, strict=True)
         }
 
@@ -227,6 +252,20 @@ class TaskStore:
             )
         )
         return int(out) == 1
+
+    def hand_back(self, task_id: str, owner: str) -> int | None:
+        """Give an unfinished task back to the queue at its checkpoint, without using an
+        attempt (a worker that stops). Returns the push time (unix ms) the caller's new
+        message must carry, or None if ``owner`` is fenced out. Raises Redis errors."""
+        k = self.keys
+        now_ms = int(self.clock() * 1000)
+        # Not patient: a worker that stops while Redis is down must not wait out the
+        # patience for each task; their leases expire and a sweeper requeues them.
+        out = self._handback(
+            keys=[k.task(task_id), k.lease(task_id), k.running, k.queued],
+            args=[owner, task_id, now_ms],
+        )
+        return now_ms if int(out) == 1 else None
 
     def worker_alive(self, worker_id: str) -> bool:
         """Has ``worker_id`` sent a heartbeat within ``WORKER_TTL_S``?"""
@@ -275,9 +314,11 @@ class TaskStore:
         back to the queue or, when it used up ``max_attempts``, given to the sweeper to
         finish as ``error``/``worker_lost``."""
         k = self.keys
-        now_ms = int((self.clock() - grace_s) * 1000)
+        now = self.clock()
+        expired_ms = int((now - grace_s) * 1000)
+        now_ms = int(now * 1000)
         ids = self._patient(
-            lambda: self.r.zrangebyscore(k.running, "-inf", now_ms, start=0, num=limit)
+            lambda: self.r.zrangebyscore(k.running, "-inf", expired_ms, start=0, num=limit)
         )
         requeue: list[str] = []
         exhausted: list[tuple[str, str]] = []
@@ -286,8 +327,8 @@ class TaskStore:
 
             def op(t: str = task_id) -> Any:
                 return self._sweep(
-                    keys=[k.task(t), k.lease(t), k.running],
-                    args=[now_ms, max_attempts, t, sweeper_id, self._lease_ms()],
+                    keys=[k.task(t), k.lease(t), k.running, k.queued],
+                    args=[expired_ms, max_attempts, t, sweeper_id, self._lease_ms(), now_ms],
                 )
 
             out = _s(self._patient(op))
@@ -297,7 +338,56 @@ class TaskStore:
                 owner = self.lease_owner(task_id)
                 if owner:
                     exhausted.append((task_id, owner))
-        return SweepOutcome(tuple(requeue), tuple(exhausted))
+        return SweepOutcome(tuple(requeue), tuple(exhausted), now_ms)
+
+    def requeue_lost(
+        self, grace_s: float, queues: Iterable[str], queue_was_empty: bool, limit: int = 100
+    ) -> LostMessages:
+        """Queued tasks whose message is gone; each is given a new push time, and the
+        caller pushes its new message.
+
+        The queued index holds each waiting task with the push time of its latest message.
+        The queue is FIFO, so a message pushed more than ``grace_s`` before the latest one
+        a worker has taken (the taken mark) should have been taken as well; and with the
+        queue empty (``queues``' lists, now and at the caller's previous look:
+        ``queue_was_empty``), any message pushed more than ``grace_s`` ago should have
+        been. A task behind a backlog is neither: its message waits, and nothing pushed
+        after it was taken yet. The grace covers a message between a worker's pop and its
+        claim, and a task whose record the API wrote but whose message it has not pushed
+        yet. A message that was merely slow after all gets a duplicate, which the claim
+        drops."""
+        k = self.keys
+        names = list(queues)
+        now_ms = int(self.clock() * 1000)
+
+        def look() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            for name in names:
+                pipe.llen(name)
+            pipe.get(k.queue_taken)
+            return pipe.execute()
+
+        out = self._patient(look)
+        empty = sum(int(n) for n in out[:-1]) == 0
+        if empty and queue_was_empty:
+            cutoff = now_ms - int(grace_s * 1000)
+        else:
+            cutoff = min(now_ms, int(out[-1] or 0)) - int(grace_s * 1000)
+        ids = self._patient(
+            lambda: self.r.zrangebyscore(k.queued, "-inf", cutoff, start=0, num=limit)
+        )
+        requeue = []
+        for raw in ids:
+            task_id = _s(raw)
+
+            def op(t: str = task_id) -> Any:
+                return self._requeue_lost(
+                    keys=[k.task(t), k.lease(t), k.queued], args=[t, cutoff, now_ms]
+                )
+
+            if _s(self._patient(op)) == "requeue":
+                requeue.append(task_id)
+        return LostMessages(tuple(requeue), now_ms, empty)
 
     def events(self, task_id: str) -> list[Event]:
         """The task's stream, oldest first (tests, tools)."""
@@ -316,6 +406,7 @@ class TaskStore:
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(k.task(record.id), mapping=dict(record.to_hash()))  # type: ignore[arg-type]
         pipe.zadd(k.tenant_tasks(record.tenant), {record.id: record.created_at})
+        pipe.zadd(k.queued, {record.id: int(record.created_at * 1000)})
         pipe.incr(k.tenant_active(record.tenant))
         if record.batch_id:
             pipe.rpush(k.batch_tasks(record.batch_id), record.id)

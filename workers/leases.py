@@ -4,12 +4,16 @@ One ``Heartbeat`` per worker process renews every lease it holds in one pipeline
 trip per tick. The same round trip reads each task's cancel flag: a cancelled task, or one
 whose lease was lost, has its sandbox closed at once (an execution in flight returns within
 a couple of seconds) and its ``Lease.stopping()`` turns true, which the agent loop polls.
+A second round trip publishes the worker's status key and reads the queues' depth, which
+feeds the ``ConsumerWatch`` (``workers.health``) that tells a dead broker consumer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,9 +21,11 @@ import redis
 import structlog
 
 from agent.sandbox import Sandbox
+from store import keys
 from store.keys import WORKER_TTL_S
 from store.tasks import TaskStore
 from workers import metrics
+from workers.health import ConsumerWatch
 
 log = structlog.get_logger(__name__)
 
@@ -31,32 +37,49 @@ class Lease:
     attempt: int
     cancelled: threading.Event = field(default_factory=threading.Event)
     lost: threading.Event = field(default_factory=threading.Event)
+    handed_back: threading.Event = field(default_factory=threading.Event)  # worker stopping
     sandbox: Sandbox | None = None  # closed when the lease stops
+    _closed: bool = False
 
     def stopping(self) -> bool:
-        return self.cancelled.is_set() or self.lost.is_set()
+        return self.cancelled.is_set() or self.lost.is_set() or self.handed_back.is_set()
 
     def stop(self, why: threading.Event) -> None:
-        first = not self.stopping()
+        """Set ``why`` and close the sandbox (once), so an execution in flight returns."""
         why.set()
-        if first and self.sandbox is not None:
-            try:
-                self.sandbox.close()
-            except Exception:  # closing is best effort; the loop ends either way
-                log.exception("sandbox.close_failed", task_id=self.task_id)
+        if self._closed or self.sandbox is None:
+            return
+        self._closed = True
+        try:
+            self.sandbox.close()
+        except Exception:  # closing is best effort; the loop ends either way
+            log.exception("sandbox.close_failed", task_id=self.task_id)
 
 
 class Heartbeat:
     """Renews this process's leases every ``interval_s`` from a daemon thread."""
 
-    def __init__(self, store: TaskStore, worker_id: str, interval_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        store: TaskStore,
+        worker_id: str,
+        interval_s: float = 2.0,
+        *,
+        consumer: ConsumerWatch | None = None,
+        held: Callable[[], int] = lambda: 0,
+        slots: int = 1,
+    ) -> None:
         self.store = store
         self.worker_id = worker_id
         self.interval_s = interval_s
+        self.consumer = consumer
+        self.held = held  # messages the consumer holds now (running or about to run)
+        self.slots = slots  # how many it may hold
         self._leases: dict[str, Lease] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.last_ok: float | None = None  # monotonic time of the last tick Redis answered
         # extra facts for the worker's status key (e.g. the warm pool's size)
         self.status: Callable[[], dict[str, object]] = dict
 
@@ -78,9 +101,16 @@ class Heartbeat:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop beating and withdraw the status key: this worker is gone."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        # Best effort: the key expires within WORKER_TTL_S anyway.
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            pipe = self.store.r.pipeline(transaction=False)
+            pipe.delete(self.store.keys.worker(self.worker_id))
+            pipe.zrem(self.store.keys.workers, self.worker_id)
+            pipe.execute()
 
     def beat(self) -> None:
         """One tick: renew leases, apply cancel requests, publish liveness and gauges."""
@@ -88,7 +118,7 @@ class Heartbeat:
         states = self.store.renew((le.task_id, le.owner, le.attempt) for le in leases)
         for lease in leases:
             state = states.get(lease.task_id)
-            if state is None:
+            if state is None or state.ended:  # it just finished or was released: not lost
                 continue
             if not state.held and not lease.lost.is_set():
                 log.warning("lease.lost", task_id=lease.task_id, owner=lease.owner)
@@ -96,12 +126,26 @@ class Heartbeat:
             elif state.cancel_requested and not lease.cancelled.is_set():
                 log.info("task.cancel_seen", task_id=lease.task_id)
                 lease.stop(lease.cancelled)
-        r = self.store.r
-        pipe = r.pipeline(transaction=False)
-        status = json.dumps({"leases": len(leases), **self.status()})
-        pipe.set(self.store.keys.worker(self.worker_id), status, ex=int(WORKER_TTL_S))
+        pipe = self.store.r.pipeline(transaction=False)
+        for name in metrics.queue_names(keys.TASK_QUEUE):
+            pipe.llen(name)
+        depths = [int(n) for n in pipe.execute()]
+        metrics.QUEUE_DEPTH.set(sum(depths))
+        status = {"leases": len(leases), **self.status()}
+        if self.consumer is not None:
+            self.consumer.observe(queued=sum(depths), held=self.held(), slots=self.slots)
+            status["consumer"] = self.consumer.state
+        k = self.store.keys
+        pipe = self.store.r.pipeline(transaction=False)
+        pipe.set(k.worker(self.worker_id), json.dumps(status), ex=int(WORKER_TTL_S))
+        pipe.zadd(k.workers, {self.worker_id: time.time()})
         pipe.execute()
-        metrics.QUEUE_DEPTH.set(metrics.queue_depth(lambda n: int(r.llen(n))))
+        self.last_ok = time.monotonic()
+
+    def redis_ok(self) -> bool:
+        """Did Redis answer a tick recently?"""
+        last = self.last_ok
+        return last is not None and time.monotonic() - last < max(3 * self.interval_s, 10.0)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):

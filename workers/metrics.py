@@ -22,7 +22,6 @@ from prometheus_client import (
     Histogram,
     generate_latest,
     multiprocess,
-    start_http_server,
 )
 
 from store import keys
@@ -131,22 +130,21 @@ def render() -> tuple[bytes, str]:
     return generate_latest(registry()), CONTENT_TYPE_LATEST
 
 
-def serve(port: int, host: str = "0.0.0.0") -> None:
-    """Serve ``/metrics`` from a daemon thread."""
-    start_http_server(port, addr=host, registry=registry())
-
-
 def mark_process_dead(pid: int) -> None:
     """Drop a dead process's live gauges (call from a supervisor when a child exits)."""
     if multiprocess_dir():
         multiprocess.mark_process_dead(pid)
 
 
+def queue_names(queue: str = keys.TASK_QUEUE) -> list[str]:
+    """The Redis lists that hold ``queue``'s messages: kombu's priority sub-queues."""
+    sep = "\x06\x16"
+    return [queue] + [f"{queue}{sep}{p}" for p in (3, 6, 9)]
+
+
 def queue_depth(llen: Callable[[str], int]) -> int:
     """Messages waiting in the task queue, over kombu's priority sub-queues."""
-    sep = "\x06\x16"
-    names = [keys.TASK_QUEUE] + [f"{keys.TASK_QUEUE}{sep}{p}" for p in (3, 6, 9)]
-    return sum(llen(n) for n in names)
+    return sum(llen(n) for n in queue_names())
 
 
 class Running:

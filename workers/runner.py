@@ -16,7 +16,9 @@ the delay). Exactly once, in effect:
 
 Agent failures are results, never retried. ``InfrastructureError`` is retried with backoff
 until ``max_attempts``; then the task ends ``error``. A lost lease or a cancel request
-closes the sandbox and stops the loop at its next check.
+closes the sandbox and stops the loop at its next check. So does a hand-back (the worker
+is stopping, see ``WorkerRuntime.drain``): the task went back to the queue at its
+checkpoint, and this attempt ends without writing anything more.
 """
 
 from __future__ import annotations
@@ -97,10 +99,11 @@ class Runner:
         self.on_finished = on_finished
         self.sandbox_closer = sandbox_closer
 
-    def run(self, task_id: str) -> Done | RetryAfter:
+    def run(self, task_id: str, enqueued_ms: int | None = None) -> Done | RetryAfter:
+        """Run one delivery of ``task_id``, whose message was pushed at ``enqueued_ms``."""
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(task_id=task_id, worker=self.worker_id)
-        claim = self.store.claim(task_id, self.worker_id, self.settings.max_attempts)
+        claim = self.store.claim(task_id, self.worker_id, self.settings.max_attempts, enqueued_ms)
         if isinstance(claim, Dropped):
             log.info("delivery.dropped", reason=claim.reason)
             metrics.DELIVERIES_DROPPED.labels(claim.reason).inc()
@@ -114,6 +117,9 @@ class Runner:
             with metrics.Running():
                 return self._run_claimed(claim, lease)
         except Fenced:
+            if lease.handed_back.is_set():
+                log.info("task.handed_back")
+                return Done("handed_back")
             return self._fenced(claim)
         except Regressed:
             log.warning("task.state_regressed")
@@ -143,14 +149,15 @@ class Runner:
     def _run_claimed(self, claim: Claim, lease: Lease) -> Done | RetryAfter:
         record, attempt = claim.record, claim.attempt
         metrics.TASKS_STARTED.inc()
-        if attempt > self.settings.max_attempts:
+        used = record.attempts_used  # hand-backs by stopping workers use no attempt
+        if used > self.settings.max_attempts:
             log.error("task.attempts_exhausted", max_attempts=self.settings.max_attempts)
             return self._finish(
                 claim,
                 self._error(
                     claim,
                     FailureClass.WORKER_LOST,
-                    f"the task's worker was lost {attempt - 1} times",
+                    f"the task's worker was lost {used - 1} times",
                 ),
             )
         resume = Checkpoint.from_dict(claim.checkpoint) if claim.checkpoint else None
@@ -197,6 +204,12 @@ class Runner:
             raise
         if lease.lost.is_set():
             raise Fenced
+        if (
+            lease.handed_back.is_set()
+            and not lease.cancelled.is_set()
+            and result.status is Status.CANCELLED
+        ):
+            raise Fenced  # it stopped because it was handed back: the next attempt goes on
         result = self._with_timings(claim, result, sandbox)
         return self._finish(claim, result, (last.event, seq + 1) if last else None)
 
@@ -230,7 +243,7 @@ class Runner:
         self, claim: Claim, lease: Lease, e: InfrastructureError, seq: int, turn: int
     ) -> Done | RetryAfter:
         fc = FailureClass.of_fault(e)
-        if lease.lost.is_set():  # the fault is the sandbox we closed on purpose
+        if lease.lost.is_set() or lease.handed_back.is_set():  # we closed the sandbox
             raise Fenced
         if lease.cancelled.is_set():
             return self._finish(
@@ -239,7 +252,7 @@ class Runner:
                     self._error(claim, FailureClass.CANCELLED, "cancelled"), status=Status.CANCELLED
                 ),
             )
-        if not e.retryable or claim.attempt >= self.settings.max_attempts:
+        if not e.retryable or claim.record.attempts_used >= self.settings.max_attempts:
             log.error("task.infra_failed", failure=fc.value, error=repr(e))
             return self._finish(claim, self._error(claim, fc, str(e)))
         delay = retry_backoff_s(

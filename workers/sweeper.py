@@ -1,12 +1,19 @@
-"""Recovering tasks whose worker died, from any live worker.
+"""Recovering tasks whose worker died, or whose message was lost, from any live worker.
 
 The broker's visibility timeout is long (it must exceed the longest task), so a dead
 worker's message would sit unacknowledged for hours. Instead, a task's lease expires within
 ``LEASE_TTL_S`` of its last heartbeat, and every live worker runs a ``Sweeper`` that, every
 ``interval_s``, hands such tasks back to the queue (a new message; the new attempt resumes
 from the last checkpoint) or, once they used up ``max_attempts``, finishes them as
-``error``/``worker_lost``. The Lua script makes each decision once, whichever worker
-sweeps first.
+``error``/``worker_lost``.
+
+A queued task can lose its message too (a Redis crash right after it was accepted, a
+worker killed between popping a message and claiming it, a message deleted by hand). The
+same sweep gives such a task a new message once its message should have been taken
+(``TaskStore.requeue_lost``): the queue is FIFO, so that is when a message pushed more
+than ``queued_grace_s`` later was taken, or when the queue has been empty for that long.
+A task waiting behind a backlog is never pushed twice. The Lua scripts make each decision
+once, whichever worker sweeps first.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import structlog
 
 from agent.loop import finished_event
 from agent.models import FailureClass, Result, Status, Timings
+from store import keys
 from store.tasks import TaskStore
 from workers import metrics
 
@@ -33,18 +41,21 @@ class Sweeper:
         worker_id: str,
         *,
         max_attempts: int,
-        enqueue: Callable[[str], None],
+        enqueue: Callable[[str, int], None],
         on_finished: Callable[[str], None] = lambda task_id: None,
         interval_s: float = 5.0,
         grace_s: float = 10.0,
+        queued_grace_s: float = 60.0,
     ) -> None:
         self.store = store
         self.worker_id = worker_id
         self.max_attempts = max_attempts
-        self.enqueue = enqueue
+        self.enqueue = enqueue  # (task id, push time in unix ms)
         self.on_finished = on_finished
         self.interval_s = interval_s
         self.grace_s = grace_s
+        self.queued_grace_s = queued_grace_s
+        self._queue_was_empty = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -63,10 +74,18 @@ class Sweeper:
         for task_id in out.requeue:
             log.warning("task.requeued", task_id=task_id, reason="lease_expired")
             metrics.TASKS_RETRIED.labels("lease_expired").inc()
-            self.enqueue(task_id)
+            self.enqueue(task_id, out.enqueued_ms)
         for task_id, owner in out.exhausted:
             self._give_up(task_id, owner)
-        return len(out.requeue) + len(out.exhausted)
+        lost = self.store.requeue_lost(
+            self.queued_grace_s, metrics.queue_names(keys.TASK_QUEUE), self._queue_was_empty
+        )
+        self._queue_was_empty = lost.queue_empty
+        for task_id in lost.requeue:
+            log.warning("task.requeued", task_id=task_id, reason="message_lost")
+            metrics.TASKS_RETRIED.labels("message_lost").inc()
+            self.enqueue(task_id, lost.enqueued_ms)
+        return len(out.requeue) + len(out.exhausted) + len(lost.requeue)
 
     def _give_up(self, task_id: str, owner: str) -> None:
         record = self.store.get(task_id)

@@ -29,10 +29,10 @@ def register_tasks(app: Celery, runtime: Callable[[], WorkerRuntime]) -> None:
         max_retries=None,
         ignore_result=True,
     )
-    def run_task(self: Task, task_id: str) -> str:
+    def run_task(self: Task, task_id: str, enqueued_ms: int | None = None) -> str:
         from workers.runner import RetryAfter
 
-        outcome = runtime().runner.run(task_id)
+        outcome = runtime().runner.run(task_id, enqueued_ms)
         if isinstance(outcome, RetryAfter):
             raise self.retry(countdown=outcome.delay_s)
         return outcome.reason

@@ -2,8 +2,18 @@
 
 ``WorkerRuntime`` owns what lives as long as the process: the Redis client, the model
 client (and its gate, with ``ACTFLEET_MODEL_MAX_INFLIGHT``), the sandbox provider, the
-heartbeat and sweeper threads, the metrics server. Its constructor does no I/O;
-``start()`` (on Celery's ``worker_ready``) does.
+heartbeat, sweeper and webhook delivery threads, the health and metrics server. Its
+constructor does no I/O; ``start()`` (on Celery's ``worker_ready``) does.
+
+Health: a ``ConsumerWatch`` fed by the heartbeat tells a dead broker consumer (messages
+waiting, free slots, nothing received for ``worker_consumer_stall_s``); the status key
+and ``/healthz`` say so, and with ``worker_exit_on_stall`` the worker then stops and
+exits with ``EXIT_CONSUMER_STALLED`` so that its supervisor starts a fresh one.
+
+Stopping (SIGTERM, or a dead consumer): Celery's warm shutdown stops the consumer, so
+the worker takes no new task, and ``workers.shutdown.Drain`` gives the running ones
+``worker_shutdown_grace_s`` to finish before it hands them back, so the process exits
+soon after, with status 0 (or ``EXIT_CONSUMER_STALLED``).
 
 Run it with ``actfleet worker`` (or ``run_worker(settings)``).
 """
@@ -21,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 import structlog
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import task_received, worker_ready, worker_shutdown, worker_shutting_down
+from celery.worker import state as celery_state
 
 from actfleet.heap import freeze_startup_heap
 from actfleet.settings import Settings
@@ -33,12 +44,14 @@ from workers import metrics
 from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
 from workers.gateplan import GateConfig
 from workers.gatestore import RedisGateStore, server_id, server_label
+from workers.health import ConsumerWatch, HealthServer
 from workers.leases import Heartbeat
 from workers.lull import LullExecutor
 from workers.modelgate import ModelGate
 from workers.runner import Runner
 from workers.sandbox import bwrap_dirs, make_provider
 from workers.sandbox.reaper import Reaper
+from workers.shutdown import Drain
 from workers.sweeper import Sweeper
 from workers.webhook_delivery import DeliveryPolicy, WebhookDeliverer
 
@@ -56,6 +69,7 @@ def redis_client(url: str) -> redis.Redis:
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005
+EXIT_CONSUMER_STALLED = 3  # the process's exit status when it stopped for a dead consumer
 
 
 class WorkerRuntime:
@@ -64,9 +78,27 @@ class WorkerRuntime:
         self.app = app
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.store = TaskStore(
-            redis_client(settings.redis_url or DEFAULT_REDIS_URL), Keys(settings.key_prefix)
+            redis_client(settings.redis_url or DEFAULT_REDIS_URL),
+            Keys(settings.key_prefix),
+            patience_s=settings.redis_patience_s,
         )
-        self.heartbeat = Heartbeat(self.store, self.worker_id, interval_s=2.0)
+        self.consumer = ConsumerWatch(settings.worker_consumer_stall_s, on_stall=self._stalled)
+        self.heartbeat = Heartbeat(
+            self.store,
+            self.worker_id,
+            interval_s=2.0,
+            consumer=self.consumer,
+            held=lambda: len(celery_state.reserved_requests),
+            slots=settings.worker_concurrency,
+        )
+        self.exit_code = 0
+        self._health: HealthServer | None = None
+        self._drain = Drain(
+            self.store,
+            self.heartbeat,
+            lambda task_id, enqueued_ms: enqueue(app, task_id, enqueued_ms),
+            settings.worker_shutdown_grace_s,
+        )
         self.webhooks = WebhookDeliverer(
             WebhookOutbox(self.store.r, self.store.keys),
             self.store.get,
@@ -77,9 +109,10 @@ class WorkerRuntime:
             self.store,
             self.worker_id,
             max_attempts=settings.max_attempts,
-            enqueue=lambda task_id: enqueue(app, task_id),
+            enqueue=lambda task_id, enqueued_ms: enqueue(app, task_id, enqueued_ms),
             on_finished=lambda task_id: self.webhooks.wake(),
             interval_s=HEARTBEAT_INTERVAL_S,
+            queued_grace_s=settings.queued_grace_s,
         )
         self._runner: Runner | None = None
         self._reaper: Reaper | None = None
@@ -135,7 +168,9 @@ class WorkerRuntime:
 
     def start(self) -> None:
         if self.settings.worker_metrics_port:
-            metrics.serve(self.settings.worker_metrics_port)
+            self._health = HealthServer(
+                self.settings.worker_metrics_port, self.health, metrics.registry()
+            ).start()
         self.runner  # noqa: B018  build the model client and sandbox provider up front
         self.heartbeat.start()  # first, so this worker counts as alive for every reaper
         if self._gate is not None:
@@ -169,16 +204,58 @@ class WorkerRuntime:
         log.info("sandbox.reaped", containers=len(reaped))
         self._reaper.start(60.0)
 
+    def health(self) -> dict[str, object]:
+        """What ``/healthz`` and ``/readyz`` report (see ``workers.health``)."""
+        return {
+            "worker": self.worker_id,
+            "consumer": self.consumer.state,
+            "redis": "ok" if self.heartbeat.redis_ok() else "unavailable",
+            "draining": self.draining,
+            "leases": len(self.heartbeat.leases()),
+        }
+
+    @property
+    def draining(self) -> bool:
+        return self._drain.started
+
+    def drain(self, exit_code: int = 0) -> None:
+        """Start stopping (see ``workers.shutdown``); returns at once."""
+        self.consumer.suspend()  # its consumer stops on purpose now
+        self._drain.start(exit_code)
+
+    def message_received(self) -> None:
+        self.consumer.received()
+
+    def _stalled(self, waited_s: float) -> None:
+        """The consumer took nothing for ``waited_s`` while messages waited and slots were
+        free: it is dead. Say so (status key, health), and stop so a supervisor restarts
+        the worker."""
+        log.error(
+            "consumer.stalled",
+            waited_s=round(waited_s, 1),
+            exits=self.settings.worker_exit_on_stall,
+        )
+        if self.settings.worker_exit_on_stall:
+            self.exit_code = EXIT_CONSUMER_STALLED
+            self.drain(EXIT_CONSUMER_STALLED)
+            # Celery's own warm shutdown, as a SIGTERM would start it: its consumer loop
+            # checks this flag on every tick, and the process exits with this status.
+            celery_state.should_stop = EXIT_CONSUMER_STALLED
+
     def _status(self) -> dict[str, object]:
-        """What the worker's status key says besides its leases."""
+        """What the worker's status key says besides its leases and its consumer."""
+        out: dict[str, object] = {"draining": self.draining}
         provider = self.runner.provider
         if hasattr(provider, "pool_idle"):
-            return {"pool_idle": provider.pool_idle()}
-        if hasattr(provider, "pool_stats"):
-            return {"pool_idle": sum(s.idle for s in provider.pool_stats().values())}
-        return {}
+            out["pool_idle"] = provider.pool_idle()
+        elif hasattr(provider, "pool_stats"):
+            out["pool_idle"] = sum(s.idle for s in provider.pool_stats().values())
+        return out
 
     def close(self) -> None:
+        self._drain.closed()
+        if self._health is not None:
+            self._health.close()
         if self._reaper is not None:
             self._reaper.stop()
         self.sweeper.close()
@@ -210,21 +287,31 @@ def make_worker_app(settings: Settings) -> tuple[Celery, WorkerRuntime]:
     def on_shutdown(sender: object = None, **_: object) -> None:
         runtime.close()
 
+    def on_received(sender: object = None, **_: object) -> None:
+        if getattr(sender, "app", None) is app:
+            runtime.message_received()
+
+    def on_shutting_down(**_: object) -> None:
+        runtime.drain()  # SIGTERM/SIGINT: Celery stops consuming; we bound the wait
+
     worker_ready.connect(on_ready, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)
+    task_received.connect(on_received, weak=False)
+    worker_shutting_down.connect(on_shutting_down, weak=False)
     return app, runtime
 
 
-def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
-    """Run a worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown)."""
+def run_worker(settings: Settings, loglevel: str = "INFO") -> int:
+    """Run a worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown);
+    returns the exit status (0, or ``EXIT_CONSUMER_STALLED``)."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per model call is noise
     # Many agent loops share this process's GIL. Each returns from a socket wait needing the
     # GIL back, and the default 5 ms switch interval makes every such return (the consumer
     # taking a message, a model reply arriving) wait behind busy threads; 0.5 ms keeps
     # these hand-offs short at a small cost in switching.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-    app, _ = make_worker_app(settings)
-    app.worker_main(
+    app, runtime = make_worker_app(settings)
+    status = app.start(
         [
             "worker",
             "--pool=threads",
@@ -237,3 +324,4 @@ def run_worker(settings: Settings, loglevel: str = "INFO") -> None:
             f"--hostname=actfleet-{os.getpid()}@{socket.gethostname()}",
         ]
     )
+    return runtime.exit_code or int(status or 0)

@@ -66,8 +66,7 @@ def worker(args: argparse.Namespace) -> int:
     settings = settings.model_copy(update=update)
     from workers.worker import run_worker
 
-    run_worker(settings, loglevel=settings.log_level)
-    return 0
+    return run_worker(settings, loglevel=settings.log_level)
 
 
 def api(args: argparse.Namespace) -> int:

@@ -63,9 +63,11 @@ def test_the_stack_needs_no_grafana_and_the_fake_model_only_for_demos() -> None:
 def test_worker_grace_and_health() -> None:
     worker = SERVICES["worker"]
     grace_s = float(default_of(worker["environment"]["ACTFLEET_WORKER_SHUTDOWN_GRACE_S"]))
-    assert seconds(default_of(worker["stop_grace_period"])) >= grace_s + 10
+    assert (
+        seconds(default_of(worker["stop_grace_period"])) >= grace_s + 20
+    )  # the grace, 15 s for the hand-backs, a margin
     probe = " ".join(worker["healthcheck"]["test"])
-    assert "127.0.0.1:9101/healthz" in probe and "404" in probe
+    assert "127.0.0.1:9101/healthz" in probe
     assert worker["environment"]["ACTFLEET_WORKER_METRICS_PORT"] == "9101"
     assert "/readyz" in " ".join(SERVICES["api"]["healthcheck"]["test"])
     for name in ("redis", "api", "worker", "prometheus"):

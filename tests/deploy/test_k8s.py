@@ -158,7 +158,9 @@ def test_worker_grace_period_outlasts_its_shutdown_grace() -> None:
     (config,) = by_kind(docs, "ConfigMap", "actfleet-config")
     (worker,) = by_kind(docs, "Deployment", "worker")
     grace_s = float(config["data"]["ACTFLEET_WORKER_SHUTDOWN_GRACE_S"])
-    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= grace_s + 10
+    assert (
+        worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= grace_s + 20
+    )  # the grace, 15 s for the hand-backs, a margin
 
 
 def test_budgets_policies_and_scrape_annotations_select_the_real_pods() -> None:

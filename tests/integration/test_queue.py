@@ -12,7 +12,7 @@ from kombu import Connection
 
 from api.queue import EnqueueError, Enqueuer
 from store import broker, keys
-from store.queue import make_celery, run_task_message
+from store.queue import enqueue, make_celery, run_task_message
 
 # What differs from one message to the next, or names the sending process.
 _PER_MESSAGE = {"id", "root_id", "correlation_id", "delivery_tag", "origin", "reply_to"}
@@ -28,20 +28,20 @@ def _shape(message: dict) -> dict:
 
 
 def test_bulk_message_matches_what_send_task_writes(redis_url: str) -> None:
-    # given the message Celery itself writes for run_task("task_a")
+    # given the message Celery itself writes for run_task("task_a", enqueued_ms=...)
     app = make_celery(redis_url)
-    app.send_task(keys.RUN_TASK, args=["task_a"], queue=keys.TASK_QUEUE)
+    enqueue(app, "task_a", 1712345678901)
     r = redis.Redis.from_url(redis_url)
     celery_message = json.loads(r.rpop(keys.TASK_QUEUE))  # type: ignore[arg-type]
     app.close()
     # when the bulk path builds one for the same task
-    ours = json.loads(run_task_message("task_a"))
+    ours = json.loads(run_task_message("task_a", 1712345678901))
     # then they agree on every field but the per-message ids
     assert _shape(ours) == _shape(celery_message)
     assert set(ours["headers"]) == set(celery_message["headers"])
     assert set(ours["properties"]) | {"reply_to"} == set(celery_message["properties"])
     # and each message carries its own ids
-    again = json.loads(run_task_message("task_a"))
+    again = json.loads(run_task_message("task_a", 1712345678901))
     assert again["headers"]["id"] != ours["headers"]["id"]
     assert again["properties"]["delivery_tag"] != ours["properties"]["delivery_tag"]
 
@@ -52,7 +52,7 @@ def test_a_kombu_consumer_gets_every_task_once_in_submission_order(redis_url: st
 
     async def enqueue() -> None:
         client = aioredis.Redis.from_url(redis_url, decode_responses=True)
-        await Enqueuer(client).enqueue(ids)
+        await Enqueuer(client).enqueue(ids, 1712345678901)
         await client.aclose()
 
     asyncio.run(enqueue())
@@ -63,7 +63,7 @@ def test_a_kombu_consumer_gets_every_task_once_in_submission_order(redis_url: st
             message = queue.get(timeout=5)
             assert message.headers["task"] == keys.RUN_TASK
             args, kwargs, _embed = message.payload
-            assert kwargs == {}
+            assert kwargs == {"enqueued_ms": 1712345678901}
             got.append(args[0])
             message.ack()
     # then it decoded every message, in the order given
@@ -74,7 +74,7 @@ def test_an_unreachable_broker_is_an_enqueue_error() -> None:
     async def enqueue() -> None:
         client = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
         try:
-            await Enqueuer(client).enqueue(["task_x"])
+            await Enqueuer(client).enqueue(["task_x"], 1712345678901)
         finally:
             await client.aclose()
 
