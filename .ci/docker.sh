@@ -64,3 +64,15 @@ if ! "$repo/sandbox_images/build.sh" >>"$log_dir/build.log" 2>&1; then
     exit 1
 fi
 say "sandbox image ready"
+
+# 4. The compose stack's images (service, Redis, Prometheus; no registry needed), so that
+# tests/e2e/test_compose.py finds them built: a test never downloads anything.
+if [ "${ACTFLEET_SETUP_COMPOSE_IMAGES:-1}" != "0" ]; then
+    say "building the compose stack's images (log: $log_dir/compose-images.log)"
+    if ! "$repo/deploy/build-offline-images.sh" >>"$log_dir/compose-images.log" 2>&1; then
+        say "compose image build failed; last log lines:"
+        tail -n 40 "$log_dir/compose-images.log" >&2 || true
+        exit 1
+    fi
+    say "compose images ready"
+fi

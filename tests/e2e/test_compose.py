@@ -241,7 +241,9 @@ def docker(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def offline_images(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Every image the stack needs, built from local parts (seconds when up to date)."""
+    """Every image the stack needs, built from local parts. Set-up (``.ci/docker.sh``)
+    builds them before the tests; here the build only confirms they are up to date, since a
+    test may not reach a package registry (the network guard refuses it)."""
     log = tmp_path_factory.mktemp("images") / "build.log"
     with log.open("wb") as out:
         proc = subprocess.run(
@@ -251,7 +253,10 @@ def offline_images(tmp_path_factory: pytest.TempPathFactory) -> None:
             timeout=900,
         )
     if proc.returncode != 0:
-        pytest.fail(f"deploy/build-offline-images.sh failed:\n{log.read_text()[-4000:]}")
+        pytest.fail(
+            "deploy/build-offline-images.sh failed (run it, or .ci/docker.sh, before the "
+            f"tests):\n{log.read_text()[-4000:]}"
+        )
 
 
 @pytest.fixture

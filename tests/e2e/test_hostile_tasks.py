@@ -103,7 +103,7 @@ def test_a_stored_task_from_before_surrogates_were_refused_runs_and_reads_back(
     )
     r.hset(keys.task(record.id), mapping=record.to_hash())  # type: ignore[arg-type]
     r.zadd(keys.tenant_tasks("legacy"), {record.id: record.created_at})
-    for queue, messages in run_task_pushes([record.id]):
+    for queue, messages in run_task_pushes([record.id], int(time.time() * 1000)):
         r.lpush(queue, *messages)
     # When a worker takes it
     task = wait_finished(client, record.id)
