@@ -29,13 +29,16 @@ class Enqueuer:
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
 
-    async def enqueue(self, task_ids: Sequence[str], enqueued_ms: int) -> None:
-        """Queue ``task_ids`` in order, all or none (one MULTI/EXEC for every chunk);
-        ``enqueued_ms`` is their score in the queued index (``AsyncStore.write_tasks``)."""
+    async def enqueue(
+        self, task_ids: Sequence[str], enqueued_ms: int, batch_id: str | None = None
+    ) -> None:
+        """Queue ``task_ids`` (of ``batch_id``, if given) in order, all or none (one
+        MULTI/EXEC for every chunk); ``enqueued_ms`` is their score in the queued index
+        (``AsyncStore.write_tasks``)."""
         if not task_ids:
             return
         pipe = self.client.pipeline(transaction=True)
-        for queue, messages in run_task_pushes(task_ids, enqueued_ms):
+        for queue, messages in run_task_pushes(task_ids, enqueued_ms, batch_id):
             pipe.lpush(queue, *messages)
         try:
             await pipe.execute()

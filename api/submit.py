@@ -53,7 +53,9 @@ async def submit(
         raise
     try:
         ids = [r.id for r in records]
-        await state.enqueuer.enqueue(ids, queued_ms(records[0]) if records else 0)
+        await state.enqueuer.enqueue(
+            ids, queued_ms(records[0]) if records else 0, batch.id if batch else None
+        )
     except EnqueueError as e:
         log.error("tasks.enqueue_failed", tenant=tenant, n=len(records), error=str(e))
         await store.fail_tasks(records, "the queue refused the task; submit it again")

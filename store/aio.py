@@ -148,8 +148,8 @@ class AsyncStore:
     async def write_tasks(self, records: Sequence[TaskRecord]) -> None:
         """Store records, index entries (the tenant's, and the queued index with
         ``queued_ms``, the push time their messages carry) and ``task.queued`` events;
-        batch ids are appended to their batch's task list in order. Slots must have been
-        reserved."""
+        batch ids are appended to their batch's task list in order, and counted as queued
+        in its counts. Slots must have been reserved."""
         for start in range(0, len(records), WRITE_CHUNK):
             chunk = records[start : start + WRITE_CHUNK]
             pipe = self.client.pipeline(transaction=True)
@@ -169,6 +169,7 @@ class AsyncStore:
                     by_batch.setdefault(rec.batch_id, []).append(rec.id)
             for batch_id, ids in by_batch.items():
                 pipe.rpush(self.keys.batch_tasks(batch_id), *ids)
+                pipe.hincrby(self.keys.batch_counts(batch_id), Status.QUEUED.value, len(ids))
             await pipe.execute()
 
     # -- read -----------------------------------------------------------------------------

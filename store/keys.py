@@ -16,7 +16,12 @@ Layout (``{p}`` is the configurable prefix, ``af`` by default)::
     {p}:tenant:{t}:active      string  count of the tenant's non-terminal tasks
     {p}:batch:{id}             hash    the batch record
     {p}:batch:{id}:tasks       list    the batch's task ids, in input order
-    {p}:batch:{id}:counts      hash    terminal status -> count
+    {p}:batch:{id}:counts      hash    the batch's counters, kept by the scripts that change
+                                       a task's status (store.scripts): status -> tasks in
+                                       it now (queued, running and each terminal status),
+                                       finished, and over the finished tasks: turns,
+                                       prompt_tokens, completion_tokens, correct (graded
+                                       correct), succeeded (completed, not graded wrong)
     {p}:apikey:{sha256}        hash    tenant, name, created_at (the key itself is never stored)
     {p}:apikeys                zset    sha256 -> created_at: every key, for `keys list`
     {p}:stats:finished         hash    terminal status -> count, fleet-wide (FINISH bumps it)

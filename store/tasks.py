@@ -149,26 +149,37 @@ class TaskStore:
     # -- transitions ---------------------------------------------------------------------
 
     def claim(
-        self, task_id: str, worker_id: str, max_attempts: int = 0, enqueued_ms: int | None = None
+        self,
+        task_id: str,
+        worker_id: str,
+        max_attempts: int = 0,
+        enqueued_ms: int | None = None,
+        batch_id: str | None = None,
     ) -> Claim | Dropped:
         """Take the lease for a delivery of ``task_id`` (attempt + 1), or say why not.
 
         An attempt within ``max_attempts`` also gets its ``task.started`` event appended
         (``Claim.seq`` counts it); one beyond gets none, to be finished as exhausted.
         ``enqueued_ms``: when the delivered message was pushed (it moves the queue's taken
-        mark, see ``requeue_lost``); None when the message does not say."""
+        mark, see ``requeue_lost``); None when the message does not say. ``batch_id``: the
+        batch the message names; a wrong or missing one costs a second round trip (the
+        script names the right one), never a wrong count."""
         k = self.keys
         now = self.clock()
-        out = self._patient(
-            lambda: self._claim(
-                keys=[
-                    k.task(task_id),
-                    k.lease(task_id),
-                    k.running,
-                    k.events(task_id),
-                    k.queued,
-                    k.queue_taken,
-                ],
+
+        def op(batch: str) -> Any:
+            names = [
+                k.task(task_id),
+                k.lease(task_id),
+                k.running,
+                k.events(task_id),
+                k.queued,
+                k.queue_taken,
+            ]
+            if batch:
+                names.append(k.batch_counts(batch))
+            return self._claim(
+                keys=names,
                 args=[
                     worker_id,
                     repr(now),
@@ -178,9 +189,14 @@ class TaskStore:
                     max_attempts,
                     self.stream_maxlen,
                     int(enqueued_ms or 0),
+                    batch,
                 ],
             )
-        )
+
+        out = self._patient(lambda: op(batch_id or ""))
+        if int(out[0]) == -1:  # the record's batch is not the message's: claim with it
+            record_batch = _s(out[1])
+            out = self._patient(lambda: op(record_batch))
         if int(out[0]) == 0:
             return Dropped(_s(out[1]))
         attempt = int(out[0])
@@ -241,30 +257,33 @@ class TaskStore:
             return Appended.FENCED
         return Appended.GAP if out == 0 else Appended.OK
 
-    def release(self, task_id: str, owner: str, reclaim_after_s: float) -> bool:
+    def release(
+        self, task_id: str, owner: str, reclaim_after_s: float, batch_id: str | None = None
+    ) -> bool:
         """Hand the task back unfinished; the sweeper re-enqueues it after
-        ``reclaim_after_s`` (plus the sweep grace) unless a new delivery claims it first."""
+        ``reclaim_after_s`` (plus the sweep grace) unless a new delivery claims it first.
+        ``batch_id``: the task's batch (its record's), whose counts move with it."""
         k = self.keys
         at_ms = int((self.clock() + reclaim_after_s) * 1000)
-        out = self._patient(
-            lambda: self._release(
-                keys=[k.task(task_id), k.lease(task_id), k.running], args=[owner, at_ms, task_id]
-            )
-        )
+        names = [k.task(task_id), k.lease(task_id), k.running]
+        if batch_id:
+            names.append(k.batch_counts(batch_id))
+        out = self._patient(lambda: self._release(keys=names, args=[owner, at_ms, task_id]))
         return int(out) == 1
 
-    def hand_back(self, task_id: str, owner: str) -> int | None:
+    def hand_back(self, task_id: str, owner: str, batch_id: str | None = None) -> int | None:
         """Give an unfinished task back to the queue at its checkpoint, without using an
         attempt (a worker that stops). Returns the push time (unix ms) the caller's new
-        message must carry, or None if ``owner`` is fenced out. Raises Redis errors."""
+        message must carry, or None if ``owner`` is fenced out. Raises Redis errors.
+        ``batch_id``: the task's batch (its record's), whose counts move with it."""
         k = self.keys
         now_ms = int(self.clock() * 1000)
+        names = [k.task(task_id), k.lease(task_id), k.running, k.queued]
+        if batch_id:
+            names.append(k.batch_counts(batch_id))
         # Not patient: a worker that stops while Redis is down must not wait out the
         # patience for each task; their leases expire and a sweeper requeues them.
-        out = self._handback(
-            keys=[k.task(task_id), k.lease(task_id), k.running, k.queued],
-            args=[owner, task_id, now_ms],
-        )
+        out = self._handback(keys=names, args=[owner, task_id, now_ms])
         return now_ms if int(out) == 1 else None
 
     def worker_alive(self, worker_id: str) -> bool:
@@ -322,12 +341,16 @@ class TaskStore:
         )
         requeue: list[str] = []
         exhausted: list[tuple[str, str]] = []
+        batches = self._batch_ids([_s(i) for i in ids])  # a task's batch never changes
         for raw in ids:
             task_id = _s(raw)
 
             def op(t: str = task_id) -> Any:
+                names = [k.task(t), k.lease(t), k.running, k.queued]
+                if batches.get(t):
+                    names.append(k.batch_counts(batches[t]))
                 return self._sweep(
-                    keys=[k.task(t), k.lease(t), k.running, k.queued],
+                    keys=names,
                     args=[expired_ms, max_attempts, t, sweeper_id, self._lease_ms(), now_ms],
                 )
 
@@ -339,6 +362,19 @@ class TaskStore:
                 if owner:
                     exhausted.append((task_id, owner))
         return SweepOutcome(tuple(requeue), tuple(exhausted), now_ms)
+
+    def _batch_ids(self, task_ids: list[str]) -> dict[str, str]:
+        """Each task's batch id ("" for none), in one round trip."""
+        if not task_ids:
+            return {}
+
+        def op() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            for t in task_ids:
+                pipe.hget(self.keys.task(t), "batch_id")
+            return pipe.execute()
+
+        return {t: _s(b) if b else "" for t, b in zip(task_ids, self._patient(op), strict=True)}
 
     def requeue_lost(
         self, grace_s: float, queues: Iterable[str], queue_was_empty: bool, limit: int = 100
@@ -410,6 +446,7 @@ class TaskStore:
         pipe.incr(k.tenant_active(record.tenant))
         if record.batch_id:
             pipe.rpush(k.batch_tasks(record.batch_id), record.id)
+            pipe.hincrby(k.batch_counts(record.batch_id), record.status.value, 1)
         pipe.execute()
 
 

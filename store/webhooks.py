@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio as aioredis
 
+from agent.models import TERMINAL_STATUSES
 from store.keys import RECORD_TTL_S, WEBHOOK_ATTEMPTS_KEPT, WEBHOOK_LEASE_S, Keys
 
 T = TypeVar("T")
@@ -239,15 +240,18 @@ class WebhookOutbox:
         return float(_s(v)) if v else None
 
     def batch(self, batch_id: str) -> tuple[dict[str, str], dict[str, int]]:
-        """A batch's record and its finished counts per status (for batch.finished)."""
+        """A batch's record (with ``correct``: how many were graded correct) and its
+        finished counts per terminal status (for batch.finished)."""
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(self.keys.batch(batch_id))
         pipe.hgetall(self.keys.batch_counts(batch_id))
-        h, counts = pipe.execute()
-        return (
-            {_s(a): _s(b) for a, b in h.items()},
-            {_s(a): int(b) for a, b in counts.items()},
-        )
+        h, raw = pipe.execute()
+        counters = {_s(a): int(b) for a, b in raw.items()}
+        batch = {_s(a): _s(b) for a, b in h.items()}
+        if batch:
+            batch["correct"] = str(counters.get("correct", 0))
+        terminal = {s.value for s in TERMINAL_STATUSES}
+        return batch, {k: n for k, n in counters.items() if k in terminal and n}
 
     def _patient(self, op: Callable[[], T]) -> T:
         deadline = time.monotonic() + self.patience_s

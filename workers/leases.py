@@ -35,6 +35,7 @@ class Lease:
     task_id: str
     owner: str  # "{worker_id}/{attempt}"
     attempt: int
+    batch_id: str | None = None  # the task's batch, whose counts move when it is handed back
     cancelled: threading.Event = field(default_factory=threading.Event)
     lost: threading.Event = field(default_factory=threading.Event)
     handed_back: threading.Event = field(default_factory=threading.Event)  # worker stopping

@@ -99,17 +99,22 @@ class Runner:
         self.on_finished = on_finished
         self.sandbox_closer = sandbox_closer
 
-    def run(self, task_id: str, enqueued_ms: int | None = None) -> Done | RetryAfter:
-        """Run one delivery of ``task_id``, whose message was pushed at ``enqueued_ms``."""
+    def run(
+        self, task_id: str, enqueued_ms: int | None = None, batch_id: str | None = None
+    ) -> Done | RetryAfter:
+        """Run one delivery of ``task_id``, whose message was pushed at ``enqueued_ms`` and
+        names ``batch_id`` (see ``TaskStore.claim``)."""
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(task_id=task_id, worker=self.worker_id)
-        claim = self.store.claim(task_id, self.worker_id, self.settings.max_attempts, enqueued_ms)
+        claim = self.store.claim(
+            task_id, self.worker_id, self.settings.max_attempts, enqueued_ms, batch_id
+        )
         if isinstance(claim, Dropped):
             log.info("delivery.dropped", reason=claim.reason)
             metrics.DELIVERIES_DROPPED.labels(claim.reason).inc()
             return Done(f"dropped:{claim.reason}")
         structlog.contextvars.bind_contextvars(attempt=claim.attempt)
-        lease = Lease(task_id, claim.owner, claim.attempt)
+        lease = Lease(task_id, claim.owner, claim.attempt, claim.record.batch_id)
         if claim.record.cancel_requested:
             lease.cancelled.set()
         self.heartbeat.add(lease)
@@ -123,7 +128,7 @@ class Runner:
             return self._fenced(claim)
         except Regressed:
             log.warning("task.state_regressed")
-            if not self.store.release(task_id, claim.owner, LEASE_TTL_S):
+            if not self.store.release(task_id, claim.owner, LEASE_TTL_S, claim.record.batch_id):
                 return self._fenced(claim)
             return RetryAfter(0.5, "state_regressed")
         finally:
@@ -276,7 +281,9 @@ class Runner:
                 ),
             ),
         )
-        if not self.store.release(claim.record.id, claim.owner, delay + LEASE_TTL_S):
+        if not self.store.release(
+            claim.record.id, claim.owner, delay + LEASE_TTL_S, claim.record.batch_id
+        ):
             raise Fenced
         log.warning("task.retrying", failure=fc.value, delay_s=delay, error=repr(e))
         metrics.TASKS_RETRIED.labels(fc.value).inc()

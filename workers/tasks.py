@@ -29,10 +29,12 @@ def register_tasks(app: Celery, runtime: Callable[[], WorkerRuntime]) -> None:
         max_retries=None,
         ignore_result=True,
     )
-    def run_task(self: Task, task_id: str, enqueued_ms: int | None = None) -> str:
+    def run_task(
+        self: Task, task_id: str, enqueued_ms: int | None = None, batch_id: str | None = None
+    ) -> str:
         from workers.runner import RetryAfter
 
-        outcome = runtime().runner.run(task_id, enqueued_ms)
+        outcome = runtime().runner.run(task_id, enqueued_ms, batch_id)
         if isinstance(outcome, RetryAfter):
             raise self.retry(countdown=outcome.delay_s)
         return outcome.reason

@@ -79,6 +79,10 @@ class Fleet:
     # -- the worker's role ------------------------------------------------------------
 
     def start_task(self, task_id: str, owner: str = "w1/1") -> str:
+        status, batch_id = self.redis.hmget(self.keys.task(task_id), ["status", "batch_id"])
+        if batch_id and status == b"queued":  # as CLAIM does
+            self.redis.hincrby(self.keys.batch_counts(batch_id.decode()), "queued", -1)
+            self.redis.hincrby(self.keys.batch_counts(batch_id.decode()), "running", 1)
         self.redis.set(self.keys.lease(task_id), owner)
         self.redis.hset(
             self.keys.task(task_id), mapping={"status": "running", "attempt": owner.split("/")[1]}

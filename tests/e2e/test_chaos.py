@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import pytest
 from agent.events import EventType
 from agent.models import Status
 from store import keys
+from store.batches import tally
 from tests.conftest import RedisServer
 from tests.e2e.fleet import Fleet, assert_each_ran_exactly_once, wait_for
 
@@ -259,3 +261,47 @@ def follow(fleet: Fleet, task_id: str, lines: list[str]) -> None:
     ):
         for line in resp.iter_lines():
             lines.append(line)
+
+
+def test_batch_counts_equal_a_recount_after_a_worker_is_killed_and_the_batch_cancelled(
+    fleet: Fleet,
+) -> None:
+    # given a batch submitted through the API, two workers on it
+    fleet.start_api()
+    victim = fleet.start_worker(concurrency=4)
+    fleet.start_worker(concurrency=4)
+    lines = [json.dumps({"prompt": f"count #{i}", "expected": {"answer": "3"}}) for i in range(40)]
+    with fleet.api_client() as c:
+        batch_id = c.post("/v1/batches", content="\n".join(lines)).json()["id"]
+        ids = [i.decode() for i in fleet.store.r.lrange(f"af:batch:{batch_id}:tasks", 0, -1)]
+        seen: list[dict[str, int]] = []
+
+        def status() -> dict[str, object]:
+            out: dict[str, object] = c.get(f"/v1/batches/{batch_id}").json()
+            seen.append(out["counts"])  # type: ignore[arg-type]
+            return out
+
+        # when one worker is SIGKILLed mid-task, and the batch is cancelled mid-way
+        fleet.wait_mid_task(victim.pid, n=2)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        wait_for(lambda: int(status()["finished"]) >= 8, 120)  # type: ignore[call-overload]
+        assert c.post(f"/v1/batches/{batch_id}/cancel").status_code == 202
+        fleet.wait_all_terminal(ids, timeout_s=180)
+        final = status()
+
+    # then every poll saw each task in exactly one status, and the counters equal a recount
+    assert all(sum(counts.values()) == 40 for counts in seen), seen
+    rows = []
+    for task_id in ids:
+        rec = fleet.store.get(task_id)
+        assert rec is not None and rec.result is not None
+        rows.append((rec.status.value, rec.result.to_dict()))
+    recount = tally(rows)
+    assert final["counts"] == {s.value: recount[s.value] for s in Status}
+    assert final["finished"] == recount["finished"] == 40 and final["status"] == "cancelled"
+    stored = {
+        k.decode(): int(v) for k, v in fleet.store.r.hgetall(f"af:batch:{batch_id}:counts").items()
+    }
+    assert {k: n for k, n in stored.items() if n} == {k: n for k, n in recount.items() if n}
+    assert 0 < recount["cancelled"] < 40 and recount["completed"] > 0

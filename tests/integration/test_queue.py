@@ -27,15 +27,16 @@ def _shape(message: dict) -> dict:
     }
 
 
-def test_bulk_message_matches_what_send_task_writes(redis_url: str) -> None:
+@pytest.mark.parametrize("batch_id", [None, "batch_b"])
+def test_bulk_message_matches_what_send_task_writes(redis_url: str, batch_id: str | None) -> None:
     # given the message Celery itself writes for run_task("task_a", enqueued_ms=...)
     app = make_celery(redis_url)
-    enqueue(app, "task_a", 1712345678901)
+    enqueue(app, "task_a", 1712345678901, batch_id)
     r = redis.Redis.from_url(redis_url)
     celery_message = json.loads(r.rpop(keys.TASK_QUEUE))  # type: ignore[arg-type]
     app.close()
     # when the bulk path builds one for the same task
-    ours = json.loads(run_task_message("task_a", 1712345678901))
+    ours = json.loads(run_task_message("task_a", 1712345678901, batch_id))
     # then they agree on every field but the per-message ids
     assert _shape(ours) == _shape(celery_message)
     assert set(ours["headers"]) == set(celery_message["headers"])
