@@ -57,19 +57,23 @@ def connect(url: str, *, block_s: float = 0.0) -> aioredis.Redis:
     )
 
 
-# RESERVE: take n slots of a tenant's active-task budget, or none.
-# KEYS: 1 tenant active counter. ARGV: 1 n, 2 limit.
-# Returns {1, new count} on success, {0, current count} when n more would pass the limit.
+# RESERVE: take n slots of a tenant's active-task budget, or none. A tenant's unfinished
+# tasks are the slots it reserved minus its tasks that finished (counted per shard by
+# FINISH, summed by the caller just before: a sum read a moment early is too small, so the
+# check errs on the side of refusing, never lets a tenant past its limit).
+# KEYS: 1 tenant reserved counter. ARGV: 1 n, 2 limit, 3 finished (the shards' sum).
+# Returns {1, unfinished now} on success, {0, unfinished} when n more would pass the limit.
 RESERVE = """
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(ARGV[3])
 local n = tonumber(ARGV[1])
+if cur < 0 then cur = 0 end
 if cur + n > tonumber(ARGV[2]) then return {0, cur} end
-return {1, redis.call('INCRBY', KEYS[1], n)}
+return {1, redis.call('INCRBY', KEYS[1], n) - tonumber(ARGV[3])}
 """
 
-# RELEASE: give back n reserved slots (never below zero). KEYS: 1 counter. ARGV: 1 n.
+# RELEASE: give back n reserved slots. KEYS: 1 counter. ARGV: 1 n.
 RELEASE = """
-if redis.call('DECRBY', KEYS[1], ARGV[1]) < 0 then redis.call('SET', KEYS[1], 0) end
+redis.call('DECRBY', KEYS[1], ARGV[1])
 return 1
 """
 
@@ -128,9 +132,24 @@ class AsyncStore:
     # -- submit -------------------------------------------------------------------------
 
     async def reserve(self, tenant: str, n: int, limit: int) -> None:
-        ok, count = await self._reserve(keys=[self.keys.tenant_active(tenant)], args=[n, limit])
+        finished = await self._finished(tenant)
+        ok, count = await self._reserve(
+            keys=[self.keys.tenant_active(tenant)], args=[n, limit, finished]
+        )
         if not int(ok):
             raise TenantLimitError(int(count), n, limit)
+
+    async def active(self, tenant: str) -> int:
+        """The tenant's unfinished tasks (reserved slots less finished tasks)."""
+        finished = await self._finished(tenant)
+        reserved = await self.client.get(self.keys.tenant_active(tenant))
+        return max(0, int(reserved or 0) - finished)
+
+    async def _finished(self, tenant: str) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for shard in self.keys.shard_ids:
+            pipe.get(self.keys.tenant_finished(tenant, shard))
+        return sum(int(v or 0) for v in await pipe.execute())
 
     async def release(self, tenant: str, n: int) -> None:
         if n > 0:
@@ -156,7 +175,7 @@ class AsyncStore:
             for rec in chunk:
                 pipe.hset(self.keys.task(rec.id), mapping=rec.to_hash())  # type: ignore[arg-type]
                 pipe.zadd(self.keys.tenant_tasks(rec.tenant), {rec.id: rec.created_at})
-                pipe.zadd(self.keys.queued, {rec.id: queued_ms(rec)})
+                pipe.zadd(self.keys.queued(self.keys.shard(rec.id)), {rec.id: queued_ms(rec)})
                 pipe.xadd(
                     self.keys.events(rec.id),
                     {"e": queued_event(rec).to_json()},
@@ -164,12 +183,18 @@ class AsyncStore:
                     approximate=True,
                 )
             by_batch: dict[str, list[str]] = {}
+            per_shard: dict[tuple[str, int], int] = {}
             for rec in chunk:
                 if rec.batch_id:
                     by_batch.setdefault(rec.batch_id, []).append(rec.id)
+                    at = (rec.batch_id, self.keys.shard(rec.id))
+                    per_shard[at] = per_shard.get(at, 0) + 1
             for batch_id, ids in by_batch.items():
                 pipe.rpush(self.keys.batch_tasks(batch_id), *ids)
-                pipe.hincrby(self.keys.batch_counts(batch_id), Status.QUEUED.value, len(ids))
+            for (batch_id, shard), n in per_shard.items():
+                counts = self.keys.batch_counts(batch_id, shard)
+                pipe.hincrby(counts, Status.QUEUED.value, n)
+                pipe.hincrby(counts, "total", n)
             await pipe.execute()
 
     # -- read -----------------------------------------------------------------------------

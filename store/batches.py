@@ -72,13 +72,19 @@ class BatchStore:
         """Write the tasks (in order) and then the batch record, so a batch is never seen
         half written. Slots must have been reserved."""
         await self.tasks.write_tasks(records)
-        pipe = self.client.pipeline(transaction=True)
+        # the counts of each shard first: their webhook flag is set before any task can
+        # finish (nothing is enqueued yet, and a task cannot be cancelled before its batch
+        # record exists)
+        pipe = self.client.pipeline(transaction=False)
+        for shard in {self.keys.shard(r.id) for r in records}:
+            counts = self.keys.batch_counts(batch.id, shard)
+            if batch.webhook_url:
+                pipe.hset(counts, "webhook", "1")
+            pipe.expire(counts, BATCH_TTL_S)
+        await pipe.execute()
+        pipe = self.client.pipeline(transaction=True)  # both keys are in the batch's shard
         pipe.hset(self.keys.batch(batch.id), mapping=batch.to_hash())  # type: ignore[arg-type]
-        for key in (
-            self.keys.batch(batch.id),
-            self.keys.batch_tasks(batch.id),
-            self.keys.batch_counts(batch.id),
-        ):
+        for key in (self.keys.batch(batch.id), self.keys.batch_tasks(batch.id)):
             pipe.expire(key, BATCH_TTL_S)
         await pipe.execute()
 
@@ -101,10 +107,16 @@ class BatchStore:
             yield [_s(i) for i in chunk]
             start += len(chunk)
 
+    async def counters(self, batch_id: str) -> dict[str, int]:
+        """The batch's counters (``store.keys``), summed over the shards."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard in self.keys.shard_ids:
+            pipe.hgetall(self.keys.batch_counts(batch_id, shard))
+        return sum_counters(await pipe.execute())
+
     async def stats(self, batch: BatchRecord) -> dict[str, Any]:
-        """The batch's status, from its counters: one read whatever its size."""
-        raw = await self.client.hgetall(self.keys.batch_counts(batch.id))
-        c = {_s(k): int(v) for k, v in raw.items()}
+        """The batch's status, from its counters: one read per shard whatever its size."""
+        c = await self.counters(batch.id)
         counts = {s.value: max(0, c.get(s.value, 0)) for s in Status}
         finished = c.get("finished", 0)
         turns, good = c.get("turns", 0), c.get("succeeded", 0)
@@ -169,6 +181,17 @@ class BatchStore:
             cancelled += n
             requested += len(queued) - n  # a worker took these meanwhile: it will stop them
         return {"cancelled": cancelled, "stopping": requested, "already_finished": already}
+
+
+def sum_counters(hashes: Iterable[dict[Any, Any]]) -> dict[str, int]:
+    """Counters read from each shard's counts hash, added up (flags excluded)."""
+    out: dict[str, int] = {}
+    for h in hashes:
+        for k, v in h.items():
+            name = _s(k)
+            if name != "webhook":
+                out[name] = out.get(name, 0) + int(v)
+    return out
 
 
 def tally(records: Iterable[tuple[str, dict[str, Any] | None]]) -> dict[str, int]:

@@ -4,8 +4,11 @@ A write by a worker is *fenced*: it only lands while ``{p}:lease:{id}`` still ho
 worker's ``"{worker_id}/{attempt}"``. A worker that lost its lease (it stalled, another
 attempt took over) has its writes dropped instead of corrupting the record.
 
+Every key a script touches is in the shard of the task it acts on (``store.keys``), so a
+script touches one hash slot, as a Redis Cluster requires.
+
 Batch counters: every script that changes the status of a task of a batch also moves it
-between the fields of ``{p}:batch:{id}:counts`` (``store.keys``), in the same atomic step,
+between the fields of its batch's counts in its shard (``store.keys``), in the same step,
 so the counts are exact whatever happens to the worker, and a batch's status is read from
 that one hash whatever the batch's size. A script learns of the batch by the counts key
 its caller passes (optional; absent for a task outside any batch).
@@ -22,21 +25,23 @@ from agent.models import Result
 from store.keys import RECORD_TTL_S, STREAM_MAXLEN, STREAM_TTL_S, WEBHOOK_FIRST_DELAY_S, Keys
 
 # FINISH: move a task to a terminal status exactly once.
-# KEYS: 1 task hash, 2 lease, 3 running zset, 4 events stream, 5 tenant active counter,
-#       6 fleet-wide finished counts hash, 7 webhook outbox zset, 8 batch counts hash and
-#       9 batch hash (optional: only when the task belongs to a batch). Build the call with
-#       finish_call.
+# KEYS (all in the task's shard): 1 task hash, 2 lease, 3 running zset, 4 events stream,
+#       5 the tenant's finished counter, 6 finished counts hash, 7 webhook outbox zset,
+#       8 batch counts hash and 9 finished batches zset (optional: only when the task
+#       belongs to a batch). Build the call with finish_call.
 # ARGV: 1 owner ("worker/attempt"; "" = unfenced, allowed only while the task is queued,
 #       which is how the API cancels a task no worker has taken), 2 status, 3 result JSON,
 #       4 finished_at, 5 terminal event JSON, 6 stream maxlen, 7 stream ttl_s,
 #       8 record ttl_s, 9 task id, 10 webhook first delay_s, 11 the task's last step event
 #       JSON ("" = none: it was appended by STEP already), 12 that step's seq, 13 the grade
 #       ("1" correct, "0" wrong, "" not graded), 14 turns, 15 prompt tokens,
-#       16 completion tokens
+#       16 completion tokens, 17 batch id
 # The batch counts (see BATCH_COUNTERS) move the task from the status it had to the
 # terminal one and add its turns, tokens and grade, in the same step as the status.
-# A batch with a webhook gets its batch.finished due once: when the finished count reaches
-# its total, which happens exactly once because each task finishes once.
+# A batch with a webhook whose tasks in this shard have all finished (the finished count
+# reaches the shard's total, once, because each task finishes once) goes into the shard's
+# finished batches, from which the workers schedule its batch.finished once every shard's
+# count adds up (store.webhooks.BATCH_DUE).
 # The last step (the reply that answered) rides along with the result, appended first and
 # idempotent on its seq as STEP is: one round trip fewer at the end of every task.
 # Returns: the terminal event's stream id; 0 if already terminal; -1 if fenced out;
@@ -65,7 +70,7 @@ redis.call('EXPIRE', KEYS[4], ARGV[7])
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[9])
-if redis.call('DECR', KEYS[5]) < 0 then redis.call('SET', KEYS[5], 0) end
+redis.call('INCR', KEYS[5])
 redis.call('HINCRBY', KEYS[6], ARGV[2], 1)
 if redis.call('HEXISTS', KEYS[1], 'webhook_url') == 1 then
   redis.call('ZADD', KEYS[7], tonumber(ARGV[4]) + tonumber(ARGV[10]), ARGV[9])
@@ -81,11 +86,9 @@ if KEYS[8] then
   if ARGV[2] == 'completed' and ARGV[13] ~= '0' then
     redis.call('HINCRBY', KEYS[8], 'succeeded', 1)
   end
-  if redis.call('HEXISTS', KEYS[9], 'webhook_url') == 1
-     and done >= tonumber(redis.call('HGET', KEYS[9], 'total') or '0')
-     and redis.call('HSETNX', KEYS[9], 'finished_at', ARGV[4]) == 1 then
-    redis.call('ZADD', KEYS[7], tonumber(ARGV[4]) + tonumber(ARGV[10]),
-               redis.call('HGET', KEYS[9], 'id'))
+  if redis.call('HGET', KEYS[8], 'webhook') == '1'
+     and done >= tonumber(redis.call('HGET', KEYS[8], 'total') or '0') then
+    redis.call('ZADD', KEYS[9], ARGV[4], ARGV[17])
   end
 end
 return id
@@ -107,17 +110,18 @@ def finish_call(
 ) -> tuple[list[str], list[str | int | float]]:
     """The KEYS and ARGV of ``FINISH`` for one task; ``last_step`` (event, seq) is
     appended before the terminal event when STEP has not written it."""
+    shard = keys.shard(task_id)
     names = [
         keys.task(task_id),
         keys.lease(task_id),
-        keys.running,
+        keys.running(shard),
         keys.events(task_id),
-        keys.tenant_active(tenant),
-        keys.finished_counts,
-        keys.webhook_outbox,
+        keys.tenant_finished(tenant, shard),
+        keys.finished_counts(shard),
+        keys.webhook_outbox(shard),
     ]
     if batch_id:
-        names += [keys.batch_counts(batch_id), keys.batch(batch_id)]
+        names += [keys.batch_counts(batch_id, shard), keys.batches_done(shard)]
     args: list[str | int | float] = [
         owner,
         result.status.value,
@@ -135,6 +139,7 @@ def finish_call(
         result.turns,
         result.usage.prompt_tokens,
         result.usage.completion_tokens,
+        batch_id or "",
     ]
     return names, args
 

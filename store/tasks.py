@@ -166,18 +166,19 @@ class TaskStore:
         script names the right one), never a wrong count."""
         k = self.keys
         now = self.clock()
+        shard = k.shard(task_id)
 
         def op(batch: str) -> Any:
             names = [
                 k.task(task_id),
                 k.lease(task_id),
-                k.running,
+                k.running(shard),
                 k.events(task_id),
-                k.queued,
-                k.queue_taken,
+                k.queued(shard),
+                k.queue_taken(shard),
             ]
             if batch:
-                names.append(k.batch_counts(batch))
+                names.append(k.batch_counts(batch, shard))
             return self._claim(
                 keys=names,
                 args=[
@@ -223,7 +224,7 @@ class TaskStore:
             expiry = self._expiry_ms()
             for task_id, owner, attempt in items:
                 self._renew(
-                    keys=[k.task(task_id), k.lease(task_id), k.running],
+                    keys=[k.task(task_id), k.lease(task_id), k.running(k.shard(task_id))],
                     args=[owner, self._lease_ms(), expiry, task_id, attempt],
                     client=pipe,
                 )
@@ -265,9 +266,10 @@ class TaskStore:
         ``batch_id``: the task's batch (its record's), whose counts move with it."""
         k = self.keys
         at_ms = int((self.clock() + reclaim_after_s) * 1000)
-        names = [k.task(task_id), k.lease(task_id), k.running]
+        shard = k.shard(task_id)
+        names = [k.task(task_id), k.lease(task_id), k.running(shard)]
         if batch_id:
-            names.append(k.batch_counts(batch_id))
+            names.append(k.batch_counts(batch_id, shard))
         out = self._patient(lambda: self._release(keys=names, args=[owner, at_ms, task_id]))
         return int(out) == 1
 
@@ -278,9 +280,10 @@ class TaskStore:
         ``batch_id``: the task's batch (its record's), whose counts move with it."""
         k = self.keys
         now_ms = int(self.clock() * 1000)
-        names = [k.task(task_id), k.lease(task_id), k.running, k.queued]
+        shard = k.shard(task_id)
+        names = [k.task(task_id), k.lease(task_id), k.running(shard), k.queued(shard)]
         if batch_id:
-            names.append(k.batch_counts(batch_id))
+            names.append(k.batch_counts(batch_id, shard))
         # Not patient: a worker that stops while Redis is down must not wait out the
         # patience for each task; their leases expire and a sweeper requeues them.
         out = self._handback(keys=names, args=[owner, task_id, now_ms])
@@ -331,14 +334,12 @@ class TaskStore:
         """Find tasks whose lease expired more than ``grace_s`` ago (the grace lets a live
         worker take its lease back after a Redis restart first). Each is either handed
         back to the queue or, when it used up ``max_attempts``, given to the sweeper to
-        finish as ``error``/``worker_lost``."""
+        finish as ``error``/``worker_lost``. At most ``limit`` per shard per call."""
         k = self.keys
         now = self.clock()
         expired_ms = int((now - grace_s) * 1000)
         now_ms = int(now * 1000)
-        ids = self._patient(
-            lambda: self.r.zrangebyscore(k.running, "-inf", expired_ms, start=0, num=limit)
-        )
+        ids = self._each_shard(lambda s: (k.running(s), expired_ms), limit)
         requeue: list[str] = []
         exhausted: list[tuple[str, str]] = []
         batches = self._batch_ids([_s(i) for i in ids])  # a task's batch never changes
@@ -346,9 +347,10 @@ class TaskStore:
             task_id = _s(raw)
 
             def op(t: str = task_id) -> Any:
-                names = [k.task(t), k.lease(t), k.running, k.queued]
+                shard = k.shard(t)
+                names = [k.task(t), k.lease(t), k.running(shard), k.queued(shard)]
                 if batches.get(t):
-                    names.append(k.batch_counts(batches[t]))
+                    names.append(k.batch_counts(batches[t], shard))
                 return self._sweep(
                     keys=names,
                     args=[expired_ms, max_attempts, t, sweeper_id, self._lease_ms(), now_ms],
@@ -362,6 +364,19 @@ class TaskStore:
                 if owner:
                     exhausted.append((task_id, owner))
         return SweepOutcome(tuple(requeue), tuple(exhausted), now_ms)
+
+    def _each_shard(self, index: Callable[[int], tuple[str, int]], limit: int) -> list[Any]:
+        """The ids scored up to a cutoff in one index per shard (``index(shard)`` gives its
+        name and cutoff), at most ``limit`` of each, in one round trip."""
+
+        def op() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            for shard in self.keys.shard_ids:
+                name, cutoff = index(shard)
+                pipe.zrangebyscore(name, "-inf", cutoff, start=0, num=limit)
+            return pipe.execute()
+
+        return [i for ids in self._patient(op) for i in ids]
 
     def _batch_ids(self, task_ids: list[str]) -> dict[str, str]:
         """Each task's batch id ("" for none), in one round trip."""
@@ -400,25 +415,25 @@ class TaskStore:
             pipe = self.r.pipeline(transaction=False)
             for name in names:
                 pipe.llen(name)
-            pipe.get(k.queue_taken)
+            for shard in k.shard_ids:
+                pipe.get(k.queue_taken(shard))
             return pipe.execute()
 
         out = self._patient(look)
-        empty = sum(int(n) for n in out[:-1]) == 0
+        empty = sum(int(n) for n in out[: len(names)]) == 0
+        taken = max(int(v or 0) for v in out[len(names) :])  # the queue's mark: the latest
         if empty and queue_was_empty:
             cutoff = now_ms - int(grace_s * 1000)
         else:
-            cutoff = min(now_ms, int(out[-1] or 0)) - int(grace_s * 1000)
-        ids = self._patient(
-            lambda: self.r.zrangebyscore(k.queued, "-inf", cutoff, start=0, num=limit)
-        )
+            cutoff = min(now_ms, taken) - int(grace_s * 1000)
+        ids = self._each_shard(lambda s: (k.queued(s), cutoff), limit)
         requeue = []
         for raw in ids:
             task_id = _s(raw)
 
             def op(t: str = task_id) -> Any:
                 return self._requeue_lost(
-                    keys=[k.task(t), k.lease(t), k.queued], args=[t, cutoff, now_ms]
+                    keys=[k.task(t), k.lease(t), k.queued(k.shard(t))], args=[t, cutoff, now_ms]
                 )
 
             if _s(self._patient(op)) == "requeue":
@@ -439,15 +454,19 @@ class TaskStore:
     def create(self, record: TaskRecord) -> None:
         """Store a new queued record (the API's job in production)."""
         k = self.keys
-        pipe = self.r.pipeline(transaction=True)
+        pipe = self.r.pipeline(transaction=False)
         pipe.hset(k.task(record.id), mapping=dict(record.to_hash()))  # type: ignore[arg-type]
         pipe.zadd(k.tenant_tasks(record.tenant), {record.id: record.created_at})
-        pipe.zadd(k.queued, {record.id: int(record.created_at * 1000)})
+        pipe.zadd(k.queued(k.shard(record.id)), {record.id: int(record.created_at * 1000)})
         pipe.incr(k.tenant_active(record.tenant))
-        if record.batch_id:
-            pipe.rpush(k.batch_tasks(record.batch_id), record.id)
-            pipe.hincrby(k.batch_counts(record.batch_id), record.status.value, 1)
         pipe.execute()
+        if record.batch_id:
+            counts = k.batch_counts(record.batch_id, k.shard(record.id))
+            pipe = self.r.pipeline(transaction=False)
+            pipe.rpush(k.batch_tasks(record.batch_id), record.id)
+            pipe.hincrby(counts, record.status.value, 1)
+            pipe.hincrby(counts, "total", 1)
+            pipe.execute()
 
 
 def new_record(spec: TaskSpec, tenant: str = "t_test", **kw: Any) -> TaskRecord:

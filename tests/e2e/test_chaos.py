@@ -20,7 +20,7 @@ import pytest
 from agent.events import EventType
 from agent.models import Status
 from store import keys
-from store.batches import tally
+from store.batches import sum_counters, tally
 from tests.conftest import RedisServer
 from tests.e2e.fleet import Fleet, assert_each_ran_exactly_once, wait_for
 
@@ -247,7 +247,7 @@ def test_redis_down_longer_than_every_reconnect_window_and_the_fleet_recovers_by
         assert fleet.health(worker).json()["consumer"] == "ok"
     # and the client that followed a task through the outage saw each of its events once
     follower.join(timeout=30)
-    stored = [i.decode() for i, _ in fleet.store.r.xrange(f"af:events:{followed}")]
+    stored = [i.decode() for i, _ in fleet.store.r.xrange(fleet.store.keys.events(followed))]
     assert [line.removeprefix("id: ") for line in lines if line.startswith("id: ")] == stored
 
 
@@ -273,7 +273,9 @@ def test_batch_counts_equal_a_recount_after_a_worker_is_killed_and_the_batch_can
     lines = [json.dumps({"prompt": f"count #{i}", "expected": {"answer": "3"}}) for i in range(40)]
     with fleet.api_client() as c:
         batch_id = c.post("/v1/batches", content="\n".join(lines)).json()["id"]
-        ids = [i.decode() for i in fleet.store.r.lrange(f"af:batch:{batch_id}:tasks", 0, -1)]
+        ids = [
+            i.decode() for i in fleet.store.r.lrange(fleet.store.keys.batch_tasks(batch_id), 0, -1)
+        ]
         seen: list[dict[str, int]] = []
 
         def status() -> dict[str, object]:
@@ -300,8 +302,8 @@ def test_batch_counts_equal_a_recount_after_a_worker_is_killed_and_the_batch_can
     recount = tally(rows)
     assert final["counts"] == {s.value: recount[s.value] for s in Status}
     assert final["finished"] == recount["finished"] == 40 and final["status"] == "cancelled"
-    stored = {
-        k.decode(): int(v) for k, v in fleet.store.r.hgetall(f"af:batch:{batch_id}:counts").items()
-    }
+    k = fleet.store.keys
+    stored = sum_counters(fleet.store.r.hgetall(k.batch_counts(batch_id, s)) for s in k.shard_ids)
+    assert stored.pop("total") == 40  # the shards' parts add up to the batch
     assert {k: n for k, n in stored.items() if n} == {k: n for k, n in recount.items() if n}
     assert 0 < recount["cancelled"] < 40 and recount["completed"] > 0

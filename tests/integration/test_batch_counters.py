@@ -15,7 +15,7 @@ import redis
 from agent.events import Event, EventType
 from agent.models import FailureClass, Result, Status, TaskSpec, Usage
 from store.aio import AsyncStore, connect
-from store.batches import tally
+from store.batches import sum_counters, tally
 from store.keys import Keys
 from store.tasks import Claim, Dropped, TaskStore, new_record
 
@@ -50,8 +50,9 @@ def queued(store: TaskStore, n: int = 1) -> list[str]:
 
 
 def counters(store: TaskStore) -> dict[str, int]:
-    raw = store.r.hgetall(store.keys.batch_counts(BATCH))
-    return {k.decode(): int(v) for k, v in raw.items() if int(v)}
+    k = store.keys
+    raw = sum_counters(store.r.hgetall(k.batch_counts(BATCH, s)) for s in k.shard_ids)
+    return {name: n for name, n in raw.items() if n and name != "total"}
 
 
 def recount(store: TaskStore) -> dict[str, int]:
@@ -143,7 +144,7 @@ def test_a_message_that_names_no_batch_or_another_still_counts_the_records_batch
 
     assert isinstance(claimed_a, Claim) and isinstance(claimed_b, Claim)
     assert counters(store) == {"running": 2}
-    assert not store.r.exists(store.keys.batch_counts("batch_other"))
+    assert not any(store.r.exists(store.keys.batch_counts("batch_other", s)) for s in range(16))
 
 
 def test_a_retried_attempt_goes_back_to_queued_and_runs_again(store: TaskStore) -> None:
