@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Redis for queue, records and streams; `actfleet up` starts one if unset"
     )
+    broker_url: str | None = Field(
+        None,
+        description="Redis for the task queue (the Celery broker), when it is not "
+        "ACTFLEET_REDIS_URL's: records and streams then live on one Redis, messages on this one",
+    )
     key_prefix: str = "af"
     model: str = Field("actfleet-fake", description="model used when a task names none")
     log_level: str = "INFO"
@@ -140,6 +145,11 @@ class Settings(BaseSettings):
     def _allowlist_parses(cls, v: str) -> str:
         Allowlist.parse(v)  # a ValueError names the bad entry
         return v
+
+    @property
+    def broker(self) -> str | None:
+        """Where the task queue lives: ``broker_url``, else ``redis_url``."""
+        return self.broker_url or self.redis_url
 
     @property
     def allowlist(self) -> Allowlist:

@@ -1,8 +1,9 @@
 """The FastAPI app factory: ``create_app(settings)``; run it with uvicorn.
 
 Construction does no I/O: the Redis clients, the store and the enqueuer are built in
-the lifespan and hung on ``app.state`` (settings, keys, redis, stream_redis, store,
-batches, enqueuer, metrics), which is what routes use. ``stream_redis`` serves the event
+the lifespan and hung on ``app.state`` (settings, keys, redis, stream_redis, broker,
+store, batches, enqueuer, metrics), which is what routes use. ``broker`` is the task
+queue's Redis (``ACTFLEET_BROKER_URL``), the same client as ``redis`` unless it is set. ``stream_redis`` serves the event
 streams' blocking reads, whose socket timeout must outlast a heartbeat interval; every
 other command keeps the short one of ``redis``.
 """
@@ -45,17 +46,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ActfleetError("ACTFLEET_REDIS_URL is not set: the API needs Redis")
         client = connect(settings.redis_url)
         streams = connect(settings.redis_url, block_s=settings.sse_heartbeat_s)
+        broker = connect(settings.broker_url) if settings.broker_url else client
         store = AsyncStore(client, app.state.keys)
         app.state.redis = client
         app.state.stream_redis = streams
+        app.state.broker = broker
         app.state.store = store
         app.state.batches = BatchStore(store)
-        app.state.enqueuer = Enqueuer(client)
+        app.state.enqueuer = Enqueuer(broker)
         try:
             yield
         finally:
             await client.aclose()
             await streams.aclose()
+            if broker is not client:
+                await broker.aclose()
 
     app = FastAPI(
         title="actfleet",
@@ -91,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         broker consumer (those do not make the API unready: their own health does)."""
         state = request.app.state
         try:
-            fleet = await fleet_health(state.redis, state.keys)
+            fleet = await fleet_health(state.redis, state.keys, state.broker)
         except Exception as e:  # any failure to reach Redis means "not ready"
             return JSONResponse({"status": "unavailable", "redis": repr(e)}, 503)
         return JSONResponse({"status": "ok", "redis": "ok", **fleet})
@@ -102,7 +107,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fleet-wide task counts read from Redis."""
         state = request.app.state
         return Response(
-            await render(metrics, state.redis, state.keys), media_type=CONTENT_TYPE_LATEST
+            await render(metrics, state.redis, state.keys, state.broker),
+            media_type=CONTENT_TYPE_LATEST,
         )
 
     return app

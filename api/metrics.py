@@ -80,16 +80,17 @@ class _Fleet:
         )
 
 
-async def render(metrics: ApiMetrics, client: Any, keys: Keys) -> bytes:
-    """The ``/metrics`` page: process metrics, then fleet-wide numbers from Redis."""
+async def render(metrics: ApiMetrics, client: Any, keys: Keys, broker: Any = None) -> bytes:
+    """The ``/metrics`` page: process metrics, then fleet-wide numbers from Redis (the
+    queue's depth from ``broker``, default ``client``)."""
     page = generate_latest(metrics.exposition_registry())
     try:
+        queued = await (broker or client).llen(TASK_QUEUE)
         pipe = client.pipeline(transaction=False)
-        pipe.llen(TASK_QUEUE)
         for shard in keys.shard_ids:
             pipe.hgetall(keys.finished_counts(shard))
             pipe.zcard(keys.running(shard))
-        queued, *per_shard = await pipe.execute()
+        per_shard = await pipe.execute()
     except Exception:  # Redis down: still serve the process metrics (readyz reports it)
         return page
     finished: dict[str, int] = {}

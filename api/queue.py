@@ -46,17 +46,20 @@ class Enqueuer:
             raise EnqueueError(f"the broker refused the task messages: {e!r}") from e
 
 
-async def fleet_health(client: aioredis.Redis, keys: Keys) -> dict[str, Any]:
-    """The task queue's depth (reading it proves the broker list is reachable) and the
-    workers that sent a heartbeat within ``WORKER_TTL_S``, with those whose status says
-    their broker consumer is dead. Raises Redis errors."""
+async def fleet_health(
+    client: aioredis.Redis, keys: Keys, broker: aioredis.Redis | None = None
+) -> dict[str, Any]:
+    """The task queue's depth on ``broker`` (default: ``client``; reading it proves the
+    broker list is reachable) and the workers that sent a heartbeat within
+    ``WORKER_TTL_S``, with those whose status says their broker consumer is dead. Raises
+    Redis errors."""
     now = time.time()
+    depth = await (broker or client).llen(TASK_QUEUE)
     pipe = client.pipeline(transaction=False)
     pipe.ping()
-    pipe.llen(TASK_QUEUE)
     pipe.zremrangebyscore(keys.workers, "-inf", now - WORKER_TTL_S)
     pipe.zrange(keys.workers, 0, -1)
-    _, depth, _, workers = await pipe.execute()
+    _, _, workers = await pipe.execute()
     raw = await client.mget([keys.worker(_s(w)) for w in workers]) if workers else []
     alive = {_s(w): json.loads(v) for w, v in zip(workers, raw, strict=True) if v}
     stalled = sorted(w for w, status in alive.items() if status.get("consumer") == "stalled")

@@ -95,8 +95,10 @@ class TaskStore:
         stream_maxlen: int = STREAM_MAXLEN,
         patience_s: float = 120.0,
         clock: Callable[[], float] = time.time,
+        broker: redis.Redis | None = None,
     ) -> None:
         self.r = client
+        self.broker = broker or client  # where the task queue's lists are
         self.keys = keys
         self.lease_ttl_s = lease_ttl_s
         self.stream_maxlen = stream_maxlen
@@ -411,17 +413,18 @@ class TaskStore:
         names = list(queues)
         now_ms = int(self.clock() * 1000)
 
-        def look() -> list[Any]:
-            pipe = self.r.pipeline(transaction=False)
-            for name in names:
-                pipe.llen(name)
-            for shard in k.shard_ids:
-                pipe.get(k.queue_taken(shard))
+        def look(client: redis.Redis, op: Callable[[Any], Any], over: Iterable[Any]) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for item in over:
+                op(pipe)(item)
             return pipe.execute()
 
-        out = self._patient(look)
-        empty = sum(int(n) for n in out[: len(names)]) == 0
-        taken = max(int(v or 0) for v in out[len(names) :])  # the queue's mark: the latest
+        lengths = self._patient(lambda: look(self.broker, lambda p: p.llen, names))
+        marks = self._patient(
+            lambda: look(self.r, lambda p: p.get, [k.queue_taken(s) for s in k.shard_ids])
+        )
+        empty = sum(int(n) for n in lengths) == 0
+        taken = max(int(v or 0) for v in marks)  # the queue's mark: the latest shard's
         if empty and queue_was_empty:
             cutoff = now_ms - int(grace_s * 1000)
         else:

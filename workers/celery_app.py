@@ -13,7 +13,7 @@ __all__ = ["DEFAULT_REDIS_URL", "enqueue", "make_celery"]
 
 def make_celery(settings: Settings) -> Celery:
     return make_queue_app(
-        settings.redis_url,
+        settings.broker,
         concurrency=settings.worker_concurrency,
         time_limit_s=settings.task_time_limit_s,
     )

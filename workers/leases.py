@@ -127,7 +127,7 @@ class Heartbeat:
             elif state.cancel_requested and not lease.cancelled.is_set():
                 log.info("task.cancel_seen", task_id=lease.task_id)
                 lease.stop(lease.cancelled)
-        pipe = self.store.r.pipeline(transaction=False)
+        pipe = self.store.broker.pipeline(transaction=False)
         for name in metrics.queue_names(keys.TASK_QUEUE):
             pipe.llen(name)
         depths = [int(n) for n in pipe.execute()]

@@ -81,6 +81,7 @@ class WorkerRuntime:
             redis_client(settings.redis_url or DEFAULT_REDIS_URL),
             Keys(settings.key_prefix),
             patience_s=settings.redis_patience_s,
+            broker=redis_client(settings.broker_url) if settings.broker_url else None,
         )
         self.consumer = ConsumerWatch(settings.worker_consumer_stall_s, on_stall=self._stalled)
         self.heartbeat = Heartbeat(
