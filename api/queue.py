@@ -55,12 +55,15 @@ async def fleet_health(
     Redis errors."""
     now = time.time()
     depth = await (broker or client).llen(TASK_QUEUE)
+    await client.ping()  # on its own: a cluster's pipeline takes keyed commands only
     pipe = client.pipeline(transaction=False)
-    pipe.ping()
     pipe.zremrangebyscore(keys.workers, "-inf", now - WORKER_TTL_S)
     pipe.zrange(keys.workers, 0, -1)
-    _, _, workers = await pipe.execute()
-    raw = await client.mget([keys.worker(_s(w)) for w in workers]) if workers else []
+    _, workers = await pipe.execute()
+    pipe = client.pipeline(transaction=False)  # not MGET: the keys may be on many nodes
+    for w in workers:
+        pipe.get(keys.worker(_s(w)))
+    raw = await pipe.execute() if workers else []
     alive = {_s(w): json.loads(v) for w, v in zip(workers, raw, strict=True) if v}
     stalled = sorted(w for w, status in alive.items() if status.get("consumer") == "stalled")
     return {

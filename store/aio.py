@@ -25,6 +25,7 @@ from agent.errors import ActfleetError
 from agent.events import Event, EventType
 from agent.loop import finished_event
 from agent.models import FailureClass, Result, Status, TaskSpec
+from store.clients import aload_scripts, async_client, is_cluster
 from store.keys import STREAM_MAXLEN, Keys
 from store.records import RecordError, TaskRecord, new_task_id
 from store.scripts import FINISH, finish_call
@@ -42,9 +43,10 @@ def connect(url: str, *, block_s: float = 0.0) -> aioredis.Redis:
     on each of them would fail. Only connection errors are retried, not timeouts (a
     command that timed out may have run). ``block_s``: the longest blocking read this
     client does (``XREAD BLOCK``); its socket timeout must outlast it, or redis-py
-    aborts the read as a timeout while Redis is merely waiting for data.
+    aborts the read as a timeout while Redis is merely waiting for data. A cluster URL
+    (``store.clients``) gives a cluster client.
     """
-    return aioredis.Redis.from_url(
+    return async_client(
         url,
         decode_responses=True,
         socket_timeout=max(SOCKET_TIMEOUT_S, block_s + STREAM_READ_MARGIN_S),
@@ -128,6 +130,7 @@ class AsyncStore:
         self._release = client.register_script(RELEASE)
         self._request_cancel = client.register_script(REQUEST_CANCEL)
         self._finish = client.register_script(FINISH)
+        self._loaded = False  # are the pipelined scripts loaded (only a cluster needs it)
 
     # -- submit -------------------------------------------------------------------------
 
@@ -171,7 +174,9 @@ class AsyncStore:
         in its counts. Slots must have been reserved."""
         for start in range(0, len(records), WRITE_CHUNK):
             chunk = records[start : start + WRITE_CHUNK]
-            pipe = self.client.pipeline(transaction=True)
+            # a chunk is one MULTI/EXEC on one Redis; a cluster cannot span slots with one
+            # (a chunk half written by a failure is undone by the caller, api.submit)
+            pipe = self.client.pipeline(transaction=not is_cluster(self.client))
             for rec in chunk:
                 pipe.hset(self.keys.task(rec.id), mapping=rec.to_hash())  # type: ignore[arg-type]
                 pipe.zadd(self.keys.tenant_tasks(rec.tenant), {rec.id: rec.created_at})
@@ -272,8 +277,15 @@ class AsyncStore:
             await self.finish_cancelled(rec.id, rec.tenant, rec.batch_id, rec.attempt)
         return await self.get_task(tenant, task_id)
 
+    async def _pipelined_scripts(self) -> None:
+        """Scripts sent in a pipeline must be loaded on a cluster's masters first."""
+        if not self._loaded:
+            await aload_scripts(self.client, (REQUEST_CANCEL, FINISH))
+            self._loaded = True
+
     async def request_cancel_many(self, task_ids: Sequence[str]) -> list[str | None]:
         """Flag every non-terminal task; return each task's status before the call."""
+        await self._pipelined_scripts()
         pipe = self.client.pipeline(transaction=False)
         for task_id in task_ids:
             await self._request_cancel(keys=[self.keys.task(task_id)], client=pipe)
@@ -289,6 +301,7 @@ class AsyncStore:
         return not isinstance(out, int)
 
     async def finish_cancelled_many(self, tasks: Sequence[tuple[str, str, str | None, int]]) -> int:
+        await self._pipelined_scripts()
         pipe = self.client.pipeline(transaction=False)
         for t in tasks:
             keys, args = self.finish_cancelled_call(*t)
@@ -320,6 +333,7 @@ class AsyncStore:
 
     async def fail_tasks(self, records: Sequence[TaskRecord], reason: str) -> None:
         """Finish still-queued tasks as ``error`` (used when the broker refused them)."""
+        await self._pipelined_scripts()
         pipe = self.client.pipeline(transaction=False)
         for rec in records:
             result = Result(Status.ERROR, FailureClass.INTERNAL, error=reason, attempt=rec.attempt)

@@ -24,6 +24,7 @@ import redis
 from agent.events import Event
 from agent.models import Result, TaskSpec
 from store import scripts
+from store.clients import is_cluster, load_scripts
 from store.keys import LEASE_TTL_S, STREAM_MAXLEN, Keys
 from store.records import TaskRecord
 
@@ -112,6 +113,7 @@ class TaskStore:
         self._finish = client.register_script(scripts.FINISH)
         self._requeue_lost = client.register_script(scripts.REQUEUE_LOST)
         self._handback = client.register_script(scripts.HANDBACK)
+        self._loaded = not is_cluster(client)  # RENEW, pipelined, is on every master
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -232,7 +234,14 @@ class TaskStore:
                 )
             return pipe.execute()
 
-        replies = self._patient(op)
+        if not self._loaded:  # a script sent in a pipeline must be loaded already
+            self._patient(lambda: load_scripts(self.r, [scripts.RENEW]))
+            self._loaded = True
+        try:
+            replies = self._patient(op)
+        except redis.exceptions.NoScriptError:
+            self._loaded = False  # a master restarted: load it again on the next call
+            raise
         return {
             task_id: LeaseState(
                 held=int(rep[0]) == 1, cancel_requested=_s(rep[1]) == "1", ended=int(rep[0]) == 2

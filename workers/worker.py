@@ -37,6 +37,7 @@ from celery.worker import state as celery_state
 from actfleet.heap import freeze_startup_heap
 from actfleet.settings import Settings
 from store import keys
+from store.clients import sync_client
 from store.keys import GATE_LEASE_TTL_S, HEARTBEAT_INTERVAL_S, Keys
 from store.tasks import TaskStore
 from store.webhooks import WebhookOutbox
@@ -59,7 +60,8 @@ log = structlog.get_logger(__name__)
 
 
 def redis_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
+    """The worker's client for ``url``: one Redis, or a cluster (``store.clients``)."""
+    return sync_client(
         url,
         socket_timeout=30,
         socket_connect_timeout=5,
