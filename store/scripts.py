@@ -36,7 +36,7 @@ from store.keys import RECORD_TTL_S, STREAM_MAXLEN, STREAM_TTL_S, WEBHOOK_FIRST_
 #       JSON ("" = none: it was appended by STEP already), 12 that step's seq, 13 the grade
 #       ("1" correct, "0" wrong, "" not graded), 14 turns, 15 prompt tokens,
 #       16 completion tokens, 17 batch id
-# The batch counts (see BATCH_COUNTERS) move the task from the status it had to the
+# The batch counts (store.keys) move the task from the status it had to the
 # terminal one and add its turns, tokens and grade, in the same step as the status.
 # A batch with a webhook whose tasks in this shard have all finished (the finished count
 # reaches the shard's total, once, because each task finishes once) goes into the shard's
