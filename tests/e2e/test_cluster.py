@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,12 +28,27 @@ pytestmark = [
 ]
 
 
+def node_port() -> int:
+    """A free port whose cluster bus port (10,000 above it, where nodes talk to each other)
+    is free too and exists."""
+    while True:
+        port = free_port()
+        if port + 10_000 > 65_535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        return port
+
+
 class Cluster:
     """Three cluster-enabled redis-servers on free loopback ports, joined into a cluster
     with every slot assigned and no replicas."""
 
     def __init__(self, root: Path) -> None:
-        self.ports = [free_port() for _ in range(3)]
+        self.ports = [node_port() for _ in range(3)]
         self.procs: list[subprocess.Popen[bytes]] = []
         for port in self.ports:
             data = root / str(port)
