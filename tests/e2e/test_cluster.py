@@ -16,7 +16,7 @@ import redis
 
 from store.clients import sync_client
 from store.keys import Keys
-from store.tasks import TaskStore
+from store.worker_store import WorkerStore
 from tests.conftest import RedisServer, free_port
 from tests.e2e.fleet import Fleet, wait_for
 
@@ -123,7 +123,7 @@ def test_the_service_runs_on_a_three_master_cluster(
     # given the API and a worker on the cluster, their queue on a plain Redis
     fleet = Fleet(redis_server, tmp_path)
     fleet.env.update(ACTFLEET_REDIS_URL=cluster.url, ACTFLEET_BROKER_URL=redis_server.url)
-    fleet.store = TaskStore(sync_client(cluster.url), Keys("af"))
+    fleet.store = WorkerStore(sync_client(cluster.url), Keys("af"))
     try:
         fleet.start_api()
         fleet.start_worker(concurrency=3)

@@ -14,10 +14,10 @@ import redis
 
 from agent.events import Event, EventType
 from agent.models import FailureClass, Result, Status, TaskSpec, Usage
-from store.aio import AsyncStore, connect
+from store.api_store import ApiStore, connect
 from store.batches import sum_counters, tally
 from store.keys import Keys
-from store.tasks import Claim, Dropped, TaskStore, new_record
+from store.worker_store import Claim, Dropped, WorkerStore, new_record
 
 BATCH = "batch_c"
 
@@ -36,11 +36,11 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(redis_url: str, clock: Clock) -> TaskStore:
-    return TaskStore(redis.Redis.from_url(redis_url), Keys("t"), lease_ttl_s=30, clock=clock)
+def store(redis_url: str, clock: Clock) -> WorkerStore:
+    return WorkerStore(redis.Redis.from_url(redis_url), Keys("t"), lease_ttl_s=30, clock=clock)
 
 
-def queued(store: TaskStore, n: int = 1) -> list[str]:
+def queued(store: WorkerStore, n: int = 1) -> list[str]:
     ids = []
     for i in range(n):
         rec = new_record(TaskSpec(prompt=f"2+{i}?"), batch_id=BATCH)
@@ -49,13 +49,13 @@ def queued(store: TaskStore, n: int = 1) -> list[str]:
     return ids
 
 
-def counters(store: TaskStore) -> dict[str, int]:
+def counters(store: WorkerStore) -> dict[str, int]:
     k = store.keys
     raw = sum_counters(store.r.hgetall(k.batch_counts(BATCH, s)) for s in k.shard_ids)
     return {name: n for name, n in raw.items() if n and name != "total"}
 
 
-def recount(store: TaskStore) -> dict[str, int]:
+def recount(store: WorkerStore) -> dict[str, int]:
     ids = [i.decode() for i in store.r.lrange(store.keys.batch_tasks(BATCH), 0, -1)]
     rows = []
     for task_id in ids:
@@ -65,7 +65,7 @@ def recount(store: TaskStore) -> dict[str, int]:
     return {k: n for k, n in tally(rows).items() if n}
 
 
-def claimed(store: TaskStore, task_id: str, worker: str = "w1", **kw: Any) -> Claim:
+def claimed(store: WorkerStore, task_id: str, worker: str = "w1", **kw: Any) -> Claim:
     claim = store.claim(task_id, worker, 3, batch_id=BATCH, **kw)
     assert isinstance(claim, Claim), claim
     return claim
@@ -86,7 +86,7 @@ def answer(correct: bool | None = True, turns: int = 2) -> Result:
 
 
 def test_queued_then_running_then_done_moves_one_task_through_the_counts(
-    store: TaskStore,
+    store: WorkerStore,
 ) -> None:
     [task_id] = queued(store)
     assert counters(store) == {"queued": 1}
@@ -107,7 +107,7 @@ def test_queued_then_running_then_done_moves_one_task_through_the_counts(
     }
 
 
-def test_a_wrong_answer_is_finished_but_not_a_success(store: TaskStore) -> None:
+def test_a_wrong_answer_is_finished_but_not_a_success(store: WorkerStore) -> None:
     a, b, c = queued(store, 3)
     for task_id, correct in ((a, False), (b, None), (c, True)):
         claim = claimed(store, task_id)
@@ -119,7 +119,7 @@ def test_a_wrong_answer_is_finished_but_not_a_success(store: TaskStore) -> None:
 
 
 def test_duplicate_deliveries_and_repeated_finishes_count_nothing_twice(
-    store: TaskStore,
+    store: WorkerStore,
 ) -> None:
     [task_id] = queued(store)
     claim = claimed(store, task_id)
@@ -135,7 +135,7 @@ def test_duplicate_deliveries_and_repeated_finishes_count_nothing_twice(
 
 
 def test_a_message_that_names_no_batch_or_another_still_counts_the_records_batch(
-    store: TaskStore,
+    store: WorkerStore,
 ) -> None:
     a, b = queued(store, 2)
 
@@ -147,7 +147,7 @@ def test_a_message_that_names_no_batch_or_another_still_counts_the_records_batch
     assert not any(store.r.exists(store.keys.batch_counts("batch_other", s)) for s in range(16))
 
 
-def test_a_retried_attempt_goes_back_to_queued_and_runs_again(store: TaskStore) -> None:
+def test_a_retried_attempt_goes_back_to_queued_and_runs_again(store: WorkerStore) -> None:
     [task_id] = queued(store)
     first = claimed(store, task_id)
 
@@ -162,7 +162,7 @@ def test_a_retried_attempt_goes_back_to_queued_and_runs_again(store: TaskStore) 
     assert counters(store) == recount(store)
 
 
-def test_a_handed_back_task_is_queued_again(store: TaskStore) -> None:
+def test_a_handed_back_task_is_queued_again(store: WorkerStore) -> None:
     [task_id] = queued(store)
     claim = claimed(store, task_id)
 
@@ -170,7 +170,7 @@ def test_a_handed_back_task_is_queued_again(store: TaskStore) -> None:
     assert counters(store) == {"queued": 1} == recount(store)
 
 
-def test_a_sweep_of_an_expired_lease_requeues_it_once(store: TaskStore, clock: Clock) -> None:
+def test_a_sweep_of_an_expired_lease_requeues_it_once(store: WorkerStore, clock: Clock) -> None:
     a, b = queued(store, 2)
     claimed(store, a)
     released = claimed(store, b)
@@ -185,7 +185,7 @@ def test_a_sweep_of_an_expired_lease_requeues_it_once(store: TaskStore, clock: C
     assert counters(store) == {"queued": 2} == recount(store)
 
 
-def test_a_sweep_of_an_exhausted_task_finishes_it_as_error(store: TaskStore, clock: Clock) -> None:
+def test_a_sweep_of_an_exhausted_task_finishes_it_as_error(store: WorkerStore, clock: Clock) -> None:
     [task_id] = queued(store)
     claim = claimed(store, task_id)
     for _ in range(2):  # two more attempts whose workers die
@@ -205,7 +205,7 @@ def test_a_sweep_of_an_exhausted_task_finishes_it_as_error(store: TaskStore, clo
     assert counters(store) == {"error": 1, "finished": 1} == recount(store)
 
 
-def test_a_requeued_lost_message_changes_no_count(store: TaskStore, clock: Clock) -> None:
+def test_a_requeued_lost_message_changes_no_count(store: WorkerStore, clock: Clock) -> None:
     [task_id] = queued(store)
     clock.now += 120
 
@@ -219,14 +219,14 @@ def test_a_requeued_lost_message_changes_no_count(store: TaskStore, clock: Clock
     assert counters(store) == recount(store)
 
 
-def test_cancelling_a_queued_and_a_running_task(redis_url: str, store: TaskStore) -> None:
+def test_cancelling_a_queued_and_a_running_task(redis_url: str, store: WorkerStore) -> None:
     waiting, busy = queued(store, 2)
     claim = claimed(store, busy)
 
     async def cancel() -> None:
         client = connect(redis_url)
         try:
-            api = AsyncStore(client, store.keys)
+            api = ApiStore(client, store.keys)
             assert await api.cancel_task("t_test", waiting) is not None
             assert await api.cancel_task("t_test", busy) is not None
         finally:
@@ -240,12 +240,12 @@ def test_cancelling_a_queued_and_a_running_task(redis_url: str, store: TaskStore
     assert counters(store) == {"cancelled": 2, "finished": 2} == recount(store)
 
 
-def script_calls(store: TaskStore) -> int:
+def script_calls(store: WorkerStore) -> int:
     stats = store.r.info("commandstats")
     return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha", "eval"))
 
 
-def test_a_claim_whose_message_names_the_batch_is_one_script_call(store: TaskStore) -> None:
+def test_a_claim_whose_message_names_the_batch_is_one_script_call(store: WorkerStore) -> None:
     first, named, unnamed = queued(store, 3)
     claimed(store, first)  # the script is loaded
 

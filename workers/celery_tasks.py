@@ -32,9 +32,9 @@ def register_tasks(app: Celery, runtime: Callable[[], WorkerRuntime]) -> None:
     def run_task(
         self: Task, task_id: str, enqueued_ms: int | None = None, batch_id: str | None = None
     ) -> str:
-        from workers.runner import RetryAfter
+        from workers.attempts import RetryAfter
 
-        outcome = runtime().runner.run(task_id, enqueued_ms, batch_id)
+        outcome = runtime().attempts.run(task_id, enqueued_ms, batch_id)
         if isinstance(outcome, RetryAfter):
             raise self.retry(countdown=outcome.delay_s)
         return outcome.reason
