@@ -22,7 +22,7 @@ from agent.errors import SandboxRefused, SetupError
 from agent.models import TaskSpec
 from workers.sandbox import bwrap_dirs
 from workers.sandbox.bwrap import BwrapProvider, BwrapSandbox
-from workers.sandbox.cgroups import BUSY_CPU_SHARES, WARM_CPU_SHARES
+from workers.sandbox.cgroups import BUSY_CPU_SHARES, WARM_CPU_SHARES, Cgroups
 
 pytestmark = [
     pytest.mark.bwrap,
@@ -573,3 +573,24 @@ def test_a_lone_surrogate_in_the_codes_output_does_not_kill_the_session(
     assert not r.state_lost, r.note
     assert r.error is not None and "ValueError: bad \ufffd" in r.error
     assert sandbox.execute("x + 1", 5, 1000).value == "42"
+
+
+@pytest.mark.skipif(
+    BwrapProvider().cgroups() is None, reason="needs writable cgroup v1 memory and pids"
+)
+def test_a_starting_worker_keeps_the_cgroups_a_sibling_just_made() -> None:
+    # Given a worker that has made a sandbox's cgroups, which the sandbox has not joined yet
+    first = Cgroups.detect()
+    assert first is not None
+    name = f"actfleet-test-{os.getpid()}"
+    first.create(name, 64 << 20, 64)
+    try:
+        # When a sibling worker in the same cgroup starts (and clears what dead workers left)
+        assert Cgroups.detect() is not None
+        # Then the fresh, still empty cgroups are there to join
+        assert all((base / name).is_dir() for base in first.bases.values())
+        # And once they are old enough to be no one's, they go
+        first.remove_stale(older_than_s=0.0)
+        assert not any((base / name).exists() for base in first.bases.values())
+    finally:
+        first.remove(name)
