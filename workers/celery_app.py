@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from actfleet.settings import Settings
+from config.settings import Settings
 from store.queue import DEFAULT_REDIS_URL, enqueue
 from store.queue import make_celery as make_queue_app
 

@@ -34,8 +34,8 @@ from celery import Celery
 from celery.signals import task_received, worker_ready, worker_shutdown, worker_shutting_down
 from celery.worker import state as celery_state
 
-from actfleet.heap import freeze_startup_heap
-from actfleet.settings import Settings
+from config.heap import freeze_startup_heap
+from config.settings import Settings
 from store import keys
 from store.keys import GATE_LEASE_TTL_S, HEARTBEAT_INTERVAL_S, Keys
 from store.tasks import TaskStore

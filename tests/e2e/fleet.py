@@ -25,9 +25,9 @@ import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from actfleet.settings import Settings
 from agent.events import EventType
 from agent.models import Status, TaskSpec
+from config.settings import Settings
 from store import keys as keynames
 from store.apikeys import create_key
 from store.keys import Keys
