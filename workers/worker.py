@@ -53,6 +53,7 @@ from workers.sandbox import bwrap_dirs, make_provider
 from workers.sandbox.reaper import Reaper
 from workers.shutdown import Drain
 from workers.sweeper import Sweeper
+from workers.tasks import register_tasks
 from workers.webhook_delivery import DeliveryPolicy, WebhookDeliverer
 
 log = structlog.get_logger(__name__)
@@ -274,11 +275,9 @@ class WorkerRuntime:
 
 
 def make_worker_app(settings: Settings) -> tuple[Celery, WorkerRuntime]:
-    from workers.tasks import register_tasks
-
     app = make_celery(settings)
     runtime = WorkerRuntime(settings, app)
-    register_tasks(app, lambda: runtime)
+    register_tasks(app, lambda task_id, enqueued_ms: runtime.runner.run(task_id, enqueued_ms))
 
     def on_ready(sender: object = None, **_: object) -> None:
         if getattr(sender, "app", None) is app:
