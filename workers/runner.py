@@ -31,7 +31,6 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from actfleet.re2engine import RE2Engine
 from agent.errors import InfrastructureError
 from agent.events import Event, EventType, bound
 from agent.llm import LLM
@@ -39,6 +38,7 @@ from agent.loop import Checkpoint, Step, finished_event, run_codeact
 from agent.models import FailureClass, Result, Status, Timings, Usage
 from agent.sandbox import LazySandbox, Sandbox, SandboxProvider
 from config.settings import Settings
+from engines.re2engine import RE2Engine
 from store.keys import LEASE_TTL_S
 from store.records import TaskRecord
 from store.tasks import Appended, Claim, Dropped, EventsBehind, TaskStore
