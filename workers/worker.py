@@ -38,10 +38,10 @@ from config.heap import freeze_startup_heap
 from config.settings import Settings
 from store import keys
 from store.keys import GATE_LEASE_TTL_S, HEARTBEAT_INTERVAL_S, Keys
+from store.queue import DEFAULT_REDIS_URL, enqueue, make_celery
 from store.tasks import TaskStore
 from store.webhooks import WebhookOutbox
 from workers import metrics
-from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
 from workers.gateplan import GateConfig
 from workers.gatestore import RedisGateStore, server_id, server_label
 from workers.health import ConsumerWatch, HealthServer
@@ -275,7 +275,11 @@ class WorkerRuntime:
 
 
 def make_worker_app(settings: Settings) -> tuple[Celery, WorkerRuntime]:
-    app = make_celery(settings)
+    app = make_celery(
+        settings.redis_url,
+        concurrency=settings.worker_concurrency,
+        time_limit_s=settings.task_time_limit_s,
+    )
     runtime = WorkerRuntime(settings, app)
     register_tasks(app, lambda task_id, enqueued_ms: runtime.runner.run(task_id, enqueued_ms))
 

@@ -10,7 +10,8 @@ import redis
 from agent.events import Event, EventType
 from agent.models import FailureClass, Result, Status, TaskSpec
 from store.keys import Keys
-from store.tasks import Appended, Claim, Dropped, EventsBehind, TaskStore, new_record
+from store.tasks import Appended, Claim, Dropped, EventsBehind, TaskStore
+from tests.records import create, new_record
 
 
 class Clock:
@@ -33,7 +34,7 @@ def store(redis_url: str, clock: Clock) -> TaskStore:
 
 def queued(store: TaskStore, **kw: object) -> str:
     rec = new_record(TaskSpec(prompt="2+2?"), **kw)
-    store.create(rec)
+    create(store, rec)
     return rec.id
 
 
@@ -257,7 +258,7 @@ def test_a_finished_task_with_a_webhook_is_due_in_the_outbox_at_once(
     hooked = new_record(
         TaskSpec.from_dict({"prompt": "x", "webhook": {"url": "http://h.example/x"}})
     )
-    store.create(hooked)
+    create(store, hooked)
     plain = queued(store)
     for task_id in (hooked.id, plain):
         claim = store.claim(task_id, "w1")

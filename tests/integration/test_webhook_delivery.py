@@ -30,11 +30,12 @@ from store.apikeys import issue_key
 from store.batches import BatchRecord
 from store.keys import Keys
 from store.records import new_batch_id
-from store.tasks import Claim, TaskStore, new_record
+from store.tasks import Claim, TaskStore
 from store.webhook_secrets import rotate, signing_secrets
 from store.webhooks import WebhookOutbox
 from tests.conftest import free_port
 from tests.receivers import Listener, Receiver
+from tests.records import create, new_record
 from workers import webhook_delivery, webhook_http
 from workers.webhook_delivery import DeliveryPolicy, WebhookDeliverer
 from workers.webhooks import Outcome
@@ -60,7 +61,7 @@ class Env:
         """A task (with a webhook to ``url``) that a worker finished (FINISH made it due)."""
         spec = TaskSpec(prompt="p", webhook=Webhook(url) if url else None)
         rec = new_record(spec, tenant=TENANT, batch_id=batch_id)
-        self.store.create(rec)
+        create(self.store, rec)
         claim = self.store.claim(rec.id, "w0")
         assert isinstance(claim, Claim)
         result = Result(status, answer="4", correct=True, turns=1, attempt=1)
