@@ -22,11 +22,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from agent.errors import ActfleetError
 from api import routes_batches, routes_tasks, webhooks
 from api.errors import install_handlers
+from api.fleet import Enqueuer, fleet_health
 from api.metrics import ApiMetrics, MetricsMiddleware, render
 from api.openapi import install_openapi
-from api.queue import Enqueuer, fleet_health
 from config.settings import Settings
-from store.aio import AsyncStore, connect
+from store.api_store import AsyncStore, connect
 from store.batches import BatchStore
 from store.keys import Keys
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.models import TERMINAL_STATUSES, Status
-from store.aio import AsyncStore
+from store.api_store import AsyncStore
 from store.keys import RECORD_TTL_S
 from store.records import TaskRecord
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from agent.models import TaskSpec
 from store.records import TaskRecord, new_task_id
-from store.tasks import TaskStore
+from store.worker_store import TaskStore
 
 
 def new_record(spec: TaskSpec, tenant: str = "t_test", **kw: Any) -> TaskRecord:
@@ -16,7 +16,7 @@ def new_record(spec: TaskSpec, tenant: str = "t_test", **kw: Any) -> TaskRecord:
 
 def create(store: TaskStore, record: TaskRecord) -> None:
     """Store a new queued record with its tenant and queued index entries, as the API's
-    submission does (``store.aio.AsyncStore.write_tasks``), on the worker store's client."""
+    submission does (``store.api_store.AsyncStore.write_tasks``), on the worker store's client."""
     k = store.keys
     pipe = store.r.pipeline(transaction=True)
     pipe.hset(k.task(record.id), mapping=dict(record.to_hash()))  # type: ignore[arg-type]

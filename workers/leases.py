@@ -23,7 +23,7 @@ import structlog
 from agent.sandbox import Sandbox
 from store import keys
 from store.keys import WORKER_TTL_S
-from store.tasks import TaskStore
+from store.worker_store import TaskStore
 from workers import metrics
 from workers.health import ConsumerWatch
 

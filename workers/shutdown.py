@@ -20,7 +20,7 @@ from collections.abc import Callable
 import redis
 import structlog
 
-from store.tasks import TaskStore
+from store.worker_store import TaskStore
 from workers import metrics
 from workers.leases import Heartbeat, Lease
 

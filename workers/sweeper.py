@@ -28,7 +28,7 @@ import structlog
 from agent.loop import finished_event
 from agent.models import FailureClass, Result, Status, Timings
 from store import keys
-from store.tasks import TaskStore
+from store.worker_store import TaskStore
 from workers import metrics
 
 log = structlog.get_logger(__name__)

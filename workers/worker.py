@@ -37,11 +37,12 @@ from celery.worker import state as celery_state
 from config.heap import freeze_startup_heap
 from config.settings import Settings
 from store import keys
+from store.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
 from store.keys import GATE_LEASE_TTL_S, HEARTBEAT_INTERVAL_S, Keys
-from store.queue import DEFAULT_REDIS_URL, enqueue, make_celery
-from store.tasks import TaskStore
 from store.webhooks import WebhookOutbox
+from store.worker_store import TaskStore
 from workers import metrics
+from workers.celery_tasks import register_tasks
 from workers.gateplan import GateConfig
 from workers.gatestore import RedisGateStore, server_id, server_label
 from workers.health import ConsumerWatch, HealthServer
@@ -53,7 +54,6 @@ from workers.sandbox import bwrap_dirs, make_provider
 from workers.sandbox.reaper import Reaper
 from workers.shutdown import Drain
 from workers.sweeper import Sweeper
-from workers.tasks import register_tasks
 from workers.webhook_delivery import DeliveryPolicy, WebhookDeliverer
 
 log = structlog.get_logger(__name__)

@@ -29,9 +29,9 @@ from agent.events import EventType
 from agent.models import Status, TaskSpec
 from store import keys as keynames
 from store.apikeys import create_key
+from store.celery_app import enqueue, make_celery
 from store.keys import Keys
-from store.queue import enqueue, make_celery
-from store.tasks import TaskStore
+from store.worker_store import TaskStore
 from tests.conftest import RedisServer, free_port
 from tests.records import create, new_record
 

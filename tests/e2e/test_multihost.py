@@ -39,7 +39,7 @@ from agent.events import EventType
 from agent.models import Status
 from store.apikeys import create_key
 from store.keys import Keys
-from store.tasks import TaskStore
+from store.worker_store import TaskStore
 from tests.netguard import guard
 
 pytestmark = [

@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 from agent.events import Event, EventType
 from agent.models import Result, Status, TaskSpec
 from store.keys import Keys
-from store.tasks import Claim, LeaseState, TaskStore
+from store.worker_store import Claim, LeaseState, TaskStore
 from tests.records import create, new_record
 from workers.leases import Heartbeat, Lease
 

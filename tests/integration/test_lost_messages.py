@@ -10,9 +10,9 @@ import redis
 
 from agent.models import Status, TaskSpec
 from store import keys
+from store.celery_app import run_task_pushes
 from store.keys import Keys
-from store.queue import run_task_pushes
-from store.tasks import Claim, TaskStore
+from store.worker_store import Claim, TaskStore
 from tests.records import create, new_record
 from workers.metrics import queue_names
 

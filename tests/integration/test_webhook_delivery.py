@@ -30,9 +30,9 @@ from store.apikeys import issue_key
 from store.batches import BatchRecord
 from store.keys import Keys
 from store.records import new_batch_id
-from store.tasks import Claim, TaskStore
 from store.webhook_secrets import rotate, signing_secrets
 from store.webhooks import WebhookOutbox
+from store.worker_store import Claim, TaskStore
 from tests.conftest import free_port
 from tests.receivers import Listener, Receiver
 from tests.records import create, new_record

@@ -1,4 +1,4 @@
-"""store.tasks against a real redis-server: claims, duplicates, fencing, finish-once, sweep."""
+"""store.worker_store against a real redis-server: claims, duplicates, fencing, finish-once, sweep."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import redis
 from agent.events import Event, EventType
 from agent.models import FailureClass, Result, Status, TaskSpec
 from store.keys import Keys
-from store.tasks import Appended, Claim, Dropped, EventsBehind, TaskStore
+from store.worker_store import Appended, Claim, Dropped, EventsBehind, TaskStore
 from tests.records import create, new_record
 
 
