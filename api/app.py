@@ -26,7 +26,7 @@ from api.fleet import Enqueuer, fleet_health
 from api.metrics import ApiMetrics, MetricsMiddleware, render
 from api.openapi import install_openapi
 from config.settings import Settings
-from store.api_store import AsyncStore, connect
+from store.api_store import ApiStore, connect
 from store.batches import BatchStore
 from store.keys import Keys
 
@@ -45,7 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ActfleetError("ACTFLEET_REDIS_URL is not set: the API needs Redis")
         client = connect(settings.redis_url)
         streams = connect(settings.redis_url, block_s=settings.sse_heartbeat_s)
-        store = AsyncStore(client, app.state.keys)
+        store = ApiStore(client, app.state.keys)
         app.state.redis = client
         app.state.stream_redis = streams
         app.state.store = store

@@ -31,7 +31,7 @@ class Enqueuer:
 
     async def enqueue(self, task_ids: Sequence[str], enqueued_ms: int) -> None:
         """Queue ``task_ids`` in order, all or none (one MULTI/EXEC for every chunk);
-        ``enqueued_ms`` is their score in the queued index (``AsyncStore.write_tasks``)."""
+        ``enqueued_ms`` is their score in the queued index (``ApiStore.write_tasks``)."""
         if not task_ids:
             return
         pipe = self.client.pipeline(transaction=True)

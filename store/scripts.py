@@ -290,7 +290,7 @@ return 'requeue'
 """
 
 # REQUEUE_LOST: one queued task that the sweeper found to have lost its message (see
-# ``TaskStore.requeue_lost``): still queued, no lease, and its index score (its latest
+# ``WorkerStore.requeue_lost``): still queued, no lease, and its index score (its latest
 # message's push time) not after ARGV[2]. It then gets a new message: its score becomes
 # ARGV[3], so no other sweeper pushes one too, and the next look at it waits for that
 # message. An entry for a task that is gone, running or finished just leaves the index.

@@ -6,7 +6,7 @@ from typing import Any
 
 from agent.models import TaskSpec
 from store.records import TaskRecord, new_task_id
-from store.worker_store import TaskStore
+from store.worker_store import WorkerStore
 
 
 def new_record(spec: TaskSpec, tenant: str = "t_test", **kw: Any) -> TaskRecord:
@@ -14,9 +14,9 @@ def new_record(spec: TaskSpec, tenant: str = "t_test", **kw: Any) -> TaskRecord:
     return TaskRecord(id=kw.pop("id", None) or new_task_id(), tenant=tenant, spec=spec, **kw)
 
 
-def create(store: TaskStore, record: TaskRecord) -> None:
+def create(store: WorkerStore, record: TaskRecord) -> None:
     """Store a new queued record with its tenant and queued index entries, as the API's
-    submission does (``store.api_store.AsyncStore.write_tasks``), on the worker store's client."""
+    submission does (``store.api_store.ApiStore.write_tasks``), on the worker store's client."""
     k = store.keys
     pipe = store.r.pipeline(transaction=True)
     pipe.hset(k.task(record.id), mapping=dict(record.to_hash()))  # type: ignore[arg-type]

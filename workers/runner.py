@@ -41,7 +41,7 @@ from config.settings import Settings
 from engines.re2engine import RE2Engine
 from store.keys import LEASE_TTL_S
 from store.records import TaskRecord
-from store.worker_store import Appended, Claim, Dropped, EventsBehind, TaskStore
+from store.worker_store import Appended, Claim, Dropped, EventsBehind, WorkerStore
 from workers import metrics
 from workers.leases import Heartbeat, Lease
 
@@ -79,7 +79,7 @@ class Runner:
     def __init__(
         self,
         settings: Settings,
-        store: TaskStore,
+        store: WorkerStore,
         llm: LLM,
         provider: SandboxProvider,
         heartbeat: Heartbeat,

@@ -40,7 +40,7 @@ from store import keys
 from store.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
 from store.keys import GATE_LEASE_TTL_S, HEARTBEAT_INTERVAL_S, Keys
 from store.webhooks import WebhookOutbox
-from store.worker_store import TaskStore
+from store.worker_store import WorkerStore
 from workers import metrics
 from workers.celery_tasks import register_tasks
 from workers.gateplan import GateConfig
@@ -78,7 +78,7 @@ class WorkerRuntime:
         self.settings = settings
         self.app = app
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.store = TaskStore(
+        self.store = WorkerStore(
             redis_client(settings.redis_url or DEFAULT_REDIS_URL),
             Keys(settings.key_prefix),
             patience_s=settings.redis_patience_s,

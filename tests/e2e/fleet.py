@@ -31,7 +31,7 @@ from store import keys as keynames
 from store.apikeys import create_key
 from store.celery_app import enqueue, make_celery
 from store.keys import Keys
-from store.worker_store import TaskStore
+from store.worker_store import WorkerStore
 from tests.conftest import RedisServer, free_port
 from tests.records import create, new_record
 
@@ -70,7 +70,7 @@ class Fleet:
         self.tmp = tmp
         self.metrics_dir = tmp / "metrics"
         self.metrics_dir.mkdir()
-        self.store = TaskStore(redis.Redis.from_url(server.url), Keys("af"))
+        self.store = WorkerStore(redis.Redis.from_url(server.url), Keys("af"))
         self.celery = make_celery(server.url)
         self.workers: list[subprocess.Popen[bytes]] = []
         self.health_ports: dict[int, int] = {}  # worker pid -> its metrics/health port
