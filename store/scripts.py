@@ -122,7 +122,7 @@ def finish_call(
     return names, args
 
 
-# --- worker-side transitions (store.worker_store) ---------------------------------------------
+# --- worker-side transitions (store.worker_store) -------------------------------------
 # A task's hash also holds, once a worker has run it: "checkpoint" (the loop's state after
 # its last appended step), "seq" (how many events this task's workers appended; an append
 # carries the seq it expects to write, so a retried call never adds an entry twice) and

@@ -38,7 +38,7 @@ from config.heap import freeze_startup_heap
 from config.settings import Settings
 from store import keys
 from store.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
-from store.keys import GATE_LEASE_TTL_S, HEARTBEAT_INTERVAL_S, Keys
+from store.keys import GATE_LEASE_TTL_S, Keys
 from store.webhooks import WebhookOutbox
 from store.worker_store import WorkerStore
 from workers import metrics
@@ -87,7 +87,6 @@ class WorkerRuntime:
         self.heartbeat = Heartbeat(
             self.store,
             self.worker_id,
-            interval_s=2.0,
             consumer=self.consumer,
             held=lambda: len(celery_state.reserved_requests),
             slots=settings.worker_concurrency,
@@ -112,7 +111,7 @@ class WorkerRuntime:
             max_attempts=settings.max_attempts,
             enqueue=lambda task_id, enqueued_ms: enqueue(app, task_id, enqueued_ms),
             on_finished=lambda task_id: self.webhooks.wake(),
-            interval_s=HEARTBEAT_INTERVAL_S,
+            interval_s=settings.sweep_interval_s,
             queued_grace_s=settings.queued_grace_s,
         )
         self._runner: Runner | None = None

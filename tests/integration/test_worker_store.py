@@ -1,4 +1,5 @@
-"""store.worker_store against a real redis-server: claims, duplicates, fencing, finish-once, sweep."""
+"""store.worker_store against a real redis-server: claims, duplicates, fencing, finish-once,
+sweep."""
 
 from __future__ import annotations
 
