@@ -1,9 +1,9 @@
-"""Enqueue task ids on the Celery broker without importing worker code paths, and read
-the broker's and the workers' state for readiness.
+"""The API's side of the fleet: enqueue task ids on the Celery broker without importing
+worker code paths, and read the broker's and the workers' state for readiness.
 
 The broker is the API's own Redis, so a batch's ``run_task`` messages (built by
-``store.celery_app.run_task_message``) go out in a few LPUSHes on the API's async client: a
-2,000-task batch is queued in tens of milliseconds instead of seconds of ``send_task``.
+``store.celery_app.run_task_message``) go out in a few LPUSHes on the API's async client,
+all or none, without blocking the event loop on Celery's synchronous publish path.
 """
 
 from __future__ import annotations
