@@ -1,4 +1,5 @@
-"""The task spec, the result record and the statuses: the public contract of DESIGN.md.
+"""The task spec, the result record and the statuses: the public contract (described in
+README.md, "What a task is").
 
 Everything here is a frozen dataclass. ``TaskSpec.from_dict`` is the single place where a
 task spec from the outside world (HTTP, a JSONL line, a CLI flag) is checked: it collects

@@ -57,7 +57,9 @@ STREAM_MAXLEN = 10_000  # entries kept per task stream (approximate trim)
 STREAM_TTL_S = 7 * 24 * 3600  # a stream lives this long after its terminal event
 RECORD_TTL_S = 30 * 24 * 3600  # task and batch records after they finish
 LEASE_TTL_S = 30.0  # a lease not renewed for this long is expired
-HEARTBEAT_INTERVAL_S = 5.0  # how often a worker renews its leases and its own heartbeat
+# How often a worker renews its leases and its heartbeat key: several renewals fit in
+# LEASE_TTL_S and WORKER_TTL_S, so one slow Redis call does not lose a lease.
+HEARTBEAT_INTERVAL_S = 2.0
 WORKER_TTL_S = 30.0
 WEBHOOK_FIRST_DELAY_S = 0.0  # a finished task's webhook is due at once
 WEBHOOK_LEASE_S = 60.0  # a claimed attempt not settled by then is claimed again (> timeouts)

@@ -31,17 +31,17 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from actfleet.re2engine import RE2Engine
-from actfleet.settings import Settings
 from agent.errors import InfrastructureError
 from agent.events import Event, EventType, bound
 from agent.llm import LLM
 from agent.loop import Checkpoint, Step, finished_event, run_codeact
 from agent.models import FailureClass, Result, Status, Timings, Usage
 from agent.sandbox import LazySandbox, Sandbox, SandboxProvider
+from config.settings import Settings
+from engines.re2engine import RE2Engine
 from store.keys import LEASE_TTL_S
 from store.records import TaskRecord
-from store.tasks import Appended, Claim, Dropped, EventsBehind, TaskStore
+from store.worker_store import Appended, Claim, Dropped, EventsBehind, WorkerStore
 from workers import metrics
 from workers.leases import Heartbeat, Lease
 
@@ -79,7 +79,7 @@ class Runner:
     def __init__(
         self,
         settings: Settings,
-        store: TaskStore,
+        store: WorkerStore,
         llm: LLM,
         provider: SandboxProvider,
         heartbeat: Heartbeat,

@@ -34,14 +34,15 @@ from celery import Celery
 from celery.signals import task_received, worker_ready, worker_shutdown, worker_shutting_down
 from celery.worker import state as celery_state
 
-from actfleet.heap import freeze_startup_heap
-from actfleet.settings import Settings
+from config.heap import freeze_startup_heap
+from config.settings import Settings
 from store import keys
-from store.keys import GATE_LEASE_TTL_S, HEARTBEAT_INTERVAL_S, Keys
-from store.tasks import TaskStore
+from store.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
+from store.keys import GATE_LEASE_TTL_S, Keys
 from store.webhooks import WebhookOutbox
+from store.worker_store import WorkerStore
 from workers import metrics
-from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
+from workers.celery_tasks import register_tasks
 from workers.gateplan import GateConfig
 from workers.gatestore import RedisGateStore, server_id, server_label
 from workers.health import ConsumerWatch, HealthServer
@@ -77,7 +78,7 @@ class WorkerRuntime:
         self.settings = settings
         self.app = app
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.store = TaskStore(
+        self.store = WorkerStore(
             redis_client(settings.redis_url or DEFAULT_REDIS_URL),
             Keys(settings.key_prefix),
             patience_s=settings.redis_patience_s,
@@ -86,7 +87,6 @@ class WorkerRuntime:
         self.heartbeat = Heartbeat(
             self.store,
             self.worker_id,
-            interval_s=2.0,
             consumer=self.consumer,
             held=lambda: len(celery_state.reserved_requests),
             slots=settings.worker_concurrency,
@@ -111,7 +111,7 @@ class WorkerRuntime:
             max_attempts=settings.max_attempts,
             enqueue=lambda task_id, enqueued_ms: enqueue(app, task_id, enqueued_ms),
             on_finished=lambda task_id: self.webhooks.wake(),
-            interval_s=HEARTBEAT_INTERVAL_S,
+            interval_s=settings.sweep_interval_s,
             queued_grace_s=settings.queued_grace_s,
         )
         self._runner: Runner | None = None
@@ -274,11 +274,13 @@ class WorkerRuntime:
 
 
 def make_worker_app(settings: Settings) -> tuple[Celery, WorkerRuntime]:
-    from workers.tasks import register_tasks
-
-    app = make_celery(settings)
+    app = make_celery(
+        settings.redis_url,
+        concurrency=settings.worker_concurrency,
+        time_limit_s=settings.task_time_limit_s,
+    )
     runtime = WorkerRuntime(settings, app)
-    register_tasks(app, lambda: runtime)
+    register_tasks(app, lambda task_id, enqueued_ms: runtime.runner.run(task_id, enqueued_ms))
 
     def on_ready(sender: object = None, **_: object) -> None:
         if getattr(sender, "app", None) is app:

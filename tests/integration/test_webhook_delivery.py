@@ -30,11 +30,12 @@ from store.apikeys import issue_key
 from store.batches import BatchRecord
 from store.keys import Keys
 from store.records import new_batch_id
-from store.tasks import Claim, TaskStore, new_record
 from store.webhook_secrets import rotate, signing_secrets
 from store.webhooks import WebhookOutbox
+from store.worker_store import Claim, WorkerStore
 from tests.conftest import free_port
 from tests.receivers import Listener, Receiver
+from tests.records import create, new_record
 from workers import webhook_delivery, webhook_http
 from workers.webhook_delivery import DeliveryPolicy, WebhookDeliverer
 from workers.webhooks import Outcome
@@ -47,7 +48,7 @@ class Env:
     def __init__(self, redis_url: str) -> None:
         self.r = redis.Redis.from_url(redis_url)
         self.keys = Keys("t")
-        self.store = TaskStore(self.r, self.keys)
+        self.store = WorkerStore(self.r, self.keys)
         self.outbox = WebhookOutbox(self.r, self.keys)
         issued = issue_key(self.r, self.keys, TENANT)
         assert issued.webhook_secret is not None
@@ -60,7 +61,7 @@ class Env:
         """A task (with a webhook to ``url``) that a worker finished (FINISH made it due)."""
         spec = TaskSpec(prompt="p", webhook=Webhook(url) if url else None)
         rec = new_record(spec, tenant=TENANT, batch_id=batch_id)
-        self.store.create(rec)
+        create(self.store, rec)
         claim = self.store.claim(rec.id, "w0")
         assert isinstance(claim, Claim)
         result = Result(status, answer="4", correct=True, turns=1, attempt=1)

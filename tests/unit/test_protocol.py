@@ -9,7 +9,11 @@ from typing import Any
 
 import pytest
 
-from agent.errors import SandboxError
+from agent.errors import InfrastructureError, SandboxError
+from agent.loop import run_codeact
+from agent.models import FailureClass, TaskSpec
+from agent.sandbox import ExecResult
+from tests.fakes import ScriptedLLM
 from workers.sandbox.protocol import (
     MAX_FRAME_BYTES,
     FrameDecoder,
@@ -111,9 +115,55 @@ def test_decoder_rejects_garbage_with_a_protocol_error(raw: bytes) -> None:
         FrameDecoder().feed(raw)
 
 
-def test_protocol_errors_are_sandbox_errors() -> None:
-    for error in (RunnerDeadline, RunnerExited, RunnerProtocolError):
-        assert issubclass(error, SandboxError)
+class ClientSandbox:
+    """A sandbox that is nothing but a ``RunnerClient`` (no restart), to see what the agent
+    loop makes of each way the runner can break the protocol."""
+
+    def __init__(self, client: RunnerClient) -> None:
+        self.client = client
+
+    def execute(self, code: str, timeout_s: float, max_output_chars: int) -> ExecResult:
+        return self.client.execute(code, timeout_s, max_output_chars)
+
+    def close(self) -> None:
+        pass
+
+
+def silent(request: dict[str, Any]) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("respond", "eof", "error"),
+    [
+        (silent, False, RunnerDeadline),
+        (silent, True, RunnerExited),
+        (lambda request: struct.pack(">I", 1) + b"x", False, RunnerProtocolError),
+    ],
+    ids=["no-answer", "eof", "garbage"],
+)
+def test_a_broken_runner_ends_the_attempt_as_a_retryable_sandbox_fault(
+    respond: Responder, eof: bool, error: type[Exception]
+) -> None:
+    # Given a task whose model asks to run code, in a sandbox whose runner then breaks
+    now = [100.0]
+    channel = FakeChannel(respond)
+    client = RunnerClient(channel, grace_s=0.0, clock=lambda: now[0])
+    client.wait_ready(1.0)
+    channel.eof = eof
+    llm = ScriptedLLM(["<execute>print(1)</execute>", "<solution>1</solution>"])
+    loop = run_codeact(TaskSpec(prompt="p"), llm, ClientSandbox(client), model="m")
+    # When the loop runs the code
+    with pytest.raises(InfrastructureError) as raised:
+        for _ in loop:
+            pass
+    # Then the fault is ours, not the model's: it is not shown to the model as an
+    # observation (no second request), it ends the attempt for the caller to retry, and the
+    # task's failure class, should the retries run out, is sandbox_error
+    assert isinstance(raised.value, error)
+    assert isinstance(raised.value, SandboxError)
+    assert len(llm.requests) == 1
+    assert FailureClass.of_fault(raised.value) is FailureClass.SANDBOX_ERROR
 
 
 # -- RunnerClient -------------------------------------------------------------------------

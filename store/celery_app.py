@@ -90,7 +90,7 @@ def make_celery(
     concurrency: int = 1,
     time_limit_s: float = DEFAULT_TIME_LIMIT_S,
 ) -> Celery:
-    """An app that can enqueue by name; the worker adds its tasks (``workers.tasks``)."""
+    """An app that can enqueue by name; the worker adds its tasks (``workers.celery_tasks``)."""
     app = Celery("actfleet", set_as_current=False)
     app.conf.update(celery_config(redis_url, concurrency=concurrency, time_limit_s=time_limit_s))
     return app
@@ -110,13 +110,15 @@ def enqueue(app: Celery, task_id: str, enqueued_ms: int) -> None:
 
 # -- bulk enqueue ---------------------------------------------------------------------------
 #
-# ``send_task`` costs about 1 ms of CPU per message (routing, signals, kombu's publish path,
-# a new redis client per LPUSH), so a 2,000-task batch held the API's CPU for seconds while
-# the workers were already starting the first tasks. A ``run_task`` message is tiny and its
-# format is Celery's documented task message protocol (version 2) inside kombu's Redis
-# envelope, so the API writes it directly: thousands of messages in one LPUSH, about 20 us
-# each. tests/integration/test_queue.py checks it field for field against ``send_task`` and
-# decodes it with a kombu consumer; the end-to-end tests run real workers on it.
+# The API writes ``run_task`` messages itself instead of calling ``send_task``, which does
+# routing, signals and kombu's publish path (and a new redis client) for every message: a
+# large batch must not hold the API's CPU while the workers already start its first tasks
+# (docs/performance.md has the cost of each). A ``run_task`` message is tiny and its format
+# is Celery's documented task message protocol (version 2) inside kombu's Redis envelope, so
+# a batch's messages go out in a few LPUSHes. That format is a contract with the pinned
+# Celery and kombu (pyproject.toml): tests/integration/test_queue.py checks it field for
+# field against ``send_task`` and decodes it with a kombu consumer; the end-to-end tests run
+# real workers on it.
 
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"

@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     worker_exit_on_stall: bool = Field(
         True, description="a worker whose consumer is dead hands its tasks back and exits 3"
     )
+    sweep_interval_s: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="how often each worker looks for tasks whose lease expired or whose "
+        "message was lost, and hands them back to the queue",
+    )
     queued_grace_s: float = Field(
         60.0,
         gt=0,

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import redis
 
 from agent.events import Event
-from agent.models import Result, TaskSpec
+from agent.models import Result
 from store import scripts
 from store.keys import LEASE_TTL_S, STREAM_MAXLEN, Keys
 from store.records import TaskRecord
@@ -83,7 +83,7 @@ class LostMessages:
     queue_empty: bool  # the queue was empty at this look (pass it to the next one)
 
 
-class TaskStore:
+class WorkerStore:
     """Sync operations on task records for workers. Construction does no I/O."""
 
     def __init__(
@@ -397,26 +397,6 @@ class TaskStore:
             raw = fields.get(b"e", fields.get("e"))
             out.append(Event.from_dict(json.loads(_s(raw))))
         return out
-
-    # -- used by tests and tools: create a record as the API would -----------------------
-
-    def create(self, record: TaskRecord) -> None:
-        """Store a new queued record (the API's job in production)."""
-        k = self.keys
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(k.task(record.id), mapping=dict(record.to_hash()))  # type: ignore[arg-type]
-        pipe.zadd(k.tenant_tasks(record.tenant), {record.id: record.created_at})
-        pipe.zadd(k.queued, {record.id: int(record.created_at * 1000)})
-        pipe.incr(k.tenant_active(record.tenant))
-        if record.batch_id:
-            pipe.rpush(k.batch_tasks(record.batch_id), record.id)
-        pipe.execute()
-
-
-def new_record(spec: TaskSpec, tenant: str = "t_test", **kw: Any) -> TaskRecord:
-    from store.records import new_task_id
-
-    return TaskRecord(id=kw.pop("id", None) or new_task_id(), tenant=tenant, spec=spec, **kw)
 
 
 def _s(v: Any) -> str:
