@@ -25,11 +25,10 @@ from agent.events import Event
 from agent.models import Result, TaskSpec
 from store import scripts
 from store.keys import LEASE_TTL_S, STREAM_MAXLEN, Keys
+from store.patience import patiently
 from store.records import TaskRecord
 
 T = TypeVar("T")
-
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
 class Appended(Enum):
@@ -115,16 +114,7 @@ class TaskStore:
 
     def _patient(self, op: Callable[[], T]) -> T:
         """Run ``op``, retrying while Redis is unreachable, for up to ``patience_s``."""
-        deadline = time.monotonic() + self.patience_s
-        delay = 0.2
-        while True:
-            try:
-                return op()
-            except _REDIS_DOWN:
-                if time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 3.0)
+        return patiently(op, self.patience_s)
 
     def _lease_ms(self) -> int:
         return int(self.lease_ttl_s * 1000)

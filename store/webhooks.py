@@ -30,6 +30,7 @@ import redis
 import redis.asyncio as aioredis
 
 from store.keys import RECORD_TTL_S, WEBHOOK_ATTEMPTS_KEPT, WEBHOOK_LEASE_S, Keys
+from store.patience import patiently
 
 T = TypeVar("T")
 
@@ -250,16 +251,7 @@ class WebhookOutbox:
         )
 
     def _patient(self, op: Callable[[], T]) -> T:
-        deadline = time.monotonic() + self.patience_s
-        delay = 0.2
-        while True:
-            try:
-                return op()
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 3.0)
+        return patiently(op, self.patience_s)
 
 
 async def delivery_view(client: aioredis.Redis, keys: Keys, subject_id: str) -> dict[str, Any]:

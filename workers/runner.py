@@ -33,6 +33,7 @@ import structlog
 
 from actfleet.re2engine import RE2Engine
 from actfleet.settings import Settings
+from agent.backoff import Backoff, Jitter
 from agent.errors import InfrastructureError
 from agent.events import Event, EventType, bound
 from agent.llm import LLM
@@ -66,11 +67,6 @@ class Fenced(Exception):
 
 class Regressed(Exception):
     """Redis lost this attempt's latest writes (a crash within its fsync window)."""
-
-
-def retry_backoff_s(attempt: int, base_s: float, max_s: float) -> float:
-    """Delay before the attempt after ``attempt``: base, 2*base, 4*base, ... capped."""
-    return float(min(max_s, base_s * 2 ** max(attempt - 1, 0)))
 
 
 class Runner:
@@ -255,9 +251,9 @@ class Runner:
         if not e.retryable or claim.record.attempts_used >= self.settings.max_attempts:
             log.error("task.infra_failed", failure=fc.value, error=repr(e))
             return self._finish(claim, self._error(claim, fc, str(e)))
-        delay = retry_backoff_s(
-            claim.attempt, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s
-        )
+        delay = Backoff(
+            self.settings.retry_backoff_s, self.settings.retry_backoff_max_s, Jitter.NONE
+        ).delay_s(claim.attempt)
         self._append(
             claim,
             seq,
