@@ -25,6 +25,7 @@ from agent.errors import ActfleetError
 from agent.events import Event, EventType
 from agent.loop import finished_event
 from agent.models import FailureClass, Result, Status, TaskSpec
+from agent.text import text_of
 from store.keys import STREAM_MAXLEN, Keys
 from store.records import RecordError, TaskRecord, new_task_id
 from store.scripts import FINISH, finish_call
@@ -183,9 +184,9 @@ class AsyncStore:
 
     async def task_status(self, tenant: str, task_id: str) -> Status | None:
         owner, status = await self.client.hmget(self.keys.task(task_id), ["tenant", "status"])
-        if owner is None or _s(owner) != tenant:
+        if owner is None or text_of(owner) != tenant:
             return None
-        return Status(_s(status))
+        return Status(text_of(status))
 
     async def list_tasks(
         self,
@@ -205,7 +206,7 @@ class AsyncStore:
         scanned = 0
         while len(out) < limit and scanned < scan_max:
             step = limit if status is None else min(500, max(limit * 4, 100))
-            ids = [_s(i) for i in await self.client.zrevrange(index, pos, pos + step - 1)]
+            ids = [text_of(i) for i in await self.client.zrevrange(index, pos, pos + step - 1)]
             if not ids:
                 return Page(out, None)
             pipe = self.client.pipeline(transaction=False)
@@ -242,7 +243,7 @@ class AsyncStore:
         if rec.status.terminal:
             raise AlreadyFinished(rec.status.value)
         before = await self._request_cancel(keys=[self.keys.task(task_id)])
-        if before is not None and _s(before) == Status.QUEUED:
+        if before is not None and text_of(before) == Status.QUEUED:
             await self.finish_cancelled(rec.id, rec.tenant, rec.batch_id, rec.attempt)
         return await self.get_task(tenant, task_id)
 
@@ -251,7 +252,7 @@ class AsyncStore:
         pipe = self.client.pipeline(transaction=False)
         for task_id in task_ids:
             await self._request_cancel(keys=[self.keys.task(task_id)], client=pipe)
-        return [None if st is None else _s(st) for st in await pipe.execute()]
+        return [None if st is None else text_of(st) for st in await pipe.execute()]
 
     async def finish_cancelled(
         self, task_id: str, tenant: str, batch_id: str | None, attempt: int
@@ -314,7 +315,3 @@ def queued_event(rec: TaskRecord) -> Event:
     if rec.batch_id:
         data["batch_id"] = rec.batch_id
     return Event(EventType.QUEUED, turn=0, attempt=0, ts=rec.created_at, data=data)
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

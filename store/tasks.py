@@ -23,6 +23,7 @@ import redis
 
 from agent.events import Event
 from agent.models import Result, TaskSpec
+from agent.text import text_of
 from store import scripts
 from store.keys import LEASE_TTL_S, STREAM_MAXLEN, Keys
 from store.patience import patiently
@@ -130,7 +131,7 @@ class TaskStore:
 
     def lease_owner(self, task_id: str) -> str | None:
         v = self._patient(lambda: self.r.get(self.keys.lease(task_id)))
-        return v.decode() if isinstance(v, bytes) else v
+        return None if v is None else text_of(v)
 
     def cancel_requested(self, task_id: str) -> bool:
         v = self._patient(lambda: self.r.hget(self.keys.task(task_id), "cancel_requested"))
@@ -172,10 +173,10 @@ class TaskStore:
             )
         )
         if int(out[0]) == 0:
-            return Dropped(_s(out[1]))
+            return Dropped(text_of(out[1]))
         attempt = int(out[0])
         fields = out[4]  # the record as the claim left it, flat: [field, value, ...]
-        cp = _s(out[1])
+        cp = text_of(out[1])
         return Claim(
             record=TaskRecord.from_hash(dict(zip(fields[::2], fields[1::2], strict=True))),
             owner=f"{worker_id}/{attempt}",
@@ -206,7 +207,9 @@ class TaskStore:
         replies = self._patient(op)
         return {
             task_id: LeaseState(
-                held=int(rep[0]) == 1, cancel_requested=_s(rep[1]) == "1", ended=int(rep[0]) == 2
+                held=int(rep[0]) == 1,
+                cancel_requested=text_of(rep[1]) == "1",
+                ended=int(rep[0]) == 2,
             )
             for (task_id, _, _), rep in zip(items, replies, strict=True)
         }
@@ -291,7 +294,7 @@ class TaskStore:
         )
         out = self._patient(lambda: self._finish(keys=keys_, args=args))
         if isinstance(out, bytes | str):
-            return _s(out)
+            return text_of(out)
         if out == -3:
             raise EventsBehind(record.id)
         return None
@@ -313,7 +316,7 @@ class TaskStore:
         requeue: list[str] = []
         exhausted: list[tuple[str, str]] = []
         for raw in ids:
-            task_id = _s(raw)
+            task_id = text_of(raw)
 
             def op(t: str = task_id) -> Any:
                 return self._sweep(
@@ -321,7 +324,7 @@ class TaskStore:
                     args=[expired_ms, max_attempts, t, sweeper_id, self._lease_ms(), now_ms],
                 )
 
-            out = _s(self._patient(op))
+            out = text_of(self._patient(op))
             if out == "requeue":
                 requeue.append(task_id)
             elif out == "exhausted":
@@ -368,14 +371,14 @@ class TaskStore:
         )
         requeue = []
         for raw in ids:
-            task_id = _s(raw)
+            task_id = text_of(raw)
 
             def op(t: str = task_id) -> Any:
                 return self._requeue_lost(
                     keys=[k.task(t), k.lease(t), k.queued], args=[t, cutoff, now_ms]
                 )
 
-            if _s(self._patient(op)) == "requeue":
+            if text_of(self._patient(op)) == "requeue":
                 requeue.append(task_id)
         return LostMessages(tuple(requeue), now_ms, empty)
 
@@ -385,7 +388,7 @@ class TaskStore:
         out = []
         for _, fields in entries or ():
             raw = fields.get(b"e", fields.get("e"))
-            out.append(Event.from_dict(json.loads(_s(raw))))
+            out.append(Event.from_dict(json.loads(text_of(raw))))
         return out
 
     # -- used by tests and tools: create a record as the API would -----------------------
@@ -407,7 +410,3 @@ def new_record(spec: TaskSpec, tenant: str = "t_test", **kw: Any) -> TaskRecord:
     from store.records import new_task_id
 
     return TaskRecord(id=kw.pop("id", None) or new_task_id(), tenant=tenant, spec=spec, **kw)
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
