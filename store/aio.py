@@ -58,18 +58,18 @@ def connect(url: str, *, block_s: float = 0.0) -> aioredis.Redis:
     )
 
 
-# RESERVE: take n slots of a tenant's active-task budget, or none.
+# RESERVE_SLOTS: take n slots of a tenant's active-task budget, or none.
 # KEYS: 1 tenant active counter. ARGV: 1 n, 2 limit.
 # Returns {1, new count} on success, {0, current count} when n more would pass the limit.
-RESERVE = """
+RESERVE_SLOTS = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local n = tonumber(ARGV[1])
 if cur + n > tonumber(ARGV[2]) then return {0, cur} end
 return {1, redis.call('INCRBY', KEYS[1], n)}
 """
 
-# RELEASE: give back n reserved slots (never below zero). KEYS: 1 counter. ARGV: 1 n.
-RELEASE = """
+# RETURN_SLOTS: give back n reserved slots (never below zero). KEYS: 1 counter. ARGV: 1 n.
+RETURN_SLOTS = """
 if redis.call('DECRBY', KEYS[1], ARGV[1]) < 0 then redis.call('SET', KEYS[1], 0) end
 return 1
 """
@@ -121,21 +121,23 @@ class AsyncStore:
     def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
         self.client = client
         self.keys = keys
-        self._reserve = client.register_script(RESERVE)
-        self._release = client.register_script(RELEASE)
+        self._reserve_slots = client.register_script(RESERVE_SLOTS)
+        self._return_slots = client.register_script(RETURN_SLOTS)
         self._request_cancel = client.register_script(REQUEST_CANCEL)
         self._finish = client.register_script(FINISH)
 
     # -- submit -------------------------------------------------------------------------
 
     async def reserve(self, tenant: str, n: int, limit: int) -> None:
-        ok, count = await self._reserve(keys=[self.keys.tenant_active(tenant)], args=[n, limit])
+        ok, count = await self._reserve_slots(
+            keys=[self.keys.tenant_active(tenant)], args=[n, limit]
+        )
         if not int(ok):
             raise TenantLimitError(int(count), n, limit)
 
     async def release(self, tenant: str, n: int) -> None:
         if n > 0:
-            await self._release(keys=[self.keys.tenant_active(tenant)], args=[n])
+            await self._return_slots(keys=[self.keys.tenant_active(tenant)], args=[n])
 
     def new_records(
         self, tenant: str, specs: Sequence[TaskSpec], batch_id: str | None = None

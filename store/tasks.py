@@ -105,7 +105,7 @@ class TaskStore:
         self._claim = client.register_script(scripts.CLAIM)
         self._renew = client.register_script(scripts.RENEW)
         self._step = client.register_script(scripts.STEP)
-        self._release = client.register_script(scripts.RELEASE)
+        self._release_for_retry = client.register_script(scripts.RELEASE_FOR_RETRY)
         self._sweep = client.register_script(scripts.SWEEP)
         self._finish = client.register_script(scripts.FINISH)
         self._requeue_lost = client.register_script(scripts.REQUEUE_LOST)
@@ -150,6 +150,7 @@ class TaskStore:
         mark, see ``requeue_lost``); None when the message does not say."""
         k = self.keys
         now = self.clock()
+        started = scripts.started_parts(worker_id, now)
         out = self._patient(
             lambda: self._claim(
                 keys=[
@@ -169,6 +170,7 @@ class TaskStore:
                     max_attempts,
                     self.stream_maxlen,
                     int(enqueued_ms or 0),
+                    *started,
                 ],
             )
         )
@@ -240,7 +242,7 @@ class TaskStore:
         k = self.keys
         at_ms = int((self.clock() + reclaim_after_s) * 1000)
         out = self._patient(
-            lambda: self._release(
+            lambda: self._release_for_retry(
                 keys=[k.task(task_id), k.lease(task_id), k.running], args=[owner, at_ms, task_id]
             )
         )
