@@ -1,6 +1,6 @@
 """One delivery of one task: claim, run the agent loop, write every step fenced, finish.
 
-``Runner.run(task_id)`` is what the Celery task calls. It returns ``Done`` (acknowledge the
+``Attempts.run(task_id)`` is what the Celery task calls. It returns ``Done`` (acknowledge the
 message) or ``RetryAfter`` (an infrastructure fault: the Celery task re-sends itself after
 the delay). Exactly once, in effect:
 
@@ -69,7 +69,7 @@ class Regressed(Exception):
     """Redis lost this attempt's latest writes (a crash within its fsync window)."""
 
 
-class Runner:
+class Attempts:
     """Runs deliveries for one worker process; thread-safe (one call per Celery thread)."""
 
     def __init__(
