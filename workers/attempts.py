@@ -19,6 +19,10 @@ until ``max_attempts``; then the task ends ``error``. A lost lease or a cancel r
 closes the sandbox and stops the loop at its next check. So does a hand-back (the worker
 is stopping, see ``WorkerRuntime.drain``): the task went back to the queue at its
 checkpoint, and this attempt ends without writing anything more.
+
+The store is a port (``AttemptStore``: ``store.tasks.TaskStore`` in production, an
+in-memory fake in the unit tests), and so are the leases' keeper (``Leases``: the
+``Heartbeat``) and the sandboxes (``SandboxProvider``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import structlog
 
@@ -42,9 +47,9 @@ from agent.models import FailureClass, Result, Status, Timings, Usage
 from agent.sandbox import LazySandbox, Sandbox, SandboxProvider
 from store.keys import LEASE_TTL_S
 from store.records import TaskRecord
-from store.tasks import Appended, Claim, Dropped, EventsBehind, TaskStore
+from store.tasks import Appended, Claim, Dropped, EventsBehind
 from workers import metrics
-from workers.leases import Heartbeat, Lease
+from workers.leases import Lease
 
 log = structlog.get_logger(__name__)
 _RE2 = RE2Engine()
@@ -69,16 +74,53 @@ class Regressed(Exception):
     """Redis lost this attempt's latest writes (a crash within its fsync window)."""
 
 
+class AttemptStore(Protocol):
+    """The store calls an attempt makes, each one round trip (``store.tasks.TaskStore``;
+    their contracts are its methods'). Per turn an attempt makes one: ``append``."""
+
+    def claim(
+        self, task_id: str, worker_id: str, max_attempts: int = 0, enqueued_ms: int | None = None
+    ) -> Claim | Dropped: ...
+
+    def append(
+        self, task_id: str, owner: str, event: Event, seq: int, checkpoint: str | None = None
+    ) -> Appended: ...
+
+    def release(self, task_id: str, owner: str, reclaim_after_s: float) -> bool: ...
+
+    def finish(
+        self,
+        record: TaskRecord,
+        owner: str,
+        result: Result,
+        event: Event,
+        last_step: tuple[Event, int] | None = None,
+    ) -> str | None: ...
+
+    def get(self, task_id: str) -> TaskRecord | None: ...
+
+    def lease_owner(self, task_id: str) -> str | None: ...
+
+
+class Leases(Protocol):
+    """Who keeps this process's leases alive while their attempts run (``Heartbeat``): it
+    stops a lease (``Lease.stop``) that was lost or whose task was cancelled."""
+
+    def add(self, lease: Lease) -> None: ...
+
+    def remove(self, lease: Lease) -> None: ...
+
+
 class Attempts:
     """Runs deliveries for one worker process; thread-safe (one call per Celery thread)."""
 
     def __init__(
         self,
         settings: Settings,
-        store: TaskStore,
+        store: AttemptStore,
         llm: LLM,
         provider: SandboxProvider,
-        heartbeat: Heartbeat,
+        heartbeat: Leases,
         sandbox_starter: Executor,
         *,
         worker_id: str,
