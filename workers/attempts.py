@@ -136,6 +136,8 @@ class Attempts:
         self.worker_id = worker_id
         self.on_finished = on_finished
         self.sandbox_closer = sandbox_closer
+        # an infrastructure fault's retries: 2x the delay each time, up to the cap
+        self.backoff = Backoff(settings.retry_backoff_s, settings.retry_backoff_max_s, Jitter.NONE)
 
     def run(self, task_id: str, enqueued_ms: int | None = None) -> Done | RetryAfter:
         """Run one delivery of ``task_id``, whose message was pushed at ``enqueued_ms``."""
@@ -293,9 +295,7 @@ class Attempts:
         if not e.retryable or claim.record.attempts_used >= self.settings.max_attempts:
             log.error("task.infra_failed", failure=fc.value, error=repr(e))
             return self._finish(claim, self._error(claim, fc, str(e)))
-        delay = Backoff(
-            self.settings.retry_backoff_s, self.settings.retry_backoff_max_s, Jitter.NONE
-        ).delay_s(claim.attempt)
+        delay = self.backoff.delay_s(claim.attempt)
         self._append(
             claim,
             seq,
