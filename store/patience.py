@@ -22,16 +22,20 @@ REDIS_BACKOFF = Backoff(0.2, 3.0, Jitter.NONE)  # 0.2 s, 0.4 s, ... then every 3
 
 
 def patiently(
-    op: Callable[[], T], patience_s: float, sleep: Callable[[float], None] = time.sleep
+    op: Callable[[], T],
+    patience_s: float,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> T:
-    deadline = time.monotonic() + patience_s
+    deadline = clock() + patience_s
     retry = 0
     while True:
         try:
             return op()
         except REDIS_DOWN:
             retry += 1
-            delay = REDIS_BACKOFF.delay_within_s(retry, deadline - time.monotonic())
+            delay = REDIS_BACKOFF.delay_within_s(retry, deadline - clock())
             if delay is None:
                 raise
             sleep(delay)
