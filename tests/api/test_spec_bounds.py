@@ -31,7 +31,7 @@ def test_the_table_bounds_the_fields_once_reported_unbounded_in_one_place() -> N
     assert {"limits.max_tokens", "llm.max_tokens_per_turn", "llm.seed"} <= {p for p, _ in BOUNDS}
 
 
-def raw_with(path: str, value: float) -> dict[str, Any]:
+def raw_with(path: str, value: int | float) -> dict[str, Any]:
     section, name = path.split(".")
     extra: dict[str, Any] = {section: {name: value}}
     if section == "expected":  # a tolerance needs an answer to be graded against
@@ -39,14 +39,18 @@ def raw_with(path: str, value: float) -> dict[str, Any]:
     return spec(**extra)
 
 
-def around(kind: Number) -> list[tuple[float, bool]]:
+def around(kind: Number) -> list[tuple[int | float, bool]]:
     """Values at and just past each end, and whether they are inside."""
     if kind.integer:
-        lo, hi, step_lo, step_hi = int(kind.lo), int(kind.hi), 1, 1
-    else:
-        lo, hi = kind.lo, kind.hi
-        step_lo, step_hi = max(abs(lo), 1.0) * 1e-6, max(abs(hi), 1.0) * 1e-6
-    return [(lo, True), (hi, True), (lo - step_lo, False), (hi + step_hi, False)]
+        lo, hi = int(kind.lo), int(kind.hi)
+        return [(lo, True), (hi, True), (lo - 1, False), (hi + 1, False)]
+    step_lo, step_hi = max(abs(kind.lo), 1.0) * 1e-6, max(abs(kind.hi), 1.0) * 1e-6
+    return [
+        (kind.lo, True),
+        (kind.hi, True),
+        (kind.lo - step_lo, False),
+        (kind.hi + step_hi, False),
+    ]
 
 
 def reader_problems(raw: dict[str, Any], table: Section) -> list[str]:

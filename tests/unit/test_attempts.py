@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ from agent.sandbox import ExecResult
 from store.keys import LEASE_TTL_S
 from store.records import TaskRecord
 from tests.fakes import FakeProvider, InlineExecutor, LeaseBook, MemoryTaskStore, ScriptedLLM
-from workers.attempts import Attempts, Done, RetryAfter
+from workers.attempts import Attempts, AttemptStore, Done, RetryAfter
 
 TASK = "task_1"
 CODE = "<execute>print(6*7)</execute>"
@@ -32,8 +33,18 @@ Reply = str | Callable[[LLMRequest], str] | Exception
 class World:
     """One worker's attempts over one in-memory store."""
 
-    def __init__(self, replies: Sequence[Reply], **settings: object) -> None:
-        self.store = MemoryTaskStore()
+    def __init__(
+        self,
+        replies: Sequence[Reply],
+        store: AttemptStore | None = None,
+        put: Callable[[TaskRecord], object] | None = None,
+        **settings: object,
+    ) -> None:
+        """On ``store`` (default: a ``MemoryTaskStore``), where ``put`` stores a new record
+        as the API would."""
+        fake = MemoryTaskStore()
+        self.store: Any = store or fake
+        self.put = put or fake.add
         self.llm = ScriptedLLM(replies)
         self.provider = FakeProvider({"print(6*7)": ExecResult(stdout="42\n", duration_s=0.1)})
         self.leases = LeaseBook()
@@ -52,7 +63,9 @@ class World:
 
     def add(self, **spec: object) -> TaskRecord:
         raw = {"prompt": "What is 6*7?", **spec}
-        return self.store.add(TaskRecord(id=TASK, tenant="acme", spec=TaskSpec.from_dict(raw)))
+        record = TaskRecord(id=TASK, tenant="acme", spec=TaskSpec.from_dict(raw))
+        self.put(record)
+        return record
 
     def run(self) -> Done | RetryAfter:
         return self.attempts.run(TASK)
