@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 
-from actfleet.settings import Settings
 from agent.backoff import Backoff, Jitter
 from agent.errors import ActfleetError
+from config.settings import Settings
 
 TERMINAL_EVENT = "task.finished"
 _RECONNECT = Backoff(0.4, 5.0, Jitter.NONE)  # after a dropped event stream: 0.4 s, 0.8 s, ... 5 s

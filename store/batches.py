@@ -18,7 +18,7 @@ from typing import Any
 
 from agent.models import TERMINAL_STATUSES, Status
 from agent.text import text_of
-from store.aio import AsyncStore
+from store.api_store import ApiStore
 from store.keys import RECORD_TTL_S
 from store.records import TaskRecord
 
@@ -92,7 +92,7 @@ class SummaryCache:
 
 
 class BatchStore:
-    def __init__(self, tasks: AsyncStore, cache: SummaryCache | None = None) -> None:
+    def __init__(self, tasks: ApiStore, cache: SummaryCache | None = None) -> None:
         self.tasks = tasks
         self.client = tasks.client
         self.keys = tasks.keys

@@ -17,7 +17,7 @@ from agent.llm import LLMReply, LLMRequest
 from agent.models import Result, Status, TaskSpec
 from agent.sandbox import ExecResult, Sandbox
 from store.records import TaskRecord
-from store.tasks import Appended, Claim, Dropped, EventsBehind
+from store.worker_store import Appended, Claim, Dropped, EventsBehind
 from workers.gateplan import FleetState, GateConfig, Grant, Report, plan
 from workers.leases import Lease
 
@@ -173,7 +173,7 @@ class _Task:
 
 class MemoryTaskStore:
     """``workers.attempts.AttemptStore`` in memory, with the rules of ``store.scripts``'
-    CLAIM, STEP, RELEASE_FOR_RETRY and FINISH (tests/integration/test_store_tasks.py holds
+    CLAIM, STEP, RELEASE_FOR_RETRY and FINISH (tests/integration/test_worker_store.py holds
     the real ones to them). ``calls`` counts every call: each is one Redis round trip in
     production. Faults a test can cause: ``steal`` (another attempt took the lease),
     ``vanish`` (the lease expired and nobody took it), ``lose_events`` (Redis lost its

@@ -20,7 +20,7 @@ closes the sandbox and stops the loop at its next check. So does a hand-back (th
 is stopping, see ``WorkerRuntime.drain``): the task went back to the queue at its
 checkpoint, and this attempt ends without writing anything more.
 
-The store is a port (``AttemptStore``: ``store.tasks.TaskStore`` in production, an
+The store is a port (``AttemptStore``: ``store.worker_store.WorkerStore`` in production, an
 in-memory fake in the unit tests), and so are the leases' keeper (``Leases``: the
 ``Heartbeat``) and the sandboxes (``SandboxProvider``).
 """
@@ -36,8 +36,6 @@ from typing import Protocol
 
 import structlog
 
-from actfleet.re2engine import RE2Engine
-from actfleet.settings import Settings
 from agent.backoff import Backoff, Jitter
 from agent.errors import InfrastructureError
 from agent.events import Event, EventType, bound
@@ -45,9 +43,11 @@ from agent.llm import LLM
 from agent.loop import Checkpoint, Step, finished_event, run_codeact
 from agent.models import FailureClass, Result, Status, Timings, Usage
 from agent.sandbox import LazySandbox, Sandbox, SandboxProvider
+from config.settings import Settings
+from engines.re2engine import RE2Engine
 from store.keys import LEASE_TTL_S
 from store.records import TaskRecord
-from store.tasks import Appended, Claim, Dropped, EventsBehind
+from store.worker_store import Appended, Claim, Dropped, EventsBehind
 from workers import metrics
 from workers.leases import Lease
 
@@ -75,7 +75,7 @@ class Regressed(Exception):
 
 
 class AttemptStore(Protocol):
-    """The store calls an attempt makes, each one round trip (``store.tasks.TaskStore``;
+    """The store calls an attempt makes, each one round trip (``store.worker_store.WorkerStore``;
     their contracts are its methods'). Per turn an attempt makes one: ``append``."""
 
     def claim(

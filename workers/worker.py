@@ -34,12 +34,12 @@ from celery import Celery
 from celery.signals import task_received, worker_ready, worker_shutdown, worker_shutting_down
 from celery.worker import state as celery_state
 
-from actfleet.heap import freeze_startup_heap
-from actfleet.settings import Settings
+from config.heap import freeze_startup_heap
+from config.settings import Settings
 from store import keys
 from store.keys import GATE_LEASE_TTL_S, HEARTBEAT_INTERVAL_S, Keys
-from store.tasks import TaskStore
 from store.webhooks import WebhookOutbox
+from store.worker_store import WorkerStore
 from workers import metrics
 from workers.attempts import Attempts
 from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
@@ -77,7 +77,7 @@ class WorkerRuntime:
         self.settings = settings
         self.app = app
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.store = TaskStore(
+        self.store = WorkerStore(
             redis_client(settings.redis_url or DEFAULT_REDIS_URL),
             Keys(settings.key_prefix),
             patience_s=settings.redis_patience_s,
@@ -111,7 +111,7 @@ class WorkerRuntime:
             max_attempts=settings.max_attempts,
             enqueue=lambda task_id, enqueued_ms: enqueue(app, task_id, enqueued_ms),
             on_finished=lambda task_id: self.webhooks.wake(),
-            interval_s=HEARTBEAT_INTERVAL_S,
+            interval_s=settings.sweep_interval_s,
             queued_grace_s=settings.queued_grace_s,
         )
         self._attempts: Attempts | None = None
@@ -274,7 +274,7 @@ class WorkerRuntime:
 
 
 def make_worker_app(settings: Settings) -> tuple[Celery, WorkerRuntime]:
-    from workers.tasks import register_tasks
+    from workers.celery_tasks import register_tasks
 
     app = make_celery(settings)
     runtime = WorkerRuntime(settings, app)

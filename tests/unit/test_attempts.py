@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from actfleet.settings import Settings
 from agent.errors import LLMRejected, SandboxError
 from agent.events import EventType
 from agent.llm import LLMRequest
 from agent.models import FailureClass, Status, TaskSpec
 from agent.sandbox import ExecResult
+from config.settings import Settings
 from store.keys import LEASE_TTL_S
 from store.records import TaskRecord
 from tests.fakes import FakeProvider, InlineExecutor, LeaseBook, MemoryTaskStore, ScriptedLLM

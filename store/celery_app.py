@@ -90,7 +90,7 @@ def make_celery(
     concurrency: int = 1,
     time_limit_s: float = DEFAULT_TIME_LIMIT_S,
 ) -> Celery:
-    """An app that can enqueue by name; the worker adds its tasks (``workers.tasks``)."""
+    """An app that can enqueue by name; the worker adds its tasks (``workers.celery_tasks``)."""
     app = Celery("actfleet", set_as_current=False)
     app.conf.update(celery_config(redis_url, concurrency=concurrency, time_limit_s=time_limit_s))
     return app
