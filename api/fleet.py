@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from agent.errors import InfrastructureError
+from agent.text import text_of
 from store.celery_app import run_task_pushes
 from store.keys import TASK_QUEUE, WORKER_TTL_S, Keys
 
@@ -54,14 +55,10 @@ async def fleet_health(client: aioredis.Redis, keys: Keys) -> dict[str, Any]:
     pipe.zremrangebyscore(keys.workers, "-inf", now - WORKER_TTL_S)
     pipe.zrange(keys.workers, 0, -1)
     _, depth, _, workers = await pipe.execute()
-    raw = await client.mget([keys.worker(_s(w)) for w in workers]) if workers else []
-    alive = {_s(w): json.loads(v) for w, v in zip(workers, raw, strict=True) if v}
+    raw = await client.mget([keys.worker(text_of(w)) for w in workers]) if workers else []
+    alive = {text_of(w): json.loads(v) for w, v in zip(workers, raw, strict=True) if v}
     stalled = sorted(w for w, status in alive.items() if status.get("consumer") == "stalled")
     return {
         "queue": {"name": TASK_QUEUE, "depth": int(depth)},
         "workers": {"alive": len(alive), "consumer_stalled": stalled},
     }
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

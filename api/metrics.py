@@ -23,6 +23,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.models import TERMINAL_STATUSES
+from agent.text import text_of
 from store.keys import TASK_QUEUE, Keys
 
 
@@ -91,7 +92,9 @@ async def render(metrics: ApiMetrics, client: Any, keys: Keys) -> bytes:
     except Exception:  # Redis down: still serve the process metrics (readyz reports it)
         return page
     fleet = CollectorRegistry()
-    fleet.register(_Fleet({_s(k): int(v) for k, v in finished.items()}, int(running), int(queued)))
+    fleet.register(
+        _Fleet({text_of(k): int(v) for k, v in finished.items()}, int(running), int(queued))
+    )
     return page + generate_latest(fleet)
 
 
@@ -123,7 +126,3 @@ class MetricsMiddleware:
             method = scope.get("method", "")
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

@@ -24,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agent.events import EventType
 from agent.models import TERMINAL_STATUSES
+from agent.text import text_of
 from api.errors import ApiError
 from store.keys import EVENT_FIELD
 
@@ -98,7 +99,7 @@ async def _read(
     if reply:
         return _frames(reply, last)
     status = await client.hget(state.keys.task(task_id), "status")
-    if status is None or _s(status) in TERMINAL_STATUSES:
+    if status is None or text_of(status) in TERMINAL_STATUSES:
         # FINISH sets the status and appends task.finished atomically, so one more
         # read tells "finished just now" from "its events expired or were trimmed".
         reply = await client.xread({stream: last}, count=READ_COUNT)
@@ -109,13 +110,11 @@ async def _read(
 def _frames(reply: Any, last: str) -> tuple[list[str], bool, str]:
     frames = []
     for entry_id, fields in reply[0][1]:
-        frame, terminal = format_event(_s(entry_id), {_s(k): _s(v) for k, v in fields.items()})
-        last = _s(entry_id)
+        frame, terminal = format_event(
+            text_of(entry_id), {text_of(k): text_of(v) for k, v in fields.items()}
+        )
+        last = text_of(entry_id)
         frames.append(frame)
         if terminal:
             return frames, True, last
     return frames, False, last
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

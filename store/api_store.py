@@ -25,6 +25,7 @@ from agent.errors import ActfleetError
 from agent.events import Event, EventType
 from agent.loop import finished_event
 from agent.models import FailureClass, Result, Status, TaskSpec
+from agent.text import text_of
 from store.keys import STREAM_MAXLEN, Keys
 from store.records import RecordError, TaskRecord, new_task_id
 from store.scripts import FINISH, finish_call
@@ -57,18 +58,18 @@ def connect(url: str, *, block_s: float = 0.0) -> aioredis.Redis:
     )
 
 
-# RESERVE: take n slots of a tenant's active-task budget, or none.
+# RESERVE_SLOTS: take n slots of a tenant's active-task budget, or none.
 # KEYS: 1 tenant active counter. ARGV: 1 n, 2 limit.
 # Returns {1, new count} on success, {0, current count} when n more would pass the limit.
-RESERVE = """
+RESERVE_SLOTS = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local n = tonumber(ARGV[1])
 if cur + n > tonumber(ARGV[2]) then return {0, cur} end
 return {1, redis.call('INCRBY', KEYS[1], n)}
 """
 
-# RELEASE: give back n reserved slots (never below zero). KEYS: 1 counter. ARGV: 1 n.
-RELEASE = """
+# RETURN_SLOTS: give back n reserved slots (never below zero). KEYS: 1 counter. ARGV: 1 n.
+RETURN_SLOTS = """
 if redis.call('DECRBY', KEYS[1], ARGV[1]) < 0 then redis.call('SET', KEYS[1], 0) end
 return 1
 """
@@ -120,21 +121,23 @@ class ApiStore:
     def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
         self.client = client
         self.keys = keys
-        self._reserve = client.register_script(RESERVE)
-        self._release = client.register_script(RELEASE)
+        self._reserve_slots = client.register_script(RESERVE_SLOTS)
+        self._return_slots = client.register_script(RETURN_SLOTS)
         self._request_cancel = client.register_script(REQUEST_CANCEL)
         self._finish = client.register_script(FINISH)
 
     # -- submit -------------------------------------------------------------------------
 
     async def reserve(self, tenant: str, n: int, limit: int) -> None:
-        ok, count = await self._reserve(keys=[self.keys.tenant_active(tenant)], args=[n, limit])
+        ok, count = await self._reserve_slots(
+            keys=[self.keys.tenant_active(tenant)], args=[n, limit]
+        )
         if not int(ok):
             raise TenantLimitError(int(count), n, limit)
 
     async def release(self, tenant: str, n: int) -> None:
         if n > 0:
-            await self._release(keys=[self.keys.tenant_active(tenant)], args=[n])
+            await self._return_slots(keys=[self.keys.tenant_active(tenant)], args=[n])
 
     def new_records(
         self, tenant: str, specs: Sequence[TaskSpec], batch_id: str | None = None
@@ -183,9 +186,9 @@ class ApiStore:
 
     async def task_status(self, tenant: str, task_id: str) -> Status | None:
         owner, status = await self.client.hmget(self.keys.task(task_id), ["tenant", "status"])
-        if owner is None or _s(owner) != tenant:
+        if owner is None or text_of(owner) != tenant:
             return None
-        return Status(_s(status))
+        return Status(text_of(status))
 
     async def list_tasks(
         self,
@@ -205,7 +208,7 @@ class ApiStore:
         scanned = 0
         while len(out) < limit and scanned < scan_max:
             step = limit if status is None else min(500, max(limit * 4, 100))
-            ids = [_s(i) for i in await self.client.zrevrange(index, pos, pos + step - 1)]
+            ids = [text_of(i) for i in await self.client.zrevrange(index, pos, pos + step - 1)]
             if not ids:
                 return Page(out, None)
             pipe = self.client.pipeline(transaction=False)
@@ -242,7 +245,7 @@ class ApiStore:
         if rec.status.terminal:
             raise AlreadyFinished(rec.status.value)
         before = await self._request_cancel(keys=[self.keys.task(task_id)])
-        if before is not None and _s(before) == Status.QUEUED:
+        if before is not None and text_of(before) == Status.QUEUED:
             await self.finish_cancelled(rec.id, rec.tenant, rec.batch_id, rec.attempt)
         return await self.get_task(tenant, task_id)
 
@@ -251,7 +254,7 @@ class ApiStore:
         pipe = self.client.pipeline(transaction=False)
         for task_id in task_ids:
             await self._request_cancel(keys=[self.keys.task(task_id)], client=pipe)
-        return [None if st is None else _s(st) for st in await pipe.execute()]
+        return [None if st is None else text_of(st) for st in await pipe.execute()]
 
     async def finish_cancelled(
         self, task_id: str, tenant: str, batch_id: str | None, attempt: int
@@ -314,7 +317,3 @@ def queued_event(rec: TaskRecord) -> Event:
     if rec.batch_id:
         data["batch_id"] = rec.batch_id
     return Event(EventType.QUEUED, turn=0, attempt=0, ts=rec.created_at, data=data)
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.models import TERMINAL_STATUSES, Status
+from agent.text import text_of
 from store.api_store import ApiStore
 from store.keys import RECORD_TTL_S
 from store.records import TaskRecord
@@ -48,7 +49,7 @@ class BatchRecord:
 
     @classmethod
     def from_hash(cls, h: dict[Any, Any]) -> BatchRecord:
-        d = {_s(k): _s(v) for k, v in h.items()}
+        d = {text_of(k): text_of(v) for k, v in h.items()}
         return cls(
             id=d["id"],
             tenant=d["tenant"],
@@ -123,7 +124,7 @@ class BatchStore:
             )
             if not chunk:
                 return
-            yield [_s(i) for i in chunk]
+            yield [text_of(i) for i in chunk]
             start += len(chunk)
 
     async def stats(self, batch: BatchRecord) -> dict[str, Any]:
@@ -135,10 +136,10 @@ class BatchStore:
             for task_id in pending:
                 pipe.hmget(self.keys.task(task_id), ["status", "result"])
             for task_id, (status, result) in zip(pending, await pipe.execute(), strict=True):
-                if status is not None and _s(status) in TERMINAL_STATUSES and result:
-                    self.cache.put(task_id, _summary(_s(status), json.loads(result)))
+                if status is not None and text_of(status) in TERMINAL_STATUSES and result:
+                    self.cache.put(task_id, _summary(text_of(status), json.loads(result)))
                 elif status is not None:
-                    counts[_s(status)] = counts.get(_s(status), 0) + 1
+                    counts[text_of(status)] = counts.get(text_of(status), 0) + 1
             for task_id in ids:
                 s = self.cache.get(task_id)
                 if s is None:
@@ -187,7 +188,7 @@ class BatchStore:
                 pipe.hmget(self.keys.task(task_id), fields)
             for task_id, values in zip(ids, await pipe.execute(), strict=True):
                 custom_id, status, attempt, result, finished_at, action_format = (
-                    None if v is None else _s(v) for v in values
+                    None if v is None else text_of(v) for v in values
                 )
                 line = _result_line(
                     task_id, custom_id, status, attempt, result, finished_at, trajectory
@@ -250,7 +251,3 @@ def _result_line(
     if trajectory:
         line["messages"] = r.get("messages", [])
     return line
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

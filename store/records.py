@@ -17,7 +17,7 @@ from typing import Any
 
 from agent.errors import ActfleetError
 from agent.models import Result, Status, TaskSpec
-from agent.text import replace_unencodable
+from agent.text import replace_unencodable, text_of
 
 
 class RecordError(ActfleetError):
@@ -81,7 +81,7 @@ class TaskRecord:
 
     @classmethod
     def from_hash(cls, h: Mapping[Any, Any]) -> TaskRecord:
-        d = {_s(k): _s(v) for k, v in h.items()}
+        d = {text_of(k): text_of(v) for k, v in h.items()}
         try:
             return cls(
                 id=d["id"],
@@ -121,10 +121,6 @@ class TaskRecord:
         if self.result is not None:
             out["result"] = self.result.to_dict()
         return out
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _float(v: str | None) -> float | None:

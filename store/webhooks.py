@@ -29,7 +29,9 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio as aioredis
 
+from agent.text import text_of
 from store.keys import RECORD_TTL_S, WEBHOOK_ATTEMPTS_KEPT, WEBHOOK_LEASE_S, Keys
+from store.patience import patiently
 
 T = TypeVar("T")
 
@@ -155,7 +157,7 @@ class WebhookOutbox:
     def due(self, limit: int) -> list[str]:
         """Ids of deliveries whose next attempt is due now, soonest first."""
         ids = self.r.zrangebyscore(self.keys.webhook_outbox, "-inf", self.clock(), 0, limit)
-        return [_s(i) for i in ids]
+        return [text_of(i) for i in ids]
 
     def claim(self, subject_id: str, worker_id: str, window_s: float) -> DeliveryLease | None:
         """Take the next attempt of ``subject_id``'s delivery, or None when another worker
@@ -180,14 +182,14 @@ class WebhookOutbox:
         if int(out[0]) == 0:
             return None
         flat = out[2]
-        h = {_s(a): _s(b) for a, b in zip(flat[::2], flat[1::2], strict=True)}
+        h = {text_of(a): text_of(b) for a, b in zip(flat[::2], flat[1::2], strict=True)}
         return DeliveryLease(
             subject_id=subject_id,
             event=h["event"],
             url=h["url"],
             tenant=h["tenant"],
             attempt=int(out[0]),
-            token=_s(out[1]),
+            token=text_of(out[1]),
             created_at=float(h["created_at"]),
             deadline=float(h["deadline"]),
         )
@@ -236,7 +238,7 @@ class WebhookOutbox:
     def disabled_since(self, tenant: str, url: str) -> float | None:
         """When ``url`` answered 410 Gone for ``tenant`` (None: it is not disabled)."""
         v = self.r.hget(self.keys.webhooks_disabled(tenant), url)
-        return float(_s(v)) if v else None
+        return float(text_of(v)) if v else None
 
     def batch(self, batch_id: str) -> tuple[dict[str, str], dict[str, int]]:
         """A batch's record and its finished counts per status (for batch.finished)."""
@@ -245,21 +247,12 @@ class WebhookOutbox:
         pipe.hgetall(self.keys.batch_counts(batch_id))
         h, counts = pipe.execute()
         return (
-            {_s(a): _s(b) for a, b in h.items()},
-            {_s(a): int(b) for a, b in counts.items()},
+            {text_of(a): text_of(b) for a, b in h.items()},
+            {text_of(a): int(b) for a, b in counts.items()},
         )
 
     def _patient(self, op: Callable[[], T]) -> T:
-        deadline = time.monotonic() + self.patience_s
-        delay = 0.2
-        while True:
-            try:
-                return op()
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 3.0)
+        return patiently(op, self.patience_s)
 
 
 async def delivery_view(client: aioredis.Redis, keys: Keys, subject_id: str) -> dict[str, Any]:
@@ -271,13 +264,13 @@ async def delivery_view(client: aioredis.Redis, keys: Keys, subject_id: str) -> 
     pipe.lrange(keys.webhook_attempts(subject_id), 0, -1)
     pipe.zscore(keys.webhook_outbox, subject_id)
     h, attempts, due = await pipe.execute()
-    d = {_s(a): _s(b) for a, b in (h or {}).items()}
+    d = {text_of(a): text_of(b) for a, b in (h or {}).items()}
     state = d.get("state") or ("scheduled" if due is not None else "waiting")
     return {
         "id": f"msg_{subject_id}",
         "event": event_of(subject_id),
         "state": state,
-        "attempts": [json.loads(_s(a)) for a in attempts],
+        "attempts": [json.loads(text_of(a)) for a in attempts],
         "next_attempt_at": float(d["next_at"])
         if "next_at" in d
         else (float(due) if due is not None and "state" not in d else None),
@@ -294,13 +287,9 @@ async def disabled_endpoints(
     if not urls:
         return {}
     values = await client.hmget(keys.webhooks_disabled(tenant), urls)
-    return {u: float(_s(v)) for u, v in zip(urls, values, strict=True) if v}
+    return {u: float(text_of(v)) for u, v in zip(urls, values, strict=True) if v}
 
 
 def enable_endpoint(client: redis.Redis, keys: Keys, tenant: str, url: str) -> bool:
     """Let ``url`` receive the tenant's webhooks again; False if it was not disabled."""
     return bool(client.hdel(keys.webhooks_disabled(tenant), url))
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

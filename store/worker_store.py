@@ -23,13 +23,13 @@ import redis
 
 from agent.events import Event
 from agent.models import Result
+from agent.text import text_of
 from store import scripts
 from store.keys import LEASE_TTL_S, STREAM_MAXLEN, Keys
+from store.patience import patiently
 from store.records import TaskRecord
 
 T = TypeVar("T")
-
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
 class Appended(Enum):
@@ -105,7 +105,7 @@ class WorkerStore:
         self._claim = client.register_script(scripts.CLAIM)
         self._renew = client.register_script(scripts.RENEW)
         self._step = client.register_script(scripts.STEP)
-        self._release = client.register_script(scripts.RELEASE)
+        self._release_for_retry = client.register_script(scripts.RELEASE_FOR_RETRY)
         self._sweep = client.register_script(scripts.SWEEP)
         self._finish = client.register_script(scripts.FINISH)
         self._requeue_lost = client.register_script(scripts.REQUEUE_LOST)
@@ -115,16 +115,7 @@ class WorkerStore:
 
     def _patient(self, op: Callable[[], T]) -> T:
         """Run ``op``, retrying while Redis is unreachable, for up to ``patience_s``."""
-        deadline = time.monotonic() + self.patience_s
-        delay = 0.2
-        while True:
-            try:
-                return op()
-            except _REDIS_DOWN:
-                if time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 3.0)
+        return patiently(op, self.patience_s)
 
     def _lease_ms(self) -> int:
         return int(self.lease_ttl_s * 1000)
@@ -140,7 +131,7 @@ class WorkerStore:
 
     def lease_owner(self, task_id: str) -> str | None:
         v = self._patient(lambda: self.r.get(self.keys.lease(task_id)))
-        return v.decode() if isinstance(v, bytes) else v
+        return None if v is None else text_of(v)
 
     def cancel_requested(self, task_id: str) -> bool:
         v = self._patient(lambda: self.r.hget(self.keys.task(task_id), "cancel_requested"))
@@ -159,6 +150,7 @@ class WorkerStore:
         mark, see ``requeue_lost``); None when the message does not say."""
         k = self.keys
         now = self.clock()
+        started = scripts.started_parts(worker_id, now)
         out = self._patient(
             lambda: self._claim(
                 keys=[
@@ -178,14 +170,15 @@ class WorkerStore:
                     max_attempts,
                     self.stream_maxlen,
                     int(enqueued_ms or 0),
+                    *started,
                 ],
             )
         )
         if int(out[0]) == 0:
-            return Dropped(_s(out[1]))
+            return Dropped(text_of(out[1]))
         attempt = int(out[0])
         fields = out[4]  # the record as the claim left it, flat: [field, value, ...]
-        cp = _s(out[1])
+        cp = text_of(out[1])
         return Claim(
             record=TaskRecord.from_hash(dict(zip(fields[::2], fields[1::2], strict=True))),
             owner=f"{worker_id}/{attempt}",
@@ -216,7 +209,9 @@ class WorkerStore:
         replies = self._patient(op)
         return {
             task_id: LeaseState(
-                held=int(rep[0]) == 1, cancel_requested=_s(rep[1]) == "1", ended=int(rep[0]) == 2
+                held=int(rep[0]) == 1,
+                cancel_requested=text_of(rep[1]) == "1",
+                ended=int(rep[0]) == 2,
             )
             for (task_id, _, _), rep in zip(items, replies, strict=True)
         }
@@ -247,7 +242,7 @@ class WorkerStore:
         k = self.keys
         at_ms = int((self.clock() + reclaim_after_s) * 1000)
         out = self._patient(
-            lambda: self._release(
+            lambda: self._release_for_retry(
                 keys=[k.task(task_id), k.lease(task_id), k.running], args=[owner, at_ms, task_id]
             )
         )
@@ -301,7 +296,7 @@ class WorkerStore:
         )
         out = self._patient(lambda: self._finish(keys=keys_, args=args))
         if isinstance(out, bytes | str):
-            return _s(out)
+            return text_of(out)
         if out == -3:
             raise EventsBehind(record.id)
         return None
@@ -323,7 +318,7 @@ class WorkerStore:
         requeue: list[str] = []
         exhausted: list[tuple[str, str]] = []
         for raw in ids:
-            task_id = _s(raw)
+            task_id = text_of(raw)
 
             def op(t: str = task_id) -> Any:
                 return self._sweep(
@@ -331,7 +326,7 @@ class WorkerStore:
                     args=[expired_ms, max_attempts, t, sweeper_id, self._lease_ms(), now_ms],
                 )
 
-            out = _s(self._patient(op))
+            out = text_of(self._patient(op))
             if out == "requeue":
                 requeue.append(task_id)
             elif out == "exhausted":
@@ -378,14 +373,14 @@ class WorkerStore:
         )
         requeue = []
         for raw in ids:
-            task_id = _s(raw)
+            task_id = text_of(raw)
 
             def op(t: str = task_id) -> Any:
                 return self._requeue_lost(
                     keys=[k.task(t), k.lease(t), k.queued], args=[t, cutoff, now_ms]
                 )
 
-            if _s(self._patient(op)) == "requeue":
+            if text_of(self._patient(op)) == "requeue":
                 requeue.append(task_id)
         return LostMessages(tuple(requeue), now_ms, empty)
 
@@ -395,9 +390,5 @@ class WorkerStore:
         out = []
         for _, fields in entries or ():
             raw = fields.get(b"e", fields.get("e"))
-            out.append(Event.from_dict(json.loads(_s(raw))))
+            out.append(Event.from_dict(json.loads(text_of(raw))))
         return out
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

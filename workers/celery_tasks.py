@@ -14,7 +14,7 @@ from collections.abc import Callable
 from celery import Celery, Task
 
 from store import keys
-from workers.runner import Done, RetryAfter
+from workers.attempts import Done, RetryAfter
 
 Attempt = Callable[[str, int | None], Done | RetryAfter]  # (task id, enqueued_ms) -> outcome
 

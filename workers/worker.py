@@ -42,6 +42,7 @@ from store.keys import GATE_LEASE_TTL_S, Keys
 from store.webhooks import WebhookOutbox
 from store.worker_store import WorkerStore
 from workers import metrics
+from workers.attempts import Attempts
 from workers.celery_tasks import register_tasks
 from workers.gateplan import GateConfig
 from workers.gatestore import RedisGateStore, server_id, server_label
@@ -49,7 +50,6 @@ from workers.health import ConsumerWatch, HealthServer
 from workers.leases import Heartbeat
 from workers.lull import LullExecutor
 from workers.modelgate import ModelGate
-from workers.runner import Runner
 from workers.sandbox import bwrap_dirs, make_provider
 from workers.sandbox.reaper import Reaper
 from workers.shutdown import Drain
@@ -114,7 +114,7 @@ class WorkerRuntime:
             interval_s=settings.sweep_interval_s,
             queued_grace_s=settings.queued_grace_s,
         )
-        self._runner: Runner | None = None
+        self._attempts: Attempts | None = None
         self._reaper: Reaper | None = None
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -122,13 +122,13 @@ class WorkerRuntime:
         self._gate: ModelGate | None = None
 
     @property
-    def runner(self) -> Runner:
+    def attempts(self) -> Attempts:
         with self._lock:
-            if self._runner is None:
-                self._runner = self._build_runner()
-            return self._runner
+            if self._attempts is None:
+                self._attempts = self._build_attempts()
+            return self._attempts
 
-    def _build_runner(self) -> Runner:
+    def _build_attempts(self) -> Attempts:
         from workers.llm import OpenAILLM
 
         def on_response(model: str, seconds: float, prompt: int, completion: int) -> None:
@@ -149,7 +149,7 @@ class WorkerRuntime:
         )
         # Finished tasks' sandboxes close in the lull after a wave of tasks ends, not in it.
         self._closer = LullExecutor(2, name="sandbox-close")
-        return Runner(
+        return Attempts(
             self.settings,
             self.store,
             llm,
@@ -171,7 +171,7 @@ class WorkerRuntime:
             self._health = HealthServer(
                 self.settings.worker_metrics_port, self.health, metrics.registry()
             ).start()
-        self.runner  # noqa: B018  build the model client and sandbox provider up front
+        self.attempts  # noqa: B018  build the model client and sandbox provider up front
         self.heartbeat.start()  # first, so this worker counts as alive for every reaper
         if self._gate is not None:
             self._gate.start()
@@ -179,7 +179,7 @@ class WorkerRuntime:
             self._start_docker_housekeeping()
         else:  # the folders of bwrap sandboxes whose workers died (their owners' locks)
             log.info("sandbox.reaped", folders=len(bwrap_dirs.clear_stale()))
-        start_pool = getattr(self.runner.provider, "start_pool", None)
+        start_pool = getattr(self.attempts.provider, "start_pool", None)
         if start_pool is not None:
             start_pool()
         self.heartbeat.status = self._status
@@ -245,7 +245,7 @@ class WorkerRuntime:
     def _status(self) -> dict[str, object]:
         """What the worker's status key says besides its leases and its consumer."""
         out: dict[str, object] = {"draining": self.draining}
-        provider = self.runner.provider
+        provider = self.attempts.provider
         if hasattr(provider, "pool_idle"):
             out["pool_idle"] = provider.pool_idle()
         elif hasattr(provider, "pool_stats"):
@@ -267,7 +267,7 @@ class WorkerRuntime:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self._closer is not None:
             self._closer.shutdown(wait=True)  # every finished task's sandbox goes
-        close = getattr(self._runner.provider if self._runner else None, "close", None)
+        close = getattr(self._attempts.provider if self._attempts else None, "close", None)
         if close is not None:
             close()
         log.info("worker.stopped", worker=self.worker_id)
@@ -280,7 +280,7 @@ def make_worker_app(settings: Settings) -> tuple[Celery, WorkerRuntime]:
         time_limit_s=settings.task_time_limit_s,
     )
     runtime = WorkerRuntime(settings, app)
-    register_tasks(app, lambda task_id, enqueued_ms: runtime.runner.run(task_id, enqueued_ms))
+    register_tasks(app, lambda task_id, enqueued_ms: runtime.attempts.run(task_id, enqueued_ms))
 
     def on_ready(sender: object = None, **_: object) -> None:
         if getattr(sender, "app", None) is app:

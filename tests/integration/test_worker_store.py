@@ -88,6 +88,26 @@ def test_a_claim_within_max_attempts_appends_task_started(store: WorkerStore, cl
     assert len(store.events(task_id)) == 3
 
 
+def test_the_claims_task_started_entry_is_event_to_json_byte_for_byte(
+    store: WorkerStore, clock: Clock
+) -> None:
+    worker = 'w"\\ é 🚀 \u2028/1'  # quotes, a backslash, non-ASCII, a JSON-sensitive char
+    task_id = queued(store)
+    first = store.claim(task_id, worker, max_attempts=3)
+    assert isinstance(first, Claim)
+    store.append(task_id, first.owner, ev(EventType.LLM_REPLY, 4), 2, '{"turn":4}')
+    store.r.delete(store.keys.lease(task_id))
+    clock.now += 1.25
+    second = store.claim(task_id, worker, max_attempts=3)
+    assert isinstance(second, Claim)
+
+    raw = [f[b"e"].decode() for _, f in store.r.xrange(store.keys.events(task_id))]
+    fresh = Event(EventType.STARTED, 0, 1, first.started_at, {"worker": worker, "resumed": False})
+    resumed = Event(EventType.STARTED, 4, 2, clock.now, {"worker": worker, "resumed": True})
+    assert raw[0] == fresh.to_json()
+    assert raw[2] == resumed.to_json()
+
+
 def test_a_second_delivery_while_the_lease_is_live_is_dropped(store: WorkerStore) -> None:
     task_id = queued(store)
     store.claim(task_id, "w1")
