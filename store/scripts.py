@@ -308,4 +308,3 @@ end
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 return 'requeue'
 """
-

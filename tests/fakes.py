@@ -35,6 +35,7 @@ class FakeSandbox:
     executed: list[str] = field(default_factory=list)
     closed: bool = False
     raises: Exception | None = None
+    pool_hit: bool = False
 
     def execute(self, code: str, timeout_s: float, max_output_chars: int) -> ExecResult:
         if self.raises is not None:

@@ -216,7 +216,7 @@ class Runner:
     def _start_sandbox(self, record: TaskRecord) -> Sandbox:
         started = time.monotonic()
         sandbox = self.provider.start(record.spec, record.id)
-        pool_hit = "true" if getattr(sandbox, "pool_hit", False) else "false"
+        pool_hit = "true" if sandbox.pool_hit else "false"
         metrics.SANDBOX_ACQUIRE.labels(self.settings.sandbox, pool_hit).observe(
             time.monotonic() - started
         )

@@ -4,7 +4,7 @@ backend refuses it again, for a task queued before the caps were lowered."""
 
 from __future__ import annotations
 
-from agent.models import TaskSpec
+from agent.models import SandboxSpec, TaskSpec
 
 
 def over_caps(spec: TaskSpec, max_memory_mb: int | None, max_cpus: float | None) -> str | None:
@@ -21,3 +21,13 @@ def over_caps(spec: TaskSpec, max_memory_mb: int | None, max_cpus: float | None)
             "(ACTFLEET_SANDBOX_MAX_CPUS)"
         )
     return None
+
+
+def refusal(
+    asked: SandboxSpec, allow_network: bool, max_memory_mb: int | None, max_cpus: float | None
+) -> str | None:
+    """Why a backend refuses a task's ``sandbox`` section (``SandboxRefused``), or None:
+    network access this server does not give, or more than its caps."""
+    if asked.network and not allow_network:
+        return "sandbox.network: this server does not give tasks network access"
+    return over_caps(TaskSpec(prompt="", sandbox=asked), max_memory_mb, max_cpus)
