@@ -86,7 +86,7 @@ def warm_acquire_samples(provider: SandboxProvider, runs: int, spec: TaskSpec) -
     provider.start_pool()
     samples = []
     for i in range(runs):
-        _wait_for_idle(provider)
+        _wait_for_full_pool(provider)
         started = time.perf_counter()
         sandbox = provider.start(spec, f"bench-warm-{i}")
         elapsed = time.perf_counter() - started
@@ -99,9 +99,13 @@ def warm_acquire_samples(provider: SandboxProvider, runs: int, spec: TaskSpec) -
     return samples
 
 
-def _wait_for_idle(provider: SandboxProvider) -> None:
+def _wait_for_full_pool(provider: SandboxProvider) -> None:
+    """Until the pool holds all it aims at, so no refill competes with the timed start."""
     deadline = time.monotonic() + POOL_FILL_TIMEOUT_S
-    while provider.pool_stats().idle < 1:
+    while True:
+        stats = provider.pool_stats()
+        if stats.idle >= max(stats.target, 1):
+            return
         if time.monotonic() > deadline:
             raise RuntimeError(f"the warm pool did not fill within {POOL_FILL_TIMEOUT_S:g} s")
         time.sleep(0.01)

@@ -11,7 +11,7 @@ python3 runner.py``:
   ``work_files`` files (``bwrap_dirs``: on the sandbox's private host folder when the worker
   may mount, else inside the sandbox); ``/tmp`` and ``/dev/shm`` are small tmpfs; minimal
   ``/proc``, ``/dev``. A worker that starts clears the folders of dead ones
-  (``bwrap_dirs.clear_stale``).
+  (``BwrapProvider.start_housekeeping``).
 - environment: cleared, then ``PATH``, ``HOME=/work``, ``LANG``, ``TMPDIR``,
   ``PYTHONDONTWRITEBYTECODE``, ``PYTHONUNBUFFERED`` only: no secret reaches the sandbox.
 - caps: a task asking for more ``memory_mb`` or ``cpus`` than the server's caps is refused
