@@ -85,7 +85,7 @@ class FakeSession(Session):
         self.make_box = make_box or (lambda: FakeBox(FakeClient()))
         self.torn_down = 0
 
-    def _launch(self, restart: bool) -> Box:
+    def _launch(self) -> Box:
         box = self.make_box()
         self.boxes.append(box)
         return box  # type: ignore[return-value]  (a FakeClient stands in for SessionClient)

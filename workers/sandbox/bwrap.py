@@ -346,7 +346,7 @@ class BwrapSandbox(Session):
 
     # -- runner lifecycle (called with the session's lock held) -------------------------
 
-    def _launch(self, restart: bool) -> _BwrapBox:
+    def _launch(self) -> _BwrapBox:
         if self._root is None:
             self._root = self._make_root()
         log = open(self._root / "runner.log", "ab")  # noqa: SIM115 (the child keeps it)

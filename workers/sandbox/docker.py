@@ -458,7 +458,7 @@ class DockerSandbox(Session):
         box = self._box
         return box.id if isinstance(box, _Container) else None
 
-    def _launch(self, restart: bool) -> _Container:
+    def _launch(self) -> _Container:
         return self._relaunch()
 
 

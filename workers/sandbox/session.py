@@ -35,7 +35,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Self
 
 import structlog
 
@@ -157,8 +157,8 @@ class Session(ABC):
     # -- what a backend supplies ----------------------------------------------------------
 
     @abstractmethod
-    def _launch(self, restart: bool) -> Box:
-        """A new, ready box for ``self.spec`` (``restart``: after a loss); raises
+    def _launch(self) -> Box:
+        """A new, ready box for ``self.spec`` (the first, or one after a loss); raises
         ``SandboxError`` if none could be started."""
 
     def _teardown(self) -> None:  # noqa: B027 (a hook: most backends hold nothing more)
@@ -172,7 +172,7 @@ class Session(ABC):
         with self._exec_lock:
             if self._closed:
                 raise SandboxError("the sandbox is closed")
-            box = self._box if self._box is not None else self._use(self._launch(False))
+            box = self._box if self._box is not None else self._use(self._launch())
             if box is None:
                 raise SandboxError("the sandbox was closed while starting")
             self._apply(box)
@@ -217,7 +217,7 @@ class Session(ABC):
     def closed(self) -> bool:
         return self._closed
 
-    def __enter__(self) -> Session:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -268,7 +268,7 @@ class Session(ABC):
 
     def _restart(self) -> tuple[Box | None, ExecResult | None]:
         """A new box with the task re-applied, or the result to return instead."""
-        box = self._use(self._launch(True))
+        box = self._use(self._launch())
         if box is None:
             return None, ExecResult(state_lost=True, note=CLOSED_NOTE)
         self.restarts += 1
