@@ -58,7 +58,7 @@ from workers.sandbox.docker_config import (
     container_config,
 )
 from workers.sandbox.pool import WarmPool
-from workers.sandbox.protocol import RunnerLost, SessionClient
+from workers.sandbox.protocol import DEFAULT_GRACE_S, RunnerLost, SessionClient
 from workers.sandbox.reaper import Reaper
 from workers.sandbox.session import DEFAULT_SETUP_TIMEOUT_S, Exit, Session
 
@@ -210,7 +210,7 @@ class DockerProvider:
         expiry_grace_s: float = 300.0,
         start_timeout_s: float = 30.0,
         setup_timeout_s: float = DEFAULT_SETUP_TIMEOUT_S,
-        exec_grace_s: float = 1.0,
+        exec_grace_s: float = DEFAULT_GRACE_S,
         max_threads: int = 8,
     ) -> None:
         self.worker_id = worker_id

@@ -44,7 +44,7 @@ from agent.text import replace_unencodable
 
 HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
-DEFAULT_GRACE_S = 1.5
+DEFAULT_GRACE_S = 1.5  # past a cell's timeout_s, how long the host waits before it kills the runner
 _RECV_CHUNK = 1 << 20
 
 
