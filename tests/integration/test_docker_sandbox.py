@@ -278,7 +278,7 @@ def test_code_that_will_not_stop_gets_its_container_killed(
     code = "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True: pass"
     started = time.monotonic()
     r = sandbox.execute(code, 2, 2000)
-    assert time.monotonic() - started < 2 + 2
+    assert time.monotonic() - started < 2 + 5  # liveness: the host deadline is 2 s + grace
     assert r.timed_out and r.state_lost and "killed" in (r.note or "")
     with pytest.raises(docker.errors.NotFound):
         api.inspect_container(first)
