@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from agent.llm import LLMReply, LLMRequest
-from agent.sandbox import ExecResult
+from agent.models import TaskSpec
+from agent.sandbox import ExecResult, PoolStats
 from workers.gateplan import FleetState, GateConfig, Grant, Report, plan
 
 
@@ -42,6 +43,37 @@ class FakeSandbox:
             raise self.raises
         self.executed.append(code)
         return self.results.get(code, ExecResult(duration_s=0.25))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeProvider:
+    """``agent.sandbox.SandboxProvider`` handing out ``FakeSandbox``es (``make`` builds each,
+    given the spec); records what was started and whether the pool and housekeeping ran."""
+
+    make: Callable[[TaskSpec], FakeSandbox] = lambda spec: FakeSandbox()
+    backend: str = "fake"
+    started: list[tuple[str, FakeSandbox]] = field(default_factory=list)
+    pool_started: bool = False
+    housekeeping_started: bool = False
+    closed: bool = False
+
+    def start(self, spec: TaskSpec, task_id: str) -> FakeSandbox:
+        sandbox = self.make(spec)
+        self.started.append((task_id, sandbox))
+        return sandbox
+
+    def start_pool(self) -> None:
+        self.pool_started = True
+
+    def pool_stats(self) -> PoolStats:
+        return PoolStats()
+
+    def start_housekeeping(self, is_worker_alive: Callable[[str], bool]) -> int:
+        self.housekeeping_started = True
+        return 0
 
     def close(self) -> None:
         self.closed = True

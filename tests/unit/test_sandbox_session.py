@@ -88,7 +88,7 @@ class FakeSession(Session):
     def _launch(self) -> Box:
         box = self.make_box()
         self.boxes.append(box)
-        return box  # type: ignore[return-value]  (a FakeClient stands in for SessionClient)
+        return box  # type: ignore[return-value]  # a FakeClient stands in for SessionClient
 
     def _teardown(self) -> None:
         self.torn_down += 1
@@ -323,7 +323,12 @@ def test_close_from_another_thread_during_an_execute_gives_state_lost() -> None:
     box.kill = release.set  # type: ignore[method-assign]
     session = FakeSession(spec(), lambda: box)
     session.prepare()
-    closer = threading.Thread(target=lambda: (running.wait(5), session.close()))
+
+    def close_when_running() -> None:
+        running.wait(5)
+        session.close()
+
+    closer = threading.Thread(target=close_when_running)
     closer.start()
     r = session.execute("while True: pass", 60, 1000)
     closer.join()
@@ -379,3 +384,13 @@ def test_the_runner_and_the_worker_agree_on_the_out_of_memory_exit_status() -> N
     runner = importlib.util.module_from_spec(loaded)
     loaded.loader.exec_module(runner)
     assert runner.EXIT_OUT_OF_MEMORY == EXIT_OUT_OF_MEMORY == 86
+
+
+def test_the_fakes_meet_the_ports() -> None:
+    from agent.sandbox import Sandbox, SandboxProvider
+    from tests.fakes import FakeProvider, FakeSandbox
+
+    provider: SandboxProvider = FakeProvider()
+    sandbox: Sandbox = provider.start(spec(), "t")
+    assert isinstance(sandbox, FakeSandbox) and not sandbox.pool_hit
+    assert provider.pool_stats() == PoolStats()
