@@ -4,12 +4,11 @@ backend refuses it again, for a task queued before the caps were lowered."""
 
 from __future__ import annotations
 
-from agent.models import SandboxSpec, TaskSpec
+from agent.models import SandboxSpec
 
 
-def over_caps(spec: TaskSpec, max_memory_mb: int | None, max_cpus: float | None) -> str | None:
-    """Why ``spec`` asks for more than the caps (None: no cap), or None if it does not."""
-    asked = spec.sandbox
+def over_caps(asked: SandboxSpec, max_memory_mb: int | None, max_cpus: float | None) -> str | None:
+    """Why ``asked`` is more than the caps (None: no cap), or None if it is not."""
     if max_memory_mb is not None and asked.memory_mb > max_memory_mb:
         return (
             f"sandbox.memory_mb: {asked.memory_mb} is over this server's cap of "
@@ -30,4 +29,4 @@ def refusal(
     network access this server does not give, or more than its caps."""
     if asked.network and not allow_network:
         return "sandbox.network: this server does not give tasks network access"
-    return over_caps(TaskSpec(prompt="", sandbox=asked), max_memory_mb, max_cpus)
+    return over_caps(asked, max_memory_mb, max_cpus)

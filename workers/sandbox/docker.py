@@ -235,6 +235,7 @@ class DockerProvider:
         self._pools: dict[ContainerRequest, WarmPool[_Container]] = {}
         self._network_ready = False
         self._reaper: Reaper | None = None
+        self._host_cpus = float(os.cpu_count() or 1)
 
     # -- SandboxProvider ------------------------------------------------------------------
 
@@ -330,7 +331,7 @@ class DockerProvider:
         refused = refusal(sandbox, self.allow_network, hardening.max_memory_mb, hardening.max_cpus)
         if refused:
             raise SandboxRefused(refused)
-        cpus = min(sandbox.cpus, float(os.cpu_count() or 1))  # no more than the host has
+        cpus = min(sandbox.cpus, self._host_cpus)  # no more than the host has
         return ContainerRequest(
             image=image, network=sandbox.network, memory_mb=sandbox.memory_mb, cpus=round(cpus, 2)
         )
