@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 
-from actfleet.settings import Settings
 from agent.errors import ActfleetError
+from config.settings import Settings
 
 TERMINAL_EVENT = "task.finished"
 BatchBody = bytes | str | Iterable[Mapping[str, Any]]

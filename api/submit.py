@@ -14,8 +14,8 @@ import structlog
 
 from agent.models import TaskSpec
 from api.errors import ApiError
-from api.queue import EnqueueError
-from store.aio import TenantLimitError, queued_ms
+from api.fleet import EnqueueError
+from store.api_store import TenantLimitError, queued_ms
 from store.batches import BatchRecord
 from store.records import TaskRecord
 

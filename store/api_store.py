@@ -114,7 +114,7 @@ class Page:
     next_cursor: int | None
 
 
-class AsyncStore:
+class ApiStore:
     """Task operations for one tenant-aware API process. Cheap to build; no I/O until used."""
 
     def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
