@@ -15,7 +15,7 @@ from typing import Any
 from agent.events import Event, EventType
 from agent.llm import LLMReply, LLMRequest
 from agent.models import Result, Status, TaskSpec
-from agent.sandbox import ExecResult, Sandbox
+from agent.sandbox import ExecResult, PoolStats
 from store.records import TaskRecord
 from store.worker_store import Appended, Claim, Dropped, EventsBehind
 from workers.gateplan import FleetState, GateConfig, Grant, Report, plan
@@ -46,12 +46,47 @@ class FakeSandbox:
     executed: list[str] = field(default_factory=list)
     closed: bool = False
     raises: Exception | None = None
+    pool_hit: bool = False
 
     def execute(self, code: str, timeout_s: float, max_output_chars: int) -> ExecResult:
         if self.raises is not None:
             raise self.raises
         self.executed.append(code)
         return self.results.get(code, ExecResult(duration_s=0.25))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeProvider:
+    """``agent.sandbox.SandboxProvider`` handing out ``FakeSandbox``es (``make`` builds each,
+    given the spec, or raises ``raises``); records what was started and whether the pool and housekeeping ran."""
+
+    make: Callable[[TaskSpec], FakeSandbox] = lambda spec: FakeSandbox()
+    backend: str = "fake"
+    started: list[tuple[str, FakeSandbox]] = field(default_factory=list)
+    pool_started: bool = False
+    housekeeping_started: bool = False
+    closed: bool = False
+    raises: Exception | None = None  # what start raises instead, when set
+
+    def start(self, spec: TaskSpec, task_id: str) -> FakeSandbox:
+        if self.raises is not None:
+            raise self.raises
+        sandbox = self.make(spec)
+        self.started.append((task_id, sandbox))
+        return sandbox
+
+    def start_pool(self) -> None:
+        self.pool_started = True
+
+    def pool_stats(self) -> PoolStats:
+        return PoolStats()
+
+    def start_housekeeping(self, is_worker_alive: Callable[[str], bool]) -> int:
+        self.housekeeping_started = True
+        return 0
 
     def close(self) -> None:
         self.closed = True
@@ -103,22 +138,6 @@ class MemoryGateStore:
             if self.state is not None:
                 holders = {h: v for h, v in self.state.holders.items() if h != holder}
                 self.state = FleetState(self.state.limit, self.state.epoch, holders)
-
-
-class FakeProvider:
-    """``SandboxProvider`` handing out ``FakeSandbox``es (or raising ``raises`` to start)."""
-
-    def __init__(self, results: dict[str, ExecResult] | None = None) -> None:
-        self.results = results or {}
-        self.raises: Exception | None = None
-        self.started: list[FakeSandbox] = []
-
-    def start(self, spec: TaskSpec, task_id: str) -> Sandbox:
-        if self.raises is not None:
-            raise self.raises
-        box = FakeSandbox(dict(self.results))
-        self.started.append(box)
-        return box
 
 
 class InlineExecutor(Executor):

@@ -256,8 +256,8 @@ class Attempts:
     def _start_sandbox(self, record: TaskRecord) -> Sandbox:
         started = time.monotonic()
         sandbox = self.provider.start(record.spec, record.id)
-        pool_hit = "true" if getattr(sandbox, "pool_hit", False) else "false"
-        metrics.SANDBOX_ACQUIRE.labels(self.settings.sandbox, pool_hit).observe(
+        pool_hit = "true" if sandbox.pool_hit else "false"
+        metrics.SANDBOX_ACQUIRE.labels(self.provider.backend, pool_hit).observe(
             time.monotonic() - started
         )
         return sandbox
@@ -275,7 +275,7 @@ class Attempts:
         if step.event.type is EventType.EXEC_RESULT:
             duration = step.event.data.get("duration_s")
             if isinstance(duration, int | float):
-                metrics.EXEC.labels(self.settings.sandbox).observe(duration)
+                metrics.EXEC.labels(self.provider.backend).observe(duration)
 
     # -- endings -------------------------------------------------------------------------
 

@@ -50,8 +50,7 @@ from workers.health import ConsumerWatch, HealthServer
 from workers.leases import Heartbeat
 from workers.lull import LullExecutor
 from workers.modelgate import ModelGate
-from workers.sandbox import bwrap_dirs, make_provider
-from workers.sandbox.reaper import Reaper
+from workers.sandbox import make_provider
 from workers.shutdown import Drain
 from workers.sweeper import Sweeper
 from workers.webhook_delivery import DeliveryPolicy, WebhookDeliverer
@@ -115,7 +114,6 @@ class WorkerRuntime:
             queued_grace_s=settings.queued_grace_s,
         )
         self._attempts: Attempts | None = None
-        self._reaper: Reaper | None = None
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._closer: LullExecutor | None = None
@@ -175,13 +173,9 @@ class WorkerRuntime:
         self.heartbeat.start()  # first, so this worker counts as alive for every reaper
         if self._gate is not None:
             self._gate.start()
-        if self.settings.sandbox == "docker":
-            self._start_docker_housekeeping()
-        else:  # the folders of bwrap sandboxes whose workers died (their owners' locks)
-            log.info("sandbox.reaped", folders=len(bwrap_dirs.clear_stale()))
-        start_pool = getattr(self.attempts.provider, "start_pool", None)
-        if start_pool is not None:
-            start_pool()
+        # what dead workers' sandboxes left behind: now, and in the background where needed
+        self.attempts.provider.start_housekeeping(self.store.worker_alive)
+        self.attempts.provider.start_pool()
         self.heartbeat.status = self._status
         self.sweeper.start()
         self.webhooks.start()
@@ -193,16 +187,6 @@ class WorkerRuntime:
             metrics_port=self.settings.worker_metrics_port,
             frozen_objects=frozen,
         )
-
-    def _start_docker_housekeeping(self) -> None:
-        """Remove this fleet's containers of dead workers and expired ones, now and every
-        minute."""
-        import docker
-
-        self._reaper = Reaper(docker.from_env(), self.store.worker_alive, fleet=self.settings.fleet)
-        reaped = self._reaper.reap_once()
-        log.info("sandbox.reaped", containers=len(reaped))
-        self._reaper.start(60.0)
 
     def health(self) -> dict[str, object]:
         """What ``/healthz`` and ``/readyz`` report (see ``workers.health``)."""
@@ -244,20 +228,12 @@ class WorkerRuntime:
 
     def _status(self) -> dict[str, object]:
         """What the worker's status key says besides its leases and its consumer."""
-        out: dict[str, object] = {"draining": self.draining}
-        provider = self.attempts.provider
-        if hasattr(provider, "pool_idle"):
-            out["pool_idle"] = provider.pool_idle()
-        elif hasattr(provider, "pool_stats"):
-            out["pool_idle"] = sum(s.idle for s in provider.pool_stats().values())
-        return out
+        return {"draining": self.draining, "pool_idle": self.attempts.provider.pool_stats().idle}
 
     def close(self) -> None:
         self._drain.closed()
         if self._health is not None:
             self._health.close()
-        if self._reaper is not None:
-            self._reaper.stop()
         self.sweeper.close()
         self.webhooks.close()
         self.heartbeat.close()
@@ -267,9 +243,8 @@ class WorkerRuntime:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self._closer is not None:
             self._closer.shutdown(wait=True)  # every finished task's sandbox goes
-        close = getattr(self._attempts.provider if self._attempts else None, "close", None)
-        if close is not None:
-            close()
+        if self._attempts is not None:
+            self._attempts.provider.close()  # its pool's idle sandboxes and its housekeeping
         log.info("worker.stopped", worker=self.worker_id)
 
 

@@ -97,10 +97,18 @@ def bench_sandbox(args: argparse.Namespace) -> int:
     if settings.sandbox == "docker":
         from workers.sandbox.docker_bench import bench_docker
 
-        # Its own providers: one without a pool for cold starts, one with for warm acquires.
+        # Its own providers, in a fleet of this run alone (so no reaper takes them).
         report = bench_docker(args.runs, image=settings.sandbox_image)
     else:
-        report = measure(make_provider(settings, worker_id="bench"), runs=args.runs)
+        # One provider without a pool for cold starts, one with a pool of two for warm ones.
+        cold = make_provider(settings.model_copy(update={"pool_max": 0}), worker_id="bench")
+        pooled = settings.model_copy(update={"pool_min": 2, "pool_max": 2})
+        warm = make_provider(pooled, worker_id="bench")
+        try:
+            report = measure(cold, runs=args.runs, warm=warm)
+        finally:
+            cold.close()
+            warm.close()
     _print(report, args.json, "sandbox")
     return 0
 

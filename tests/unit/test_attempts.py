@@ -21,7 +21,14 @@ from agent.sandbox import ExecResult
 from config.settings import Settings
 from store.keys import LEASE_TTL_S
 from store.records import TaskRecord
-from tests.fakes import FakeProvider, InlineExecutor, LeaseBook, MemoryTaskStore, ScriptedLLM
+from tests.fakes import (
+    FakeProvider,
+    FakeSandbox,
+    InlineExecutor,
+    LeaseBook,
+    MemoryTaskStore,
+    ScriptedLLM,
+)
 from workers.attempts import Attempts, AttemptStore, Done, RetryAfter
 
 TASK = "task_1"
@@ -46,7 +53,8 @@ class World:
         self.store: Any = store or fake
         self.put = put or fake.add
         self.llm = ScriptedLLM(replies)
-        self.provider = FakeProvider({"print(6*7)": ExecResult(stdout="42\n", duration_s=0.1)})
+        results = {"print(6*7)": ExecResult(stdout="42\n", duration_s=0.1)}
+        self.provider = FakeProvider(make=lambda spec: FakeSandbox(dict(results)))
         self.leases = LeaseBook()
         self.finished: list[str] = []
         config = {"max_attempts": 3, "retry_backoff_s": 2.0, "retry_backoff_max_s": 60.0}
@@ -112,7 +120,7 @@ def test_a_task_that_answers_is_finished_with_one_append_per_step_and_nothing_mo
     # answering reply rode along with FINISH, and nothing else was read or written
     assert w.store.calls == Counter(claim=1, append=2, finish=1)
     assert w.finished == [TASK]  # its webhook was scheduled, once
-    assert w.provider.started[0].closed and w.leases.held == {}
+    assert w.provider.started[0][1].closed and w.leases.held == {}
 
 
 def test_a_task_without_a_webhook_schedules_none() -> None:
@@ -160,7 +168,7 @@ def test_an_attempt_whose_lease_another_attempt_took_stops_writing_and_is_done()
     assert out == Done("fenced")
     assert w.types() == [EventType.STARTED]
     assert w.record.status is Status.RUNNING and w.store.task(TASK).lease == "w2/2"
-    assert w.provider.started[0].closed and len(w.llm.requests) == 1
+    assert w.provider.started[0][1].closed and len(w.llm.requests) == 1
 
 
 def test_a_fenced_attempt_of_a_task_that_finished_meanwhile_is_done() -> None:
@@ -289,7 +297,7 @@ def test_a_cancel_seen_mid_run_stops_the_loop_and_ends_the_task_cancelled() -> N
     assert out == Done("finished")
     assert w.record.status is Status.CANCELLED and w.record.result is not None
     assert w.record.result.failure_class is FailureClass.CANCELLED
-    assert w.provider.started[0].executed == [] and w.provider.started[0].closed
+    assert w.provider.started[0][1].executed == [] and w.provider.started[0][1].closed
     assert len(w.llm.requests) == 1
 
 
@@ -309,7 +317,7 @@ def test_a_lease_that_vanished_stops_the_attempt_and_resends_the_task() -> None:
     # then it writes nothing more and asks for a new delivery soon
     assert out == RetryAfter(1.0, "lease_vanished")
     assert w.types() == [EventType.STARTED] and w.record.status is Status.RUNNING
-    assert w.provider.started[0].closed
+    assert w.provider.started[0][1].closed
 
 
 def test_a_lease_lost_to_another_attempt_ends_this_one_quietly() -> None:
