@@ -24,7 +24,7 @@ import redis
 from agent.events import Event
 from agent.models import Result, TaskSpec
 from store import scripts
-from store.keys import LEASE_TTL_S, STREAM_MAXLEN, Keys
+from store.keys import DEFAULT_RETENTION, LEASE_TTL_S, STREAM_MAXLEN, Keys, Retention
 from store.records import TaskRecord
 
 T = TypeVar("T")
@@ -95,8 +95,10 @@ class TaskStore:
         stream_maxlen: int = STREAM_MAXLEN,
         patience_s: float = 120.0,
         clock: Callable[[], float] = time.time,
+        retention: Retention = DEFAULT_RETENTION,
     ) -> None:
         self.r = client
+        self.retention = retention
         self.keys = keys
         self.lease_ttl_s = lease_ttl_s
         self.stream_maxlen = stream_maxlen
@@ -298,6 +300,7 @@ class TaskStore:
             finished_at=self.clock(),
             stream_maxlen=self.stream_maxlen,
             last_step=last_step,
+            retention=self.retention,
         )
         out = self._patient(lambda: self._finish(keys=keys_, args=args))
         if isinstance(out, bytes | str):

@@ -37,7 +37,7 @@ from celery.worker import state as celery_state
 from actfleet.heap import freeze_startup_heap
 from actfleet.settings import Settings
 from store import keys
-from store.keys import GATE_LEASE_TTL_S, HEARTBEAT_INTERVAL_S, Keys
+from store.keys import GATE_LEASE_TTL_S, HEARTBEAT_INTERVAL_S, Keys, Retention
 from store.tasks import TaskStore
 from store.webhooks import WebhookOutbox
 from workers import metrics
@@ -81,6 +81,7 @@ class WorkerRuntime:
             redis_client(settings.redis_url or DEFAULT_REDIS_URL),
             Keys(settings.key_prefix),
             patience_s=settings.redis_patience_s,
+            retention=Retention(settings.record_retention_s, settings.stream_retention_s),
         )
         self.consumer = ConsumerWatch(settings.worker_consumer_stall_s, on_stall=self._stalled)
         self.heartbeat = Heartbeat(
@@ -100,7 +101,7 @@ class WorkerRuntime:
             settings.worker_shutdown_grace_s,
         )
         self.webhooks = WebhookDeliverer(
-            WebhookOutbox(self.store.r, self.store.keys),
+            WebhookOutbox(self.store.r, self.store.keys, retention=self.store.retention),
             self.store.get,
             DeliveryPolicy.from_settings(settings),
             self.worker_id,

@@ -1,0 +1,208 @@
+"""Queueing a submission (one task or a whole batch) all or nothing.
+
+Two steps, so that no failure half way leaves part of a submission visible or running:
+
+1. ``stage``: the records and ``task.queued`` streams are written, in chunks (one Lua call
+   each), *with a TTL* (``INTAKE_TTL_S``), together with the ids (in input order: a
+   batch's ``{p}:batch:{id}:tasks`` list) and the broker messages (``{p}:intake:{id}:
+   messages``), also with that TTL. Nothing refers to the records yet: no index entry, no
+   batch record, no message on the queue, so no worker, sweeper or listing can see them,
+   and if the API dies here they expire on their own.
+2. ``commit``: one Lua script, so atomic, makes it all real at once: it persists the records
+   and streams, adds the ids to the tenant's index and the queued index, moves the staged
+   messages onto the broker queue in order, and writes the batch record. Scripts declare
+   the ``#!lua`` shebang, so Redis refuses one that writes while it is over ``maxmemory``
+   before it starts, never half way.
+
+A failure during ``stage`` (Redis full, gone) is undone by ``discard`` where Redis still
+answers, and by the TTL where it does not. The broker is the store's own Redis here; that
+is what lets the commit include the messages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from agent.errors import ActfleetError
+from agent.events import Event, EventType
+from store.keys import STREAM_MAXLEN, TASK_QUEUE, Keys
+from store.queue import run_task_message
+from store.records import TaskRecord
+
+INTAKE_TTL_S = 3600  # staged keys of a submission that never committed vanish after this
+STAGE_CHUNK = 1000  # tasks per staging call
+MOVE_CHUNK = 1000  # ids or messages the commit moves per Redis call (Lua's unpack limit)
+
+# STAGE: write one chunk of a submission's tasks, not yet visible.
+# KEYS: 1 ids list, 2 staged messages list, then per task: its record hash, its stream
+# ARGV: 1 ttl_s, 2 stream maxlen, then per task: the record as a JSON array
+#       [field, value, ...], its task.queued event JSON, its id, its broker message
+# Returns: the number of ids staged so far.
+STAGE = """#!lua
+local ttl, maxlen = ARGV[1], ARGV[2]
+local ids, messages = {}, {}
+local n = (#KEYS - 2) / 2
+for i = 1, n do
+  local task, stream, a = KEYS[1 + 2 * i], KEYS[2 + 2 * i], 4 * i - 1
+  redis.call('HSET', task, unpack(cjson.decode(ARGV[a])))
+  redis.call('EXPIRE', task, ttl)
+  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'e', ARGV[a + 1])
+  redis.call('EXPIRE', stream, ttl)
+  ids[i] = ARGV[a + 2]
+  messages[i] = ARGV[a + 3]
+end
+redis.call('RPUSH', KEYS[2], unpack(messages))
+redis.call('EXPIRE', KEYS[2], ttl)
+local total = redis.call('RPUSH', KEYS[1], unpack(ids))
+redis.call('EXPIRE', KEYS[1], ttl)
+return total
+"""
+
+# COMMIT: make a staged submission real, atomically.
+# KEYS: 1 ids list, 2 staged messages list, 3 broker queue, 4 queued index, 5 tenant index,
+#       6 batch hash (a batch) or the ids list again (single tasks), then per task: its
+#       record hash, its stream
+# ARGV: 1 tasks expected, 2 queued-index score (push time, unix ms), 3 tenant-index score
+#       (created_at), 4 ids-list ttl_s (0: delete it), 5 move chunk, then the batch hash
+#       as [field, value, ...] (none for single tasks)
+# Returns: 1 committed; 0 the staged keys are incomplete (expired): nothing was written.
+COMMIT = """#!lua
+local n = tonumber(ARGV[1])
+if redis.call('LLEN', KEYS[1]) ~= n or redis.call('LLEN', KEYS[2]) ~= n then return 0 end
+for i = 7, #KEYS do redis.call('PERSIST', KEYS[i]) end
+local step = tonumber(ARGV[5])
+for s = 0, n - 1, step do
+  local ids = redis.call('LRANGE', KEYS[1], s, s + step - 1)
+  local queued, tenant = {}, {}
+  for j, id in ipairs(ids) do
+    queued[2 * j - 1], queued[2 * j] = ARGV[2], id
+    tenant[2 * j - 1], tenant[2 * j] = ARGV[3], id
+  end
+  redis.call('ZADD', KEYS[4], unpack(queued))
+  redis.call('ZADD', KEYS[5], unpack(tenant))
+  redis.call('LPUSH', KEYS[3], unpack(redis.call('LRANGE', KEYS[2], s, s + step - 1)))
+end
+redis.call('DEL', KEYS[2])
+if #ARGV > 5 then
+  redis.call('HSET', KEYS[6], unpack(ARGV, 6))
+  redis.call('EXPIRE', KEYS[6], ARGV[4])
+end
+if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) else redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+
+class IntakeExpired(ActfleetError):
+    """The staged keys of a submission were gone by its commit; nothing was queued."""
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What one submission stages and commits: ``ids_key`` holds its ids in order (a
+    batch's task list, or a temporary list), ``batch`` is the batch hash (key, fields)."""
+
+    intake_id: str
+    records: Sequence[TaskRecord]
+    ids_key: str
+    ids_ttl_s: int = 0  # after the commit: 0 deletes the list (single tasks)
+    batch: tuple[str, dict[str, str]] | None = None
+
+
+class Intake:
+    """Stages and commits submissions on the API's asyncio client. No I/O until used."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys, stream_maxlen: int = STREAM_MAXLEN):
+        self.client = client
+        self.keys = keys
+        self.stream_maxlen = stream_maxlen
+        self._stage = client.register_script(STAGE)
+        self._commit = client.register_script(COMMIT)
+
+    async def stage(self, sub: Submission, queued_ms: int) -> None:
+        """Write every record, stream, id and message of ``sub``, invisible and expiring."""
+        k = self.keys
+        messages_key = k.intake_messages(sub.intake_id)
+        for start in range(0, len(sub.records), STAGE_CHUNK):
+            chunk = sub.records[start : start + STAGE_CHUNK]
+            names = [sub.ids_key, messages_key]
+            args: list[str | int] = [INTAKE_TTL_S, self.stream_maxlen]
+            for rec in chunk:
+                names += [k.task(rec.id), k.events(rec.id)]
+                flat = [x for kv in rec.to_hash().items() for x in kv]
+                args += [
+                    json.dumps(flat, separators=(",", ":")),
+                    queued_event(rec).to_json(),
+                    rec.id,
+                    run_task_message(rec.id, queued_ms),
+                ]
+            await self._stage(keys=names, args=args)
+
+    async def commit(self, sub: Submission, queued_ms: int) -> None:
+        """Make ``sub`` visible and runnable at once; ``IntakeExpired`` if it cannot."""
+        k = self.keys
+        first = sub.records[0]
+        names = [
+            sub.ids_key,
+            k.intake_messages(sub.intake_id),
+            TASK_QUEUE,
+            k.queued,
+            k.tenant_tasks(first.tenant),
+            sub.batch[0] if sub.batch else sub.ids_key,
+        ]
+        for rec in sub.records:
+            names += [k.task(rec.id), k.events(rec.id)]
+        args: list[str | int] = [
+            len(sub.records),
+            queued_ms,
+            repr(first.created_at),
+            sub.ids_ttl_s,
+            MOVE_CHUNK,
+        ]
+        if sub.batch:
+            args += [x for kv in sub.batch[1].items() for x in kv]
+        if not int(await self._commit(keys=names, args=args)):
+            raise IntakeExpired(f"the staged tasks of {sub.intake_id} expired before commit")
+
+    async def committed(self, sub: Submission) -> bool | None:
+        """Did ``sub`` commit (after a commit call whose reply was lost)? None when Redis
+        cannot tell now. A staged submission still has its messages list; a committed one
+        has not, and its records have lost their TTL."""
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.exists(self.keys.intake_messages(sub.intake_id))
+            pipe.ttl(self.keys.task(sub.records[0].id))
+            staged, ttl = await pipe.execute()
+        except RedisError:
+            return None
+        return not staged and int(ttl) == -1
+
+    async def discard(self, sub: Submission) -> None:
+        """Delete whatever ``stage`` wrote of ``sub`` (DEL works even when Redis is full)."""
+        k = self.keys
+        names = [sub.ids_key, k.intake_messages(sub.intake_id)]
+        for rec in sub.records:
+            names += [k.task(rec.id), k.events(rec.id)]
+        pipe = self.client.pipeline(transaction=False)
+        for start in range(0, len(names), MOVE_CHUNK):
+            pipe.delete(*names[start : start + MOVE_CHUNK])
+        await pipe.execute()
+
+
+def queued_ms(rec: TaskRecord) -> int:
+    """A new task's score in the queued index, and the push time its message carries."""
+    return int(rec.created_at * 1000)
+
+
+def queued_event(rec: TaskRecord) -> Event:
+    data: dict[str, Any] = {"task_id": rec.id}
+    if rec.spec.custom_id:
+        data["custom_id"] = rec.spec.custom_id
+    if rec.batch_id:
+        data["batch_id"] = rec.batch_id
+    return Event(EventType.QUEUED, turn=0, attempt=0, ts=rec.created_at, data=data)
