@@ -424,6 +424,8 @@ def problems_anywhere(raw: object, limit: int = 10) -> list[str]:
     """What no field of a spec may hold: text that cannot be encoded as UTF-8 (a lone
     surrogate, which JSON's ``\\udfff`` escape can carry), and nesting deeper than
     ``MAX_DEPTH``. Walks keys and values alike, without recursion."""
+    if _clean(raw, 0):
+        return []  # the common case, without building a path for every value
     found: list[str] = []
     for where, item, depth in _walk(raw):
         if depth > MAX_DEPTH:
@@ -439,6 +441,25 @@ def problems_anywhere(raw: object, limit: int = 10) -> list[str]:
         if len(found) >= limit:
             break
     return found
+
+
+def _clean(item: object, depth: int) -> bool:
+    """What ``problems_anywhere`` finds nothing in: no unencodable text, nothing deeper
+    than ``MAX_DEPTH``. Recurses at most ``MAX_DEPTH + 1`` deep."""
+    if depth > MAX_DEPTH:
+        return False
+    if isinstance(item, str):
+        return encodable(item)
+    if isinstance(item, Mapping):
+        for k, v in item.items():
+            if isinstance(k, str) and not encodable(k):
+                return False
+            if not _clean(v, depth + 1):
+                return False
+        return True
+    if isinstance(item, list):
+        return all(_clean(v, depth + 1) for v in item)
+    return True
 
 
 def _walk(raw: object) -> Iterator[tuple[str, object, int]]:

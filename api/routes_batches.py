@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from agent.export import Filter, export_line, needs_trajectory
 from api.auth import Tenant
-from api.bodies import parse_batch, read_body, spec_rules
+from api.bodies import BatchParser, read_batch, spec_rules
 from api.errors import JSONOut, encode_json, not_found
 from api.schemas import BATCH_REF, ERRORS, BatchAccepted, BatchCancelled, BatchOut, ErrorOut
 from api.strict import known_query_only
@@ -72,8 +72,8 @@ async def create_batch(
     """Queue every task of a batch, or none: each line is checked first, and every bad
     line is reported with its number and what to fix."""
     settings = request.app.state.settings
-    body = await read_body(request, settings.max_request_bytes)
-    specs = parse_batch(body, settings.max_batch_tasks, spec_rules(settings))
+    parser = BatchParser(settings.max_batch_tasks, spec_rules(settings))
+    specs = await read_batch(request, settings.max_request_bytes, parser)
     await vet_webhooks(request.app.state, tenant, specs, webhook_url)
     batch = BatchRecord(
         id=new_batch_id(),

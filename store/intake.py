@@ -21,11 +21,12 @@ is what lets the commit include the messages.
 
 from __future__ import annotations
 
-import json
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -125,23 +126,40 @@ class Intake:
         self._commit = client.register_script(COMMIT)
 
     async def stage(self, sub: Submission, queued_ms: int) -> None:
-        """Write every record, stream, id and message of ``sub``, invisible and expiring."""
+        """Write every record, stream, id and message of ``sub``, invisible and expiring.
+
+        Chunks go out in order, one at a time, but the next chunk is encoded while Redis
+        runs the last one."""
+        messages_key = self.keys.intake_messages(sub.intake_id)
+        pending: asyncio.Future[Any] | None = None
+        try:
+            for start in range(0, len(sub.records), STAGE_CHUNK):
+                names, args = self._chunk(sub, messages_key, start, queued_ms)
+                if pending is not None:
+                    await pending
+                pending = asyncio.ensure_future(self._stage(keys=names, args=args))
+                await asyncio.sleep(0)  # let it reach the socket before the next encoding
+            if pending is not None:
+                await pending
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+
+    def _chunk(
+        self, sub: Submission, messages_key: str, start: int, queued_ms: int
+    ) -> tuple[list[str], list[Any]]:
         k = self.keys
-        messages_key = k.intake_messages(sub.intake_id)
-        for start in range(0, len(sub.records), STAGE_CHUNK):
-            chunk = sub.records[start : start + STAGE_CHUNK]
-            names = [sub.ids_key, messages_key]
-            args: list[str | int] = [INTAKE_TTL_S, self.stream_maxlen]
-            for rec in chunk:
-                names += [k.task(rec.id), k.events(rec.id)]
-                flat = [x for kv in rec.to_hash().items() for x in kv]
-                args += [
-                    json.dumps(flat, separators=(",", ":")),
-                    queued_event(rec).to_json(),
-                    rec.id,
-                    run_task_message(rec.id, queued_ms),
-                ]
-            await self._stage(keys=names, args=args)
+        names = [sub.ids_key, messages_key]
+        args: list[Any] = [INTAKE_TTL_S, self.stream_maxlen]
+        for rec in sub.records[start : start + STAGE_CHUNK]:
+            names += [k.task(rec.id), k.events(rec.id)]
+            args += [
+                orjson.dumps([x for kv in rec.to_hash().items() for x in kv]),
+                orjson.dumps(queued_event(rec).to_dict()),
+                rec.id,
+                run_task_message(rec.id, queued_ms),
+            ]
+        return names, args
 
     async def commit(self, sub: Submission, queued_ms: int) -> None:
         """Make ``sub`` visible and runnable at once; ``IntakeExpired`` if it cannot."""

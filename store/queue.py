@@ -23,11 +23,11 @@ Delivery guarantees (the Redis broker is at-least-once), and how they fit togeth
 from __future__ import annotations
 
 import base64
-import json
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from celery import Celery
 
 from store import broker, keys
@@ -138,9 +138,9 @@ def run_task_message(task_id: str, enqueued_ms: int) -> str:
     """The broker message that ``enqueue(app, task_id, enqueued_ms)`` would push, with only
     the fields a worker reads."""
     message_id = str(uuid.uuid4())
-    body = json.dumps([[task_id], {"enqueued_ms": enqueued_ms}, {}], separators=(",", ":"))
+    body = orjson.dumps([[task_id], {"enqueued_ms": enqueued_ms}, {}])
     return _MESSAGE.format(
-        body=base64.b64encode(body.encode()).decode(),
+        body=base64.b64encode(body).decode(),
         task=keys.RUN_TASK,
         id=message_id,
         queue=keys.TASK_QUEUE,
