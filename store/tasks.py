@@ -8,6 +8,11 @@ writes are dropped and the caller learns it from the return value.
 Redis outages: every call retries connection errors for ``patience_s`` (long enough for a
 Redis restart) before raising ``redis.ConnectionError``. Scripts that are not naturally
 idempotent are made so (``STEP`` carries a sequence number), or are harmless to repeat.
+A Redis out of memory (``maxmemory``, ``noeviction``) is waited out the same way: it
+refuses a script at its first write, so nothing was written, and the step is written once
+room comes back (retention expiring old records, the API refusing new work) instead of
+being lost; past the patience it is a fault like an outage (the lease lapses and the task
+is retried from its checkpoint).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from store.records import TaskRecord
 
 T = TypeVar("T")
 
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
 
 
 class Appended(Enum):
