@@ -67,7 +67,8 @@ return {1, redis.call('INCRBY', KEYS[1], n)}
 """
 
 # RELEASE: give back n reserved slots (never below zero). KEYS: 1 counter. ARGV: 1 n.
-RELEASE = """
+# Allowed while Redis is out of memory: it is how a refused submission gives its slots back.
+RELEASE = """#!lua flags=allow-oom
 if redis.call('DECRBY', KEYS[1], ARGV[1]) < 0 then redis.call('SET', KEYS[1], 0) end
 return 1
 """
