@@ -13,9 +13,9 @@ pytestmark = pytest.mark.e2e
 
 def test_bench_scale_reports_intake_polls_and_bytes_per_size_as_json() -> None:
     # when the bench runs at two tiny sizes
+    command = ["bench", "scale", "--sizes", "20,50", "--polls", "3", "--json"]
     out = subprocess.run(
-        [sys.executable, "-m", "actfleet", "bench", "scale", "--sizes", "20,50", "--polls", "3"]
-        + ["--json"],
+        [sys.executable, "-m", "actfleet", *command],
         capture_output=True,
         text=True,
         timeout=300,
