@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,22 +55,12 @@ def wait_until(
     raise StackError(f"{what} did not become ready within {timeout_s:g}s")
 
 
-# What deploy/README.md documents for actfleet's Redis, beyond persistence: streams in
-# nodes of at most 256 bytes, because Redis allocates a new stream's first node at that
-# size (4 KB by default) and most streams are one task.queued entry while a task waits;
-# and no eviction, so a full Redis refuses writes instead of dropping records.
-REDIS_TUNING = ("--stream-node-max-bytes", "256", "--maxmemory-policy", "noeviction")
-
-
 class RedisServer:
     """A private ``redis-server`` with AOF (everysec, no RDB) in ``data_dir``, on a free
-    port, tuned as documented (``REDIS_TUNING``) plus ``extra`` arguments (e.g.
-    ``("--maxmemory", "50mb")``); ``restart()`` keeps the port and the AOF, so it models a
-    crash and recovery."""
+    port; ``restart()`` keeps the port and the AOF, so it models a crash and recovery."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, extra: Sequence[str] = ()) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
-        self.extra = tuple(extra)
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -101,8 +91,6 @@ class RedisServer:
                 "10000",
                 "--daemonize",
                 "no",
-                *REDIS_TUNING,
-                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -24,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from agent.errors import ActfleetError
 from agent.loop import finished_event
 from agent.models import FailureClass, Result, Status, TaskSpec
+from store.intake import MATERIALIZE
 from store.keys import DEFAULT_RETENTION, Keys, Retention
 from store.records import RecordError, TaskRecord, new_task_id
 from store.scripts import FINISH, finish_call
@@ -127,6 +128,7 @@ class AsyncStore:
         self._release = client.register_script(RELEASE)
         self._request_cancel = client.register_script(REQUEST_CANCEL)
         self._finish = client.register_script(FINISH)
+        self._materialize = client.register_script(MATERIALIZE)
 
     # -- submit -------------------------------------------------------------------------
 
@@ -236,15 +238,23 @@ class AsyncStore:
         """Finish a queued task as cancelled; False if a worker took it first (the worker
         then sees ``cancel_requested`` and stops)."""
         keys, args = self.finish_cancelled_call(task_id, tenant, batch_id, attempt)
-        out = await self._finish(keys=keys, args=args)
+        pipe = self.client.pipeline(transaction=False)
+        await self._materialize(
+            keys=[self.keys.task(task_id), self.keys.events(task_id)], client=pipe
+        )
+        await self._finish(keys=keys, args=args, client=pipe)
+        out = (await pipe.execute())[1]
         return not isinstance(out, int)
 
     async def finish_cancelled_many(self, tasks: Sequence[tuple[str, str, str | None, int]]) -> int:
         pipe = self.client.pipeline(transaction=False)
         for t in tasks:
             keys, args = self.finish_cancelled_call(*t)
+            await self._materialize(
+                keys=[self.keys.task(t[0]), self.keys.events(t[0])], client=pipe
+            )
             await self._finish(keys=keys, args=args, client=pipe)
-        return sum(1 for out in await pipe.execute() if not isinstance(out, int))
+        return sum(1 for out in (await pipe.execute())[1::2] if not isinstance(out, int))
 
     def finish_cancelled_call(
         self, task_id: str, tenant: str, batch_id: str | None, attempt: int

@@ -2,14 +2,15 @@
 
 Two steps, so that no failure half way leaves part of a submission visible or running:
 
-1. ``stage``: the records and ``task.queued`` streams are written, in chunks (one Lua call
+1. ``stage``: the records (each with its ``task.queued`` event, which starts its stream
+   only when the task does: ``MATERIALIZE``) are written, in chunks (one Lua call
    each), *with a TTL* (``INTAKE_TTL_S``), together with the ids (in input order: a
    batch's ``{p}:batch:{id}:tasks`` list) and the broker messages (``{p}:intake:{id}:
    messages``), also with that TTL. Nothing refers to the records yet: no index entry, no
    batch record, no message on the queue, so no worker, sweeper or listing can see them,
    and if the API dies here they expire on their own.
-2. ``commit``: one Lua script, so atomic, makes it all real at once: it persists the records
-   and streams, adds the ids to the tenant's index and the queued index, moves the staged
+2. ``commit``: one Lua script, so atomic, makes it all real at once: it persists the records,
+   adds the ids to the tenant's index and the queued index, moves the staged
    messages onto the broker queue in order, and writes the batch record. Scripts declare
    the ``#!lua`` shebang, so Redis refuses one that writes while it is over ``maxmemory``
    before it starts, never half way.
@@ -32,7 +33,7 @@ from redis.exceptions import RedisError
 
 from agent.errors import ActfleetError
 from agent.events import Event, EventType
-from store.keys import STREAM_MAXLEN, TASK_QUEUE, Keys
+from store.keys import TASK_QUEUE, Keys
 from store.queue import run_task_message
 from store.records import TaskRecord
 
@@ -41,22 +42,19 @@ STAGE_CHUNK = 1000  # tasks per staging call
 MOVE_CHUNK = 1000  # ids or messages the commit moves per Redis call (Lua's unpack limit)
 
 # STAGE: write one chunk of a submission's tasks, not yet visible.
-# KEYS: 1 ids list, 2 staged messages list, then per task: its record hash, its stream
-# ARGV: 1 ttl_s, 2 stream maxlen, then per task: the record as a JSON array
-#       [field, value, ...], its task.queued event JSON, its id, its broker message
+# KEYS: 1 ids list, 2 staged messages list, then per task: its record hash
+# ARGV: 1 ttl_s, then per task: the record as a JSON array [field, value, ...] (with its
+#       task.queued event in "queued_event", see MATERIALIZE), its id, its broker message
 # Returns: the number of ids staged so far.
 STAGE = """#!lua
-local ttl, maxlen = ARGV[1], ARGV[2]
+local ttl = ARGV[1]
 local ids, messages = {}, {}
-local n = (#KEYS - 2) / 2
-for i = 1, n do
-  local task, stream, a = KEYS[1 + 2 * i], KEYS[2 + 2 * i], 4 * i - 1
+for i = 1, #KEYS - 2 do
+  local task, a = KEYS[2 + i], 3 * i - 1
   redis.call('HSET', task, unpack(cjson.decode(ARGV[a])))
   redis.call('EXPIRE', task, ttl)
-  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', 'e', ARGV[a + 1])
-  redis.call('EXPIRE', stream, ttl)
-  ids[i] = ARGV[a + 2]
-  messages[i] = ARGV[a + 3]
+  ids[i] = ARGV[a + 1]
+  messages[i] = ARGV[a + 2]
 end
 redis.call('RPUSH', KEYS[2], unpack(messages))
 redis.call('EXPIRE', KEYS[2], ttl)
@@ -67,8 +65,8 @@ return total
 
 # COMMIT: make a staged submission real, atomically.
 # KEYS: 1 ids list, 2 staged messages list, 3 broker queue, 4 queued index, 5 tenant index,
-#       6 batch hash (a batch) or the ids list again (single tasks), then per task: its
-#       record hash, its stream
+#       6 batch hash (a batch) or the ids list again (single tasks), then every task's
+#       record hash
 # ARGV: 1 tasks expected, 2 queued-index score (push time, unix ms), 3 tenant-index score
 #       (created_at), 4 ids-list ttl_s (0: delete it), 5 move chunk, then the batch hash
 #       as [field, value, ...] (none for single tasks)
@@ -98,6 +96,28 @@ if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) else redis.
 return 1
 """
 
+# MATERIALIZE: start a task's event stream with its task.queued event, kept in the record
+# (field "queued_event") until then: a stream costs Redis some 4 KB from its first entry
+# (its first node is allocated whole), so a waiting task has none. The entry gets id 0-1,
+# the lowest there is, which the API's SSE also gives the event while it is only in the
+# record: a client sees the same event, with the same id, before and after. Run it before
+# the first write to the stream (the claim, the API's cancel of a queued task);
+# idempotent.
+# KEYS: 1 task hash, 2 events stream. Returns 1 if it wrote the entry, else 0.
+MATERIALIZE = """
+local e = redis.call('HGET', KEYS[1], 'queued_event')
+if not e then return 0 end
+local wrote = 0
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('XADD', KEYS[2], '0-1', 'e', e)
+  wrote = 1
+end
+redis.call('HDEL', KEYS[1], 'queued_event')
+return wrote
+"""
+QUEUED_ID = "0-1"  # the stream id of every task's task.queued event
+QUEUED_FIELD = "queued_event"
+
 
 class IntakeExpired(ActfleetError):
     """The staged keys of a submission were gone by its commit; nothing was queued."""
@@ -118,15 +138,14 @@ class Submission:
 class Intake:
     """Stages and commits submissions on the API's asyncio client. No I/O until used."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, stream_maxlen: int = STREAM_MAXLEN):
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
         self.client = client
         self.keys = keys
-        self.stream_maxlen = stream_maxlen
         self._stage = client.register_script(STAGE)
         self._commit = client.register_script(COMMIT)
 
     async def stage(self, sub: Submission, queued_ms: int) -> None:
-        """Write every record, stream, id and message of ``sub``, invisible and expiring.
+        """Write every record, id and message of ``sub``, invisible and expiring.
 
         Chunks go out in order, one at a time, but the next chunk is encoded while Redis
         runs the last one."""
@@ -150,12 +169,13 @@ class Intake:
     ) -> tuple[list[str], list[Any]]:
         k = self.keys
         names = [sub.ids_key, messages_key]
-        args: list[Any] = [INTAKE_TTL_S, self.stream_maxlen]
+        args: list[Any] = [INTAKE_TTL_S]
         for rec in sub.records[start : start + STAGE_CHUNK]:
-            names += [k.task(rec.id), k.events(rec.id)]
+            names.append(k.task(rec.id))
+            fields = rec.to_hash()
+            fields[QUEUED_FIELD] = orjson.dumps(queued_event(rec).to_dict()).decode()
             args += [
-                orjson.dumps([x for kv in rec.to_hash().items() for x in kv]),
-                orjson.dumps(queued_event(rec).to_dict()),
+                orjson.dumps([x for kv in fields.items() for x in kv]),
                 rec.id,
                 run_task_message(rec.id, queued_ms),
             ]
@@ -173,8 +193,7 @@ class Intake:
             k.tenant_tasks(first.tenant),
             sub.batch[0] if sub.batch else sub.ids_key,
         ]
-        for rec in sub.records:
-            names += [k.task(rec.id), k.events(rec.id)]
+        names += [k.task(rec.id) for rec in sub.records]
         args: list[str | int] = [
             len(sub.records),
             queued_ms,
@@ -204,8 +223,7 @@ class Intake:
         """Delete whatever ``stage`` wrote of ``sub`` (DEL works even when Redis is full)."""
         k = self.keys
         names = [sub.ids_key, k.intake_messages(sub.intake_id)]
-        for rec in sub.records:
-            names += [k.task(rec.id), k.events(rec.id)]
+        names += [k.task(rec.id) for rec in sub.records]
         pipe = self.client.pipeline(transaction=False)
         for start in range(0, len(names), MOVE_CHUNK):
             pipe.delete(*names[start : start + MOVE_CHUNK])

@@ -29,6 +29,7 @@ import redis
 from agent.events import Event
 from agent.models import Result, TaskSpec
 from store import scripts
+from store.intake import MATERIALIZE
 from store.keys import DEFAULT_RETENTION, LEASE_TTL_S, STREAM_MAXLEN, Keys, Retention
 from store.records import TaskRecord
 
@@ -117,6 +118,7 @@ class TaskStore:
         self._finish = client.register_script(scripts.FINISH)
         self._requeue_lost = client.register_script(scripts.REQUEUE_LOST)
         self._handback = client.register_script(scripts.HANDBACK)
+        self._materialize = client.register_script(MATERIALIZE)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -166,8 +168,13 @@ class TaskStore:
         mark, see ``requeue_lost``); None when the message does not say."""
         k = self.keys
         now = self.clock()
-        out = self._patient(
-            lambda: self._claim(
+
+        def op() -> Any:
+            # The stream starts with the task's task.queued event (store.intake), in the
+            # same round trip; it is idempotent, so a retry after a lost reply is harmless.
+            pipe = self.r.pipeline(transaction=False)
+            self._materialize(keys=[k.task(task_id), k.events(task_id)], client=pipe)
+            self._claim(
                 keys=[
                     k.task(task_id),
                     k.lease(task_id),
@@ -186,8 +193,11 @@ class TaskStore:
                     self.stream_maxlen,
                     int(enqueued_ms or 0),
                 ],
+                client=pipe,
             )
-        )
+            return pipe.execute()[1]
+
+        out = self._patient(op)
         if int(out[0]) == 0:
             return Dropped(_s(out[1]))
         attempt = int(out[0])

@@ -27,8 +27,10 @@ def test_submit_stores_the_task_queues_it_and_records_the_queued_event(fleet: Fl
     [message] = fleet.redis.lrange(TASK_QUEUE, 0, -1)
     body = json.loads(base64.b64decode(json.loads(message)["body"]))
     assert body[0] == [task_id]
-    [(_, fields)] = fleet.redis.xrange(fleet.keys.events(task_id))
-    assert json.loads(fields[b"e"])["type"] == "task.queued"
+    # (kept in the record until the task starts: its stream begins then)
+    event = json.loads(fleet.redis.hget(fleet.keys.task(task_id), "queued_event"))  # type: ignore[arg-type]
+    assert event["type"] == "task.queued" and event["data"]["task_id"] == task_id
+    assert not fleet.redis.exists(fleet.keys.events(task_id))
     assert fleet.redis.get(fleet.keys.tenant_active("acme")) == b"1"
 
 
