@@ -38,6 +38,16 @@ T = TypeVar("T")
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
 
 
+# FORGET_CHECKPOINT: drop a finished task's checkpoint, sent with its FINISH: nothing
+# resumes a finished task, and the checkpoint repeats the trajectory its result holds
+# (about half of a finished record). KEYS: 1 task hash. Returns 1 if it dropped one.
+FORGET_CHECKPOINT = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st or st == 'queued' or st == 'running' then return 0 end
+return redis.call('HDEL', KEYS[1], 'checkpoint')
+"""
+
+
 class Appended(Enum):
     OK = "ok"
     FENCED = "fenced"  # this owner no longer holds the lease
@@ -119,6 +129,7 @@ class TaskStore:
         self._requeue_lost = client.register_script(scripts.REQUEUE_LOST)
         self._handback = client.register_script(scripts.HANDBACK)
         self._materialize = client.register_script(MATERIALIZE)
+        self._forget_checkpoint = client.register_script(FORGET_CHECKPOINT)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -317,7 +328,14 @@ class TaskStore:
             last_step=last_step,
             retention=self.retention,
         )
-        out = self._patient(lambda: self._finish(keys=keys_, args=args))
+
+        def op() -> Any:
+            pipe = self.r.pipeline(transaction=False)
+            self._finish(keys=keys_, args=args, client=pipe)
+            self._forget_checkpoint(keys=[self.keys.task(record.id)], client=pipe)
+            return pipe.execute()[0]
+
+        out = self._patient(op)
         if isinstance(out, bytes | str):
             return _s(out)
         if out == -3:
