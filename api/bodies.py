@@ -158,10 +158,10 @@ class SpecRules:
     table: Section
     allowlist: Allowlist
 
-    def read(self, raw: Any) -> tuple[TaskSpec | None, list[str]]:
-        """The spec, or None and every problem."""
+    def read(self, raw: Any, plain: bool = False) -> tuple[TaskSpec | None, list[str]]:
+        """The spec, or None and every problem (``plain``: see ``TaskSpec.from_dict``)."""
         try:
-            spec = TaskSpec.from_dict(raw, self.table)
+            spec = TaskSpec.from_dict(raw, self.table, plain=plain)
         except SpecError as e:
             return None, e.problems
         problems = spec_problems(spec) + destination_problems(spec, self.allowlist)
@@ -318,7 +318,10 @@ class BatchParser:
             self.bad_json = True
             self._problems(self._line_no, [f"not acceptable JSON: {e}"])
             return
-        self._item(self._line_no, raw)
+        # Text decoded from UTF-8 holds a lone surrogate only through a \u escape, and
+        # nesting needs brackets: a line with neither needs no walk through every value.
+        plain = b"\\u" not in line and line.count(b"{") + line.count(b"[") <= MAX_DEPTH
+        self._item(self._line_no, raw, plain)
 
     def _read_array(self, body: bytes) -> None:
         try:
@@ -341,8 +344,8 @@ class BatchParser:
         for position, raw in enumerate(array, start=1):
             self._item(position, raw)
 
-    def _item(self, line_no: int, raw: Any) -> None:
-        spec, problems = self.rules.read(raw)
+    def _item(self, line_no: int, raw: Any, plain: bool = False) -> None:
+        spec, problems = self.rules.read(raw, plain)
         if spec is not None and spec.custom_id is not None:
             first = self._seen.setdefault(spec.custom_id, line_no)
             if first != line_no:

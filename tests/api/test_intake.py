@@ -204,3 +204,15 @@ def test_a_typical_queued_task_costs_at_most_3_kb_of_redis(fleet: Fleet) -> None
         for name in (k.tenant_tasks("acme"), k.queued, k.batch_tasks(r.json()["id"]), TASK_QUEUE)
     ]
     assert bytes_per_task(own, shared, n) <= 3 * 1024
+
+
+def test_a_batch_line_nested_past_the_limit_is_refused_naming_it(fleet: Fleet) -> None:
+    deep: object = "leaf"
+    for _ in range(40):
+        deep = [deep]
+    with fleet.client() as c:
+        r = c.post("/v1/batches", content=jsonl(spec(), spec(expected={"answer": deep})))
+    assert r.status_code == 422, r.text
+    [error] = r.json()["detail"]["errors"]
+    assert error["line"] == 2 and "nested deeper than 32 levels" in error["problems"][0]
+    nothing_of(fleet)
