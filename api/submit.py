@@ -65,7 +65,8 @@ async def submit(
         await state.intake.stage(sub, pushed_ms)
     except BaseException as e:
         await _undo(state, tenant, sub)
-        raise _refusal(state, tenant, sub, e) from e
+        _refuse(state, tenant, sub, e)
+        raise
     try:
         await state.intake.commit(sub, pushed_ms)
     except BaseException as e:
@@ -74,32 +75,35 @@ async def submit(
         if done is not True:
             if done is False:
                 await _undo(state, tenant, sub)
-            raise _refusal(state, tenant, sub, e) from e
+            _refuse(state, tenant, sub, e)
+            raise
         log.warning("tasks.commit_reply_lost", tenant=tenant, n=len(records), error=repr(e))
     state.metrics.tasks_submitted.inc(len(records))
     log.info("tasks.submitted", tenant=tenant, n=len(records), batch_id=batch.id if batch else None)
     return records
 
 
-def _refusal(state: Any, tenant: str, sub: Submission, e: BaseException) -> BaseException:
-    """What the client gets for a submission that failed before its commit."""
+def _refuse(state: Any, tenant: str, sub: Submission, e: BaseException) -> None:
+    """Raise what the client gets for a submission that failed before its commit; return
+    (for the caller to re-raise ``e``) when that is ``e`` itself: a cancellation, a bug, or
+    an unreachable Redis (the app's handler answers 503)."""
     if not isinstance(e, RedisError | IntakeExpired):
-        return e  # cancelled, or a bug: re-raised as it is
+        return
     log.error("tasks.submit_failed", tenant=tenant, n=len(sub.records), error=repr(e))
+    if isinstance(e, RedisConnectionError | RedisTimeoutError):
+        return
     if isinstance(e, OutOfMemoryError):
         state.memory.saw_full()
-        return ApiError(
+        raise ApiError(
             503,
             "the store (Redis) is full; nothing was queued: try again later",
             headers={"Retry-After": str(state.memory.retry_after_s)},
-        )
-    if isinstance(e, RedisConnectionError | RedisTimeoutError):
-        return e  # the app's handler: 503, the store is unavailable
-    return ApiError(
+        ) from e
+    raise ApiError(
         503,
         "the store (Redis) refused the tasks; nothing was queued: try again",
         headers={"Retry-After": str(RETRY_AFTER_S)},
-    )
+    ) from e
 
 
 async def _undo(state: Any, tenant: str, sub: Submission) -> None:
