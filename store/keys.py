@@ -3,7 +3,10 @@
 Layout (``{p}`` is the configurable prefix, ``af`` by default)::
 
     {p}:task:{id}              hash    the task record (see records.TaskRecord)
-    {p}:events:{id}            stream  the task's events; entry field "e" = Event JSON
+    {p}:events:{id}            stream  the task's events; entry field "e" = Event JSON; it
+                                       starts when the task does, with its task.queued
+                                       event (id 0-1), kept until then in the record's
+                                       "queued_event" field (store.intake.MATERIALIZE)
     {p}:lease:{id}             string  "{worker_id}/{attempt}" with a TTL: who runs it now
     {p}:running                zset    task id -> lease expiry (unix ms); the sweeper's index
     {p}:queued                 zset    task id -> when its latest message was pushed (unix
