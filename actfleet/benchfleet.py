@@ -44,8 +44,8 @@ from rich.console import Console
 
 from actfleet.fakellm import FakeLLMServer
 from actfleet.proctime import TreeCPU, tree_cpu
-from actfleet.settings import Settings
 from actfleet.stack import LocalStack
+from config.settings import Settings
 from store.apikeys import create_key
 from store.keys import Keys
 from store.records import TaskRecord

@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 
-from actfleet.settings import Settings
 from agent.errors import ActfleetError
+from config.settings import Settings
 
 TERMINAL_EVENT = "task.finished"
 BatchBody = bytes | str | Path | Iterable[Mapping[str, Any]]

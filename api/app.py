@@ -19,15 +19,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from actfleet.settings import Settings
 from agent.errors import ActfleetError
 from api import routes_batches, routes_tasks, webhooks
 from api.errors import install_handlers
+from api.fleet import Enqueuer, fleet_health
 from api.memory import MemoryGuard
 from api.metrics import ApiMetrics, MetricsMiddleware, render
 from api.openapi import install_openapi
-from api.queue import Enqueuer, fleet_health
-from store.aio import AsyncStore, connect
+from config.settings import Settings
+from store.api_store import ApiStore, connect
 from store.batches import BatchStore
 from store.intake import Intake
 from store.keys import Keys, Retention
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         client = connect(settings.redis_url)
         streams = connect(settings.redis_url, block_s=settings.sse_heartbeat_s)
         retention = Retention(settings.record_retention_s, settings.stream_retention_s)
-        store = AsyncStore(client, app.state.keys, retention)
+        store = ApiStore(client, app.state.keys, retention)
         app.state.redis = client
         app.state.stream_redis = streams
         app.state.store = store

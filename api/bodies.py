@@ -15,8 +15,6 @@ from typing import Any
 
 from fastapi import Request
 
-from actfleet.re2engine import spec_problems
-from actfleet.settings import Settings
 from agent.destinations import Allowlist
 from agent.errors import SpecError
 from agent.models import TaskSpec
@@ -34,6 +32,8 @@ from agent.specschema import (
 from agent.text import printable
 from api.errors import ApiError
 from api.webhooks import destination_problems
+from config.settings import Settings
+from engines.re2engine import spec_problems
 
 MAX_REPORTED_ERRORS = 100
 

@@ -12,10 +12,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from actfleet.settings import Settings
 from agent.specschema import json_schema
 from api.bodies import spec_rules
 from api.schemas import REF_PREFIX, SPEC_REF
+from config.settings import Settings
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:

@@ -16,7 +16,7 @@ from api.sse import STREAM_ID, check_event_id, event_stream
 from api.strict import known_query_only
 from api.submit import submit
 from api.webhooks import vet_webhooks
-from store.aio import AlreadyFinished
+from store.api_store import AlreadyFinished
 
 EVENT_ID_PATTERN = f"^(?:{STREAM_ID})?$"  # what check_event_id takes; "" or 0: from the start
 

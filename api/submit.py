@@ -21,7 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agent.models import TaskSpec
 from api.errors import ApiError
-from store.aio import TenantLimitError
+from store.api_store import TenantLimitError
 from store.batches import BatchRecord
 from store.intake import IntakeExpired, Submission, queued_ms
 from store.records import TaskRecord

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.models import TERMINAL_STATUSES, Status
-from store.aio import AsyncStore
+from store.api_store import ApiStore
 
 READ_CHUNK = 1000  # task ids per pipelined read
 
@@ -88,7 +88,7 @@ class SummaryCache:
 
 
 class BatchStore:
-    def __init__(self, tasks: AsyncStore, cache: SummaryCache | None = None) -> None:
+    def __init__(self, tasks: ApiStore, cache: SummaryCache | None = None) -> None:
         self.tasks = tasks
         self.client = tasks.client
         self.keys = tasks.keys

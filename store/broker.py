@@ -23,7 +23,7 @@ locally whatever happens to the Redis write. The message stays in the unacked in
 comes back after the visibility timeout, and the claim then drops it (the task finished,
 or a sweeper already handed it to another attempt).
 
-Celery uses this transport through ``broker_transport`` (``store.queue.celery_config``); the
+Celery uses this transport through ``broker_transport`` (``store.celery_app.celery_config``); the
 URL still says where Redis is.
 """
 

@@ -33,8 +33,8 @@ from redis.exceptions import RedisError
 
 from agent.errors import ActfleetError
 from agent.events import Event, EventType
+from store.celery_app import run_task_message
 from store.keys import TASK_QUEUE, Keys
-from store.queue import run_task_message
 from store.records import TaskRecord
 
 INTAKE_TTL_S = 3600  # staged keys of a submission that never committed vanish after this

@@ -123,7 +123,7 @@ def finish_call(
     return names, args
 
 
-# --- worker-side transitions (store.tasks) ---------------------------------------------
+# --- worker-side transitions (store.worker_store) ---------------------------------------------
 # A task's hash also holds, once a worker has run it: "checkpoint" (the loop's state after
 # its last appended step), "seq" (how many events this task's workers appended; an append
 # carries the seq it expects to write, so a retried call never adds an entry twice) and
@@ -291,7 +291,7 @@ return 'requeue'
 """
 
 # REQUEUE_LOST: one queued task that the sweeper found to have lost its message (see
-# ``TaskStore.requeue_lost``): still queued, no lease, and its index score (its latest
+# ``WorkerStore.requeue_lost``): still queued, no lease, and its index score (its latest
 # message's push time) not after ARGV[2]. It then gets a new message: its score becomes
 # ARGV[3], so no other sweeper pushes one too, and the next look at it waits for that
 # message. An entry for a task that is gone, running or finished just leaves the index.

@@ -1,12 +1,12 @@
-"""The worker's Celery app: ``store.queue``'s app, sized from the worker's settings."""
+"""The worker's Celery app: ``store.celery_app``'s app, sized from the worker's settings."""
 
 from __future__ import annotations
 
 from celery import Celery
 
-from actfleet.settings import Settings
-from store.queue import DEFAULT_REDIS_URL, enqueue
-from store.queue import make_celery as make_queue_app
+from config.settings import Settings
+from store.celery_app import DEFAULT_REDIS_URL, enqueue
+from store.celery_app import make_celery as make_queue_app
 
 __all__ = ["DEFAULT_REDIS_URL", "enqueue", "make_celery"]
 

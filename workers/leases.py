@@ -23,7 +23,7 @@ import structlog
 from agent.sandbox import Sandbox
 from store import keys
 from store.keys import WORKER_TTL_S
-from store.tasks import TaskStore
+from store.worker_store import WorkerStore
 from workers import metrics
 from workers.health import ConsumerWatch
 
@@ -61,7 +61,7 @@ class Heartbeat:
 
     def __init__(
         self,
-        store: TaskStore,
+        store: WorkerStore,
         worker_id: str,
         interval_s: float = 2.0,
         *,

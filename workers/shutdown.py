@@ -3,7 +3,7 @@
 Celery's warm shutdown stops the broker consumer, so the worker takes no new task, and
 then waits for the tasks it runs, however long they take. ``Drain`` bounds that wait:
 each running task gets ``grace_s`` to finish; then every one still running is handed
-back (``TaskStore.hand_back``: lease released, task queued again at its checkpoint, no
+back (``WorkerStore.hand_back``: lease released, task queued again at its checkpoint, no
 attempt used), given a new message, and its sandbox is closed, so its thread returns
 within seconds and whatever it still tries to write is fenced out. A thread stuck in a
 long model call must not hold the exit either: once everything is handed back, the
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import redis
 import structlog
 
-from store.tasks import TaskStore
+from store.worker_store import WorkerStore
 from workers import metrics
 from workers.leases import Heartbeat, Lease
 
@@ -32,7 +32,7 @@ EXIT_AFTER_S = 15.0  # after the hand-backs, how long Celery may take to wind do
 class Drain:
     def __init__(
         self,
-        store: TaskStore,
+        store: WorkerStore,
         heartbeat: Heartbeat,
         enqueue: Callable[[str, int], None],
         grace_s: float,

@@ -10,7 +10,7 @@ from the last checkpoint) or, once they used up ``max_attempts``, finishes them 
 A queued task can lose its message too (a Redis crash right after it was accepted, a
 worker killed between popping a message and claiming it, a message deleted by hand). The
 same sweep gives such a task a new message once its message should have been taken
-(``TaskStore.requeue_lost``): the queue is FIFO, so that is when a message pushed more
+(``WorkerStore.requeue_lost``): the queue is FIFO, so that is when a message pushed more
 than ``queued_grace_s`` later was taken, or when the queue has been empty for that long.
 A task waiting behind a backlog is never pushed twice. The Lua scripts make each decision
 once, whichever worker sweeps first.
@@ -28,7 +28,7 @@ import structlog
 from agent.loop import finished_event
 from agent.models import FailureClass, Result, Status, Timings
 from store import keys
-from store.tasks import TaskStore
+from store.worker_store import WorkerStore
 from workers import metrics
 
 log = structlog.get_logger(__name__)
@@ -37,7 +37,7 @@ log = structlog.get_logger(__name__)
 class Sweeper:
     def __init__(
         self,
-        store: TaskStore,
+        store: WorkerStore,
         worker_id: str,
         *,
         max_attempts: int,

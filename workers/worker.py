@@ -34,13 +34,14 @@ from celery import Celery
 from celery.signals import task_received, worker_ready, worker_shutdown, worker_shutting_down
 from celery.worker import state as celery_state
 
-from actfleet.heap import freeze_startup_heap
-from actfleet.settings import Settings
+from config.heap import freeze_startup_heap
+from config.settings import Settings
 from store import keys
 from store.keys import GATE_LEASE_TTL_S, HEARTBEAT_INTERVAL_S, Keys, Retention
-from store.tasks import TaskStore
 from store.webhooks import WebhookOutbox
+from store.worker_store import WorkerStore
 from workers import metrics
+from workers.attempts import Attempts
 from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
 from workers.gateplan import GateConfig
 from workers.gatestore import RedisGateStore, server_id, server_label
@@ -48,7 +49,6 @@ from workers.health import ConsumerWatch, HealthServer
 from workers.leases import Heartbeat
 from workers.lull import LullExecutor
 from workers.modelgate import ModelGate
-from workers.runner import Runner
 from workers.sandbox import bwrap_dirs, make_provider
 from workers.sandbox.reaper import Reaper
 from workers.shutdown import Drain
@@ -77,7 +77,7 @@ class WorkerRuntime:
         self.settings = settings
         self.app = app
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.store = TaskStore(
+        self.store = WorkerStore(
             redis_client(settings.redis_url or DEFAULT_REDIS_URL),
             Keys(settings.key_prefix),
             patience_s=settings.redis_patience_s,
@@ -112,10 +112,10 @@ class WorkerRuntime:
             max_attempts=settings.max_attempts,
             enqueue=lambda task_id, enqueued_ms: enqueue(app, task_id, enqueued_ms),
             on_finished=lambda task_id: self.webhooks.wake(),
-            interval_s=HEARTBEAT_INTERVAL_S,
+            interval_s=settings.sweep_interval_s,
             queued_grace_s=settings.queued_grace_s,
         )
-        self._runner: Runner | None = None
+        self._attempts: Attempts | None = None
         self._reaper: Reaper | None = None
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -123,13 +123,13 @@ class WorkerRuntime:
         self._gate: ModelGate | None = None
 
     @property
-    def runner(self) -> Runner:
+    def attempts(self) -> Attempts:
         with self._lock:
-            if self._runner is None:
-                self._runner = self._build_runner()
-            return self._runner
+            if self._attempts is None:
+                self._attempts = self._build_attempts()
+            return self._attempts
 
-    def _build_runner(self) -> Runner:
+    def _build_attempts(self) -> Attempts:
         from workers.llm import OpenAILLM
 
         def on_response(model: str, seconds: float, prompt: int, completion: int) -> None:
@@ -150,7 +150,7 @@ class WorkerRuntime:
         )
         # Finished tasks' sandboxes close in the lull after a wave of tasks ends, not in it.
         self._closer = LullExecutor(2, name="sandbox-close")
-        return Runner(
+        return Attempts(
             self.settings,
             self.store,
             llm,
@@ -172,7 +172,7 @@ class WorkerRuntime:
             self._health = HealthServer(
                 self.settings.worker_metrics_port, self.health, metrics.registry()
             ).start()
-        self.runner  # noqa: B018  build the model client and sandbox provider up front
+        self.attempts  # noqa: B018  build the model client and sandbox provider up front
         self.heartbeat.start()  # first, so this worker counts as alive for every reaper
         if self._gate is not None:
             self._gate.start()
@@ -180,7 +180,7 @@ class WorkerRuntime:
             self._start_docker_housekeeping()
         else:  # the folders of bwrap sandboxes whose workers died (their owners' locks)
             log.info("sandbox.reaped", folders=len(bwrap_dirs.clear_stale()))
-        start_pool = getattr(self.runner.provider, "start_pool", None)
+        start_pool = getattr(self.attempts.provider, "start_pool", None)
         if start_pool is not None:
             start_pool()
         self.heartbeat.status = self._status
@@ -246,7 +246,7 @@ class WorkerRuntime:
     def _status(self) -> dict[str, object]:
         """What the worker's status key says besides its leases and its consumer."""
         out: dict[str, object] = {"draining": self.draining}
-        provider = self.runner.provider
+        provider = self.attempts.provider
         if hasattr(provider, "pool_idle"):
             out["pool_idle"] = provider.pool_idle()
         elif hasattr(provider, "pool_stats"):
@@ -268,14 +268,14 @@ class WorkerRuntime:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self._closer is not None:
             self._closer.shutdown(wait=True)  # every finished task's sandbox goes
-        close = getattr(self._runner.provider if self._runner else None, "close", None)
+        close = getattr(self._attempts.provider if self._attempts else None, "close", None)
         if close is not None:
             close()
         log.info("worker.stopped", worker=self.worker_id)
 
 
 def make_worker_app(settings: Settings) -> tuple[Celery, WorkerRuntime]:
-    from workers.tasks import register_tasks
+    from workers.celery_tasks import register_tasks
 
     app = make_celery(settings)
     runtime = WorkerRuntime(settings, app)

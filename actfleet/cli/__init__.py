@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from actfleet.logging import configure_logging
 from agent.errors import ActfleetError
+from config.logging import configure_logging
 
 # Modules that contribute commands, in the order `actfleet --help` lists them.
 _MODULES = ("service", "demo", "run", "client", "results", "keys", "bench", "fake_llm")

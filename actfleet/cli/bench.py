@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from actfleet.settings import Settings
+from config.settings import Settings
 
 
 def _at_least(low: float, kind: Callable[[str], float] = int) -> Callable[[str], float]:

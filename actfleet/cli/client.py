@@ -19,7 +19,7 @@ from rich.table import Table
 from actfleet.cli import CLIError
 from actfleet.client import Client
 from actfleet.render import render_event, result_table
-from actfleet.settings import Settings
+from config.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

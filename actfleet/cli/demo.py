@@ -26,8 +26,8 @@ from actfleet.cli import CLIError
 from actfleet.cli.client import summary_table, wait_with_progress, write_results
 from actfleet.client import Client
 from actfleet.fakellm import FakeLLMServer, load_script
-from actfleet.settings import Settings
 from actfleet.stack import LocalStack, StackError
+from config.settings import Settings
 from store.apikeys import create_key
 from store.keys import Keys
 

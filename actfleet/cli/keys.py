@@ -17,7 +17,7 @@ from collections.abc import Callable
 import redis
 
 from actfleet.cli import CLIError
-from actfleet.settings import Settings
+from config.settings import Settings
 from store.apikeys import ApiKeyError, check_tenant, issue_key, list_keys, revoke_key
 from store.keys import Keys
 from store.webhook_secrets import rotate

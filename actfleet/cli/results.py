@@ -24,8 +24,8 @@ from actfleet.cli import CLIError
 from actfleet.client import Client
 from actfleet.report import Comparison, Report, build_report
 from actfleet.report_html import render_html
-from actfleet.settings import Settings
 from agent.export import FORMATS, Filter, export_line, needs_trajectory
+from config.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

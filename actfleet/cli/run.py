@@ -16,14 +16,14 @@ from typing import Any
 from rich.console import Console
 
 from actfleet.cli import CLIError
-from actfleet.re2engine import RE2Engine, spec_problems
 from actfleet.render import render_event, result_table
-from actfleet.settings import Settings
 from agent.errors import InfrastructureError, SpecError
 from agent.llm import LLM
 from agent.loop import run_codeact
 from agent.models import FailureClass, Result, Status, TaskSpec, Timings
 from agent.sandbox import LazySandbox, Sandbox
+from config.settings import Settings
+from engines.re2engine import RE2Engine, spec_problems
 
 
 def register(sub: argparse._SubParsersAction) -> None:

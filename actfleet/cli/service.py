@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from actfleet.cli import CLIError
-from actfleet.settings import Settings
+from config.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _settings_and_logging() -> Settings:
-    from actfleet.logging import configure_logging
+    from config.logging import configure_logging
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
@@ -75,8 +75,8 @@ def api(args: argparse.Namespace) -> int:
         raise CLIError("set ACTFLEET_REDIS_URL (or use `actfleet up`)")
     import uvicorn
 
-    from actfleet.heap import freeze_startup_heap
     from api.app import create_app
+    from config.heap import freeze_startup_heap
 
     app = create_app(settings)
     freeze_startup_heap()

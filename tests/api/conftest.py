@@ -18,10 +18,10 @@ import pytest
 import redis
 import uvicorn
 
-from actfleet.settings import Settings
 from agent.events import Event, EventType
 from agent.models import FailureClass, Result, Status, Usage
 from api.app import create_app
+from config.settings import Settings
 from store.apikeys import create_key
 from store.intake import MATERIALIZE
 from store.keys import STREAM_MAXLEN, Keys

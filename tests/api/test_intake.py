@@ -10,7 +10,7 @@ import time
 import redis
 
 from actfleet.benchscale import batch_lines, bytes_per_task
-from store.aio import AsyncStore, connect
+from store.api_store import ApiStore, connect
 from store.intake import INTAKE_TTL_S, Intake, Submission
 from store.keys import TASK_QUEUE, Keys
 from tests.api.conftest import Fleet, spec
@@ -102,7 +102,7 @@ def test_a_submission_whose_api_died_before_commit_is_invisible_and_expires(
     async def stage_only() -> Submission:
         client = connect(redis_url)
         keys = Keys("t")
-        store = AsyncStore(client, keys)
+        store = ApiStore(client, keys)
         from api.bodies import parse_batch, spec_rules
         from tests.api.conftest import fleet_settings
 

@@ -25,13 +25,13 @@ import redis
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from actfleet.settings import Settings
 from agent.events import EventType
 from agent.models import Status, TaskSpec
+from config.settings import Settings
 from store import keys as keynames
 from store.apikeys import create_key
 from store.keys import Keys
-from store.tasks import TaskStore, new_record
+from store.worker_store import WorkerStore, new_record
 from tests.conftest import RedisServer, free_port
 from workers.celery_app import enqueue, make_celery
 
@@ -70,7 +70,7 @@ class Fleet:
         self.tmp = tmp
         self.metrics_dir = tmp / "metrics"
         self.metrics_dir.mkdir()
-        self.store = TaskStore(redis.Redis.from_url(server.url), Keys("af"))
+        self.store = WorkerStore(redis.Redis.from_url(server.url), Keys("af"))
         self.celery = make_celery(Settings(redis_url=server.url))
         self.workers: list[subprocess.Popen[bytes]] = []
         self.health_ports: dict[int, int] = {}  # worker pid -> its metrics/health port

@@ -17,8 +17,8 @@ from actfleet.fakellm import FakeLLMServer
 from actfleet.stack import LocalStack
 from agent.models import TaskSpec
 from store.apikeys import create_key
+from store.celery_app import run_task_pushes
 from store.keys import Keys
-from store.queue import run_task_pushes
 from store.records import TaskRecord
 
 pytestmark = [

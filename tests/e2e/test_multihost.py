@@ -39,7 +39,7 @@ from agent.events import EventType
 from agent.models import Status
 from store.apikeys import create_key
 from store.keys import Keys
-from store.tasks import TaskStore
+from store.worker_store import WorkerStore
 from tests.netguard import guard
 
 pytestmark = [
@@ -211,7 +211,7 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 @dataclass
 class Fleet:
     lab: Lab
-    store: TaskStore
+    store: WorkerStore
     client: Client
     workers: dict[str, subprocess.Popen[bytes]]
 
@@ -323,7 +323,7 @@ def start_fleet(lab: Lab) -> Iterator[Fleet]:
     key, _ = create_key(r, Keys("af"), "lab")
     client = Client(f"http://{api_host}:8000", key)
     try:
-        yield Fleet(lab, TaskStore(r, Keys("af")), client, workers)
+        yield Fleet(lab, WorkerStore(r, Keys("af")), client, workers)
     finally:
         client.close()
         r.close()

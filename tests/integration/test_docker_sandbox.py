@@ -578,7 +578,7 @@ def test_a_reaper_removes_only_its_own_fleets_containers(api: docker.APIClient) 
 
 
 def test_the_default_fleet_differs_between_deployments_and_agrees_within_one() -> None:
-    from actfleet.settings import Settings
+    from config.settings import Settings
 
     one = Settings(redis_url="redis://redis-a:6379/0")
     assert one.fleet == Settings(redis_url="redis://redis-a:6379/0").fleet

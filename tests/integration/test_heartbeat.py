@@ -11,11 +11,11 @@ from structlog.testing import capture_logs
 from agent.events import Event, EventType
 from agent.models import Result, Status, TaskSpec
 from store.keys import Keys
-from store.tasks import Claim, LeaseState, TaskStore, new_record
+from store.worker_store import Claim, LeaseState, WorkerStore, new_record
 from workers.leases import Heartbeat, Lease
 
 
-class EndsDuringRenewal(TaskStore):
+class EndsDuringRenewal(WorkerStore):
     """A store whose renewal round trip starts just after ``end`` ran: the runner's
     thread finishing or releasing the task between the heartbeat's snapshot of its
     leases and the renewal (the heartbeat thread and the task's thread race so)."""
@@ -28,7 +28,7 @@ class EndsDuringRenewal(TaskStore):
         return super().renew(items)
 
 
-def claimed(store: TaskStore) -> tuple[Claim, Lease]:
+def claimed(store: WorkerStore) -> tuple[Claim, Lease]:
     rec = new_record(TaskSpec(prompt="2+2?"))
     store.create(rec)
     claim = store.claim(rec.id, "w1", max_attempts=3)

@@ -10,9 +10,9 @@ import redis
 
 from agent.models import Status, TaskSpec
 from store import keys
+from store.celery_app import run_task_pushes
 from store.keys import Keys
-from store.queue import run_task_pushes
-from store.tasks import Claim, TaskStore, new_record
+from store.worker_store import Claim, WorkerStore, new_record
 from workers.metrics import queue_names
 
 GRACE_S = 60.0
@@ -33,11 +33,11 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(redis_url: str, clock: Clock) -> TaskStore:
-    return TaskStore(redis.Redis.from_url(redis_url), Keys("t"), clock=clock)
+def store(redis_url: str, clock: Clock) -> WorkerStore:
+    return WorkerStore(redis.Redis.from_url(redis_url), Keys("t"), clock=clock)
 
 
-def submit(store: TaskStore, clock: Clock, n: int, *, push: bool = True) -> list[str]:
+def submit(store: WorkerStore, clock: Clock, n: int, *, push: bool = True) -> list[str]:
     """Tasks as the API queues them: records in the queued index, then their messages."""
     ids = []
     for _ in range(n):
@@ -50,12 +50,12 @@ def submit(store: TaskStore, clock: Clock, n: int, *, push: bool = True) -> list
     return ids
 
 
-def sweep(store: TaskStore, was_empty: bool) -> tuple[tuple[str, ...], bool]:
+def sweep(store: WorkerStore, was_empty: bool) -> tuple[tuple[str, ...], bool]:
     out = store.requeue_lost(GRACE_S, QUEUES, was_empty)
     return out.requeue, out.queue_empty
 
 
-def take(store: TaskStore, worker: str) -> Claim:
+def take(store: WorkerStore, worker: str) -> Claim:
     """Pop the oldest message and claim it, as a worker does."""
     import base64
     import json
@@ -70,7 +70,7 @@ def take(store: TaskStore, worker: str) -> Claim:
 
 
 def test_a_task_without_a_message_on_an_empty_queue_is_enqueued_again_once(
-    store: TaskStore, clock: Clock
+    store: WorkerStore, clock: Clock
 ) -> None:
     # given a queued task whose message never made it to the queue
     [task_id] = submit(store, clock, 1, push=False)
@@ -92,7 +92,7 @@ def test_a_task_without_a_message_on_an_empty_queue_is_enqueued_again_once(
 
 
 def test_a_backlog_is_never_enqueued_twice_however_long_it_waits(
-    store: TaskStore, clock: Clock
+    store: WorkerStore, clock: Clock
 ) -> None:
     # given 200 queued tasks, all with their messages, and workers taking a few at a time
     ids = submit(store, clock, 200)
@@ -109,7 +109,7 @@ def test_a_backlog_is_never_enqueued_twice_however_long_it_waits(
 
 
 def test_a_message_lost_in_the_queue_is_replaced_once_a_later_one_was_taken(
-    store: TaskStore, clock: Clock
+    store: WorkerStore, clock: Clock
 ) -> None:
     # given a task whose message is lost (say Redis crashed after accepting it), one
     # submitted 50 s later whose message is not in the queue either, and one 100 s later
@@ -132,7 +132,7 @@ def test_a_message_lost_in_the_queue_is_replaced_once_a_later_one_was_taken(
 
 
 def test_a_finished_or_running_task_just_leaves_the_queued_index(
-    store: TaskStore, clock: Clock
+    store: WorkerStore, clock: Clock
 ) -> None:
     # given two tasks whose messages were lost, one cancelled meanwhile, one running
     cancelled, running = submit(store, clock, 2, push=False)

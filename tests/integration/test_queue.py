@@ -11,9 +11,9 @@ import redis
 import redis.asyncio as aioredis
 from kombu import Connection
 
-from api.queue import EnqueueError, Enqueuer
+from api.fleet import EnqueueError, Enqueuer
 from store import broker, keys
-from store.queue import enqueue, make_celery, run_task_message
+from store.celery_app import enqueue, make_celery, run_task_message
 
 # What differs from one message to the next, or names the sending process.
 _PER_MESSAGE = {"id", "root_id", "correlation_id", "delivery_tag", "origin", "reply_to"}

@@ -11,7 +11,7 @@ import redis
 from agent.events import Event, EventType
 from agent.models import Result, Status, TaskSpec
 from store.keys import Keys
-from store.tasks import Appended, Claim, TaskStore, new_record
+from store.worker_store import Appended, Claim, WorkerStore, new_record
 
 FILLER_CHUNK = 256 * 1024
 
@@ -42,7 +42,7 @@ def free_later(r: redis.Redis, filler_keys: int, after_s: float) -> threading.Th
 def test_a_step_written_while_redis_is_full_waits_for_room_and_lands_once(redis_url: str) -> None:
     # given a running task, and then a Redis that is full
     r = redis.Redis.from_url(redis_url)
-    store = TaskStore(r, Keys("t"), patience_s=30)
+    store = WorkerStore(r, Keys("t"), patience_s=30)
     rec = new_record(TaskSpec(prompt="2+2?"))
     store.create(rec)
     claim = store.claim(rec.id, "w1", max_attempts=3)
@@ -65,7 +65,7 @@ def test_a_step_written_while_redis_is_full_waits_for_room_and_lands_once(redis_
 def test_a_finish_refused_for_memory_changes_nothing_until_it_lands(redis_url: str) -> None:
     # given a running task and a full Redis
     r = redis.Redis.from_url(redis_url)
-    store = TaskStore(r, Keys("t"), patience_s=30)
+    store = WorkerStore(r, Keys("t"), patience_s=30)
     rec = new_record(TaskSpec(prompt="2+2?"))
     store.create(rec)
     claim = store.claim(rec.id, "w1", max_attempts=3)

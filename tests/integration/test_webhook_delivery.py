@@ -30,9 +30,9 @@ from store.apikeys import issue_key
 from store.batches import BatchRecord
 from store.keys import Keys
 from store.records import new_batch_id
-from store.tasks import Claim, TaskStore, new_record
 from store.webhook_secrets import rotate, signing_secrets
 from store.webhooks import WebhookOutbox
+from store.worker_store import Claim, WorkerStore, new_record
 from tests.conftest import free_port
 from tests.receivers import Listener, Receiver
 from workers import webhook_delivery, webhook_http
@@ -47,7 +47,7 @@ class Env:
     def __init__(self, redis_url: str) -> None:
         self.r = redis.Redis.from_url(redis_url)
         self.keys = Keys("t")
-        self.store = TaskStore(self.r, self.keys)
+        self.store = WorkerStore(self.r, self.keys)
         self.outbox = WebhookOutbox(self.r, self.keys)
         issued = issue_key(self.r, self.keys, TENANT)
         assert issued.webhook_secret is not None

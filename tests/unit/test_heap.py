@@ -1,7 +1,7 @@
 import gc
 import weakref
 
-from actfleet.heap import freeze_startup_heap
+from config.heap import freeze_startup_heap
 
 
 class Node:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from actfleet.re2engine import MAX_PATTERN_CHARS, RE2Engine, problem, spec_problems
 from agent.errors import GradingError
 from agent.loop import run_codeact
 from agent.models import FailureClass, Status, TaskSpec
+from engines.re2engine import MAX_PATTERN_CHARS, RE2Engine, problem, spec_problems
 from tests.fakes import FakeSandbox, ScriptedLLM
 from tests.unit.test_loop import drain
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from actfleet.settings import Settings
     from agent.sandbox import SandboxProvider
+    from config.settings import Settings
 
 
 def make_provider(settings: Settings, worker_id: str) -> SandboxProvider:

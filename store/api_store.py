@@ -115,7 +115,7 @@ class Page:
     next_cursor: int | None
 
 
-class AsyncStore:
+class ApiStore:
     """Task operations for one tenant-aware API process. Cheap to build; no I/O until used."""
 
     def __init__(

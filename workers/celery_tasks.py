@@ -30,9 +30,9 @@ def register_tasks(app: Celery, runtime: Callable[[], WorkerRuntime]) -> None:
         ignore_result=True,
     )
     def run_task(self: Task, task_id: str, enqueued_ms: int | None = None) -> str:
-        from workers.runner import RetryAfter
+        from workers.attempts import RetryAfter
 
-        outcome = runtime().runner.run(task_id, enqueued_ms)
+        outcome = runtime().attempts.run(task_id, enqueued_ms)
         if isinstance(outcome, RetryAfter):
             raise self.retry(countdown=outcome.delay_s)
         return outcome.reason

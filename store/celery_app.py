@@ -12,7 +12,7 @@ Delivery guarantees (the Redis broker is at-least-once), and how they fit togeth
 * ``visibility_timeout`` is twice the hard time limit, so kombu never re-delivers a message
   whose task still legitimately runs. Recovery from a dead worker does not wait for it: the
   task's lease expires within ``LEASE_TTL_S`` and a live worker's sweeper re-enqueues it
-  (``workers.runner``). A late re-delivery is then dropped by the claim.
+  (``workers.attempts``). A late re-delivery is then dropped by the claim.
 * ``unacked_restore_interval`` / ``unacked_restore_throttle``: check for messages past
   their visibility timeout every 10 s instead of every ~100 s.
 * The threads pool runs ``worker_concurrency`` agent loops per process (they wait on the
@@ -88,7 +88,7 @@ def make_celery(
     concurrency: int = 1,
     time_limit_s: float = DEFAULT_TIME_LIMIT_S,
 ) -> Celery:
-    """An app that can enqueue by name; the worker adds its tasks (``workers.tasks``)."""
+    """An app that can enqueue by name; the worker adds its tasks (``workers.celery_tasks``)."""
     app = Celery("actfleet", set_as_current=False)
     app.conf.update(celery_config(redis_url, concurrency=concurrency, time_limit_s=time_limit_s))
     return app

@@ -1,4 +1,4 @@
-"""store.tasks against a real redis-server: claims, duplicates, fencing, finish-once, sweep."""
+"""store.worker_store against a real redis-server: claims, duplicates, fencing, finish-once, sweep."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import redis
 from agent.events import Event, EventType
 from agent.models import FailureClass, Result, Status, TaskSpec
 from store.keys import Keys
-from store.tasks import Appended, Claim, Dropped, EventsBehind, TaskStore, new_record
+from store.worker_store import Appended, Claim, Dropped, EventsBehind, WorkerStore, new_record
 
 
 class Clock:
@@ -27,11 +27,11 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(redis_url: str, clock: Clock) -> TaskStore:
-    return TaskStore(redis.Redis.from_url(redis_url), Keys("t"), lease_ttl_s=30, clock=clock)
+def store(redis_url: str, clock: Clock) -> WorkerStore:
+    return WorkerStore(redis.Redis.from_url(redis_url), Keys("t"), lease_ttl_s=30, clock=clock)
 
 
-def queued(store: TaskStore, **kw: object) -> str:
+def queued(store: WorkerStore, **kw: object) -> str:
     rec = new_record(TaskSpec(prompt="2+2?"), **kw)
     store.create(rec)
     return rec.id
@@ -45,7 +45,7 @@ def done(attempt: int = 1) -> Result:
     return Result(Status.COMPLETED, answer="4", turns=1, attempt=attempt)
 
 
-def test_first_delivery_takes_the_lease_as_attempt_one(store: TaskStore) -> None:
+def test_first_delivery_takes_the_lease_as_attempt_one(store: WorkerStore) -> None:
     task_id = queued(store)
 
     claim = store.claim(task_id, "w1")
@@ -59,7 +59,7 @@ def test_first_delivery_takes_the_lease_as_attempt_one(store: TaskStore) -> None
     assert store.lease_owner(task_id) == "w1/1"
 
 
-def test_a_claim_within_max_attempts_appends_task_started(store: TaskStore, clock: Clock) -> None:
+def test_a_claim_within_max_attempts_appends_task_started(store: WorkerStore, clock: Clock) -> None:
     task_id = queued(store)
     first = store.claim(task_id, "w1", max_attempts=2)
     assert isinstance(first, Claim) and first.seq == 1
@@ -86,7 +86,7 @@ def test_a_claim_within_max_attempts_appends_task_started(store: TaskStore, cloc
     assert len(store.events(task_id)) == 3
 
 
-def test_a_second_delivery_while_the_lease_is_live_is_dropped(store: TaskStore) -> None:
+def test_a_second_delivery_while_the_lease_is_live_is_dropped(store: WorkerStore) -> None:
     task_id = queued(store)
     store.claim(task_id, "w1")
 
@@ -94,7 +94,7 @@ def test_a_second_delivery_while_the_lease_is_live_is_dropped(store: TaskStore) 
     assert store.get(task_id).attempt == 1  # type: ignore[union-attr]
 
 
-def test_a_late_delivery_of_a_finished_task_is_dropped(store: TaskStore) -> None:
+def test_a_late_delivery_of_a_finished_task_is_dropped(store: WorkerStore) -> None:
     task_id = queued(store)
     claim = store.claim(task_id, "w1")
     assert isinstance(claim, Claim)
@@ -104,7 +104,7 @@ def test_a_late_delivery_of_a_finished_task_is_dropped(store: TaskStore) -> None
     assert store.claim("task_nope", "w2") == Dropped("missing")
 
 
-def test_appends_are_fenced_by_the_lease_and_idempotent_per_seq(store: TaskStore) -> None:
+def test_appends_are_fenced_by_the_lease_and_idempotent_per_seq(store: WorkerStore) -> None:
     task_id = queued(store)
     claim = store.claim(task_id, "w1")
     assert isinstance(claim, Claim)
@@ -122,7 +122,7 @@ def test_appends_are_fenced_by_the_lease_and_idempotent_per_seq(store: TaskStore
     assert [(e.type, e.turn) for e in store.events(task_id)] == [(EventType.LLM_REPLY, 1)]
 
 
-def test_a_task_finishes_exactly_once_and_only_by_its_owner(store: TaskStore) -> None:
+def test_a_task_finishes_exactly_once_and_only_by_its_owner(store: WorkerStore) -> None:
     task_id = queued(store, batch_id="batch_1")
     claim = store.claim(task_id, "w1")
     assert isinstance(claim, Claim)
@@ -140,7 +140,7 @@ def test_a_task_finishes_exactly_once_and_only_by_its_owner(store: TaskStore) ->
     assert store.r.ttl(f"t:events:{task_id}") > 0
 
 
-def test_finish_appends_the_last_step_once_and_refuses_a_gap(store: TaskStore) -> None:
+def test_finish_appends_the_last_step_once_and_refuses_a_gap(store: WorkerStore) -> None:
     task_id = queued(store)
     claim = store.claim(task_id, "w1")
     assert isinstance(claim, Claim)
@@ -165,7 +165,7 @@ def test_finish_appends_the_last_step_once_and_refuses_a_gap(store: TaskStore) -
 
 
 def test_heartbeat_renews_leases_and_reports_cancel_requests(
-    store: TaskStore, clock: Clock
+    store: WorkerStore, clock: Clock
 ) -> None:
     a, b = queued(store), queued(store)
     ca, cb = store.claim(a, "w1"), store.claim(b, "w1")
@@ -180,7 +180,7 @@ def test_heartbeat_renews_leases_and_reports_cancel_requests(
 
 
 def test_a_lease_lost_by_a_redis_restart_is_taken_back_by_its_live_owner(
-    store: TaskStore,
+    store: WorkerStore,
 ) -> None:
     task_id = queued(store)
     claim = store.claim(task_id, "w1")
@@ -191,7 +191,7 @@ def test_a_lease_lost_by_a_redis_restart_is_taken_back_by_its_live_owner(
     assert store.lease_owner(task_id) == claim.owner
 
 
-def test_the_sweeper_requeues_a_task_whose_worker_died(store: TaskStore, clock: Clock) -> None:
+def test_the_sweeper_requeues_a_task_whose_worker_died(store: WorkerStore, clock: Clock) -> None:
     task_id = queued(store)
     claim = store.claim(task_id, "w1")
     assert isinstance(claim, Claim)
@@ -214,7 +214,7 @@ def test_the_sweeper_requeues_a_task_whose_worker_died(store: TaskStore, clock: 
 
 
 def test_a_task_that_keeps_killing_workers_ends_as_worker_lost(
-    store: TaskStore, clock: Clock
+    store: WorkerStore, clock: Clock
 ) -> None:
     task_id = queued(store)
     for n in (1, 2):
@@ -235,7 +235,7 @@ def test_a_task_that_keeps_killing_workers_ends_as_worker_lost(
 
 
 def test_a_released_task_is_claimable_at_once_and_swept_if_nobody_does(
-    store: TaskStore, clock: Clock
+    store: WorkerStore, clock: Clock
 ) -> None:
     task_id = queued(store)
     claim = store.claim(task_id, "w1")
@@ -251,7 +251,7 @@ def test_a_released_task_is_claimable_at_once_and_swept_if_nobody_does(
 
 
 def test_a_finished_task_with_a_webhook_is_due_in_the_outbox_at_once(
-    store: TaskStore, clock: Clock
+    store: WorkerStore, clock: Clock
 ) -> None:
     # Given two tasks, one with a webhook, that finish
     hooked = new_record(
@@ -269,7 +269,7 @@ def test_a_finished_task_with_a_webhook_is_due_in_the_outbox_at_once(
     assert due == [(hooked.id.encode(), pytest.approx(clock.now))]
 
 
-def test_a_finished_task_keeps_its_result_but_not_its_checkpoint(store: TaskStore) -> None:
+def test_a_finished_task_keeps_its_result_but_not_its_checkpoint(store: WorkerStore) -> None:
     # given a running task with a checkpoint after its first step
     task_id = queued(store)
     claim = store.claim(task_id, "w1")
@@ -285,7 +285,7 @@ def test_a_finished_task_keeps_its_result_but_not_its_checkpoint(store: TaskStor
     assert rec is not None and rec.result is not None and rec.result.answer == "4"
 
 
-def test_a_fenced_finish_leaves_the_running_tasks_checkpoint(store: TaskStore) -> None:
+def test_a_fenced_finish_leaves_the_running_tasks_checkpoint(store: WorkerStore) -> None:
     task_id = queued(store)
     claim = store.claim(task_id, "w1")
     assert isinstance(claim, Claim)

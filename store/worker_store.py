@@ -99,7 +99,7 @@ class LostMessages:
     queue_empty: bool  # the queue was empty at this look (pass it to the next one)
 
 
-class TaskStore:
+class WorkerStore:
     """Sync operations on task records for workers. Construction does no I/O."""
 
     def __init__(

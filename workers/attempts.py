@@ -1,6 +1,6 @@
 """One delivery of one task: claim, run the agent loop, write every step fenced, finish.
 
-``Runner.run(task_id)`` is what the Celery task calls. It returns ``Done`` (acknowledge the
+``Attempts.run(task_id)`` is what the Celery task calls. It returns ``Done`` (acknowledge the
 message) or ``RetryAfter`` (an infrastructure fault: the Celery task re-sends itself after
 the delay). Exactly once, in effect:
 
@@ -31,17 +31,17 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from actfleet.re2engine import RE2Engine
-from actfleet.settings import Settings
 from agent.errors import InfrastructureError
 from agent.events import Event, EventType, bound
 from agent.llm import LLM
 from agent.loop import Checkpoint, Step, finished_event, run_codeact
 from agent.models import FailureClass, Result, Status, Timings, Usage
 from agent.sandbox import LazySandbox, Sandbox, SandboxProvider
+from config.settings import Settings
+from engines.re2engine import RE2Engine
 from store.keys import LEASE_TTL_S
 from store.records import TaskRecord
-from store.tasks import Appended, Claim, Dropped, EventsBehind, TaskStore
+from store.worker_store import Appended, Claim, Dropped, EventsBehind, WorkerStore
 from workers import metrics
 from workers.leases import Heartbeat, Lease
 
@@ -73,13 +73,13 @@ def retry_backoff_s(attempt: int, base_s: float, max_s: float) -> float:
     return float(min(max_s, base_s * 2 ** max(attempt - 1, 0)))
 
 
-class Runner:
+class Attempts:
     """Runs deliveries for one worker process; thread-safe (one call per Celery thread)."""
 
     def __init__(
         self,
         settings: Settings,
-        store: TaskStore,
+        store: WorkerStore,
         llm: LLM,
         provider: SandboxProvider,
         heartbeat: Heartbeat,

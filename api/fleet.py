@@ -2,7 +2,7 @@
 the broker's and the workers' state for readiness.
 
 The broker is the API's own Redis, so a batch's ``run_task`` messages (built by
-``store.queue.run_task_message``) go out in a few LPUSHes on the API's async client: a
+``store.celery_app.run_task_message``) go out in a few LPUSHes on the API's async client: a
 2,000-task batch is queued in tens of milliseconds instead of seconds of ``send_task``.
 """
 
@@ -17,8 +17,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from agent.errors import InfrastructureError
+from store.celery_app import run_task_pushes
 from store.keys import TASK_QUEUE, WORKER_TTL_S, Keys
-from store.queue import run_task_pushes
 
 
 class EnqueueError(InfrastructureError):
@@ -31,7 +31,7 @@ class Enqueuer:
 
     async def enqueue(self, task_ids: Sequence[str], enqueued_ms: int) -> None:
         """Queue ``task_ids`` in order, all or none (one MULTI/EXEC for every chunk);
-        ``enqueued_ms`` is their score in the queued index (``AsyncStore.write_tasks``)."""
+        ``enqueued_ms`` is their score in the queued index (``ApiStore.write_tasks``)."""
         if not task_ids:
             return
         pipe = self.client.pipeline(transaction=True)

@@ -1,0 +1,1 @@
+"""The floor under the API and the workers: settings, log set-up, start-up heap freeze."""
