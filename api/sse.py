@@ -26,6 +26,7 @@ from agent.events import EventType
 from agent.models import TERMINAL_STATUSES
 from agent.text import text_of
 from api.errors import ApiError
+from store.intake import QUEUED_FIELD, QUEUED_ID
 from store.keys import EVENT_FIELD
 
 READ_COUNT = 500
@@ -71,6 +72,11 @@ async def event_stream(state: Any, tenant: str, task_id: str, after: str) -> Asy
     last = after
     down = False
     yield "retry: 2000\n\n"
+    if after == "0-0":
+        frame = await _waiting(state, client, stream, task_id)
+        if frame is not None:
+            yield frame
+            last = QUEUED_ID
     while True:
         try:
             frames, terminal, last = await _read(state, client, stream, task_id, last)
@@ -88,6 +94,19 @@ async def event_stream(state: Any, tenant: str, task_id: str, after: str) -> Asy
             return
         if not frames:
             yield ": keep-alive\n\n"
+
+
+async def _waiting(state: Any, client: Any, stream: str, task_id: str) -> str | None:
+    """The frame of a waiting task's ``task.queued`` event, which is in its record until
+    the task starts (``store.intake.MATERIALIZE``), under the id it will have in the
+    stream; None once the stream has it. Raises Redis errors."""
+    pipe = client.pipeline(transaction=False)
+    pipe.exists(stream)
+    pipe.hget(state.keys.task(task_id), QUEUED_FIELD)
+    started, event = await pipe.execute()
+    if started or event is None:
+        return None
+    return format_event(QUEUED_ID, {EVENT_FIELD: text_of(event)})[0]
 
 
 async def _read(

@@ -1,9 +1,9 @@
 """The API's side of the store: create, read, list and cancel tasks on an asyncio client.
 
-Submitting is two steps: ``reserve`` takes slots from the tenant's active-task budget
-atomically (so two concurrent batches cannot both squeeze under the limit), then
-``write_tasks`` stores the records, the tenant index entries and each ``task.queued`` event
-in pipelined MULTI/EXEC chunks. Enqueueing on the broker happens after, in the API.
+Submitting starts here: ``reserve`` takes slots from the tenant's active-task budget
+atomically (so two concurrent batches cannot both squeeze under the limit); then
+``store.intake`` stages and commits the records, index entries, ``task.queued`` events and
+broker messages, all or nothing.
 
 Cancelling sets ``cancel_requested`` (a running worker polls it and stops) and, while the
 task is still queued, finishes it at once with ``FINISH`` unfenced (owner ``""``).
@@ -22,11 +22,11 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from agent.errors import ActfleetError
-from agent.events import Event, EventType
 from agent.loop import finished_event
 from agent.models import FailureClass, Result, Status, TaskSpec
 from agent.text import text_of
-from store.keys import STREAM_MAXLEN, Keys
+from store.intake import MATERIALIZE
+from store.keys import DEFAULT_RETENTION, Keys, Retention
 from store.records import RecordError, TaskRecord, new_task_id
 from store.scripts import FINISH, finish_call
 
@@ -69,7 +69,8 @@ return {1, redis.call('INCRBY', KEYS[1], n)}
 """
 
 # RETURN_SLOTS: give back n reserved slots (never below zero). KEYS: 1 counter. ARGV: 1 n.
-RETURN_SLOTS = """
+# Allowed while Redis is out of memory: it is how a refused submission gives its slots back.
+RETURN_SLOTS = """#!lua flags=allow-oom
 if redis.call('DECRBY', KEYS[1], ARGV[1]) < 0 then redis.call('SET', KEYS[1], 0) end
 return 1
 """
@@ -118,13 +119,17 @@ class Page:
 class ApiStore:
     """Task operations for one tenant-aware API process. Cheap to build; no I/O until used."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+    def __init__(
+        self, client: aioredis.Redis, keys: Keys, retention: Retention = DEFAULT_RETENTION
+    ) -> None:
         self.client = client
         self.keys = keys
+        self.retention = retention
         self._reserve_slots = client.register_script(RESERVE_SLOTS)
         self._return_slots = client.register_script(RETURN_SLOTS)
         self._request_cancel = client.register_script(REQUEST_CANCEL)
         self._finish = client.register_script(FINISH)
+        self._materialize = client.register_script(MATERIALIZE)
 
     # -- submit -------------------------------------------------------------------------
 
@@ -147,32 +152,6 @@ class ApiStore:
             TaskRecord(id=new_task_id(), tenant=tenant, spec=s, batch_id=batch_id, created_at=now)
             for s in specs
         ]
-
-    async def write_tasks(self, records: Sequence[TaskRecord]) -> None:
-        """Store records, index entries (the tenant's, and the queued index with
-        ``queued_ms``, the push time their messages carry) and ``task.queued`` events;
-        batch ids are appended to their batch's task list in order. Slots must have been
-        reserved."""
-        for start in range(0, len(records), WRITE_CHUNK):
-            chunk = records[start : start + WRITE_CHUNK]
-            pipe = self.client.pipeline(transaction=True)
-            for rec in chunk:
-                pipe.hset(self.keys.task(rec.id), mapping=rec.to_hash())  # type: ignore[arg-type]
-                pipe.zadd(self.keys.tenant_tasks(rec.tenant), {rec.id: rec.created_at})
-                pipe.zadd(self.keys.queued, {rec.id: queued_ms(rec)})
-                pipe.xadd(
-                    self.keys.events(rec.id),
-                    {"e": queued_event(rec).to_json()},
-                    maxlen=STREAM_MAXLEN,
-                    approximate=True,
-                )
-            by_batch: dict[str, list[str]] = {}
-            for rec in chunk:
-                if rec.batch_id:
-                    by_batch.setdefault(rec.batch_id, []).append(rec.id)
-            for batch_id, ids in by_batch.items():
-                pipe.rpush(self.keys.batch_tasks(batch_id), *ids)
-            await pipe.execute()
 
     # -- read -----------------------------------------------------------------------------
 
@@ -262,15 +241,23 @@ class ApiStore:
         """Finish a queued task as cancelled; False if a worker took it first (the worker
         then sees ``cancel_requested`` and stops)."""
         keys, args = self.finish_cancelled_call(task_id, tenant, batch_id, attempt)
-        out = await self._finish(keys=keys, args=args)
+        pipe = self.client.pipeline(transaction=False)
+        await self._materialize(
+            keys=[self.keys.task(task_id), self.keys.events(task_id)], client=pipe
+        )
+        await self._finish(keys=keys, args=args, client=pipe)
+        out = (await pipe.execute())[1]
         return not isinstance(out, int)
 
     async def finish_cancelled_many(self, tasks: Sequence[tuple[str, str, str | None, int]]) -> int:
         pipe = self.client.pipeline(transaction=False)
         for t in tasks:
             keys, args = self.finish_cancelled_call(*t)
+            await self._materialize(
+                keys=[self.keys.task(t[0]), self.keys.events(t[0])], client=pipe
+            )
             await self._finish(keys=keys, args=args, client=pipe)
-        return sum(1 for out in await pipe.execute() if not isinstance(out, int))
+        return sum(1 for out in (await pipe.execute())[1::2] if not isinstance(out, int))
 
     def finish_cancelled_call(
         self, task_id: str, tenant: str, batch_id: str | None, attempt: int
@@ -293,27 +280,5 @@ class ApiStore:
             result=result,
             event=finished_event(result, now),
             finished_at=now,
+            retention=self.retention,
         )
-
-    async def fail_tasks(self, records: Sequence[TaskRecord], reason: str) -> None:
-        """Finish still-queued tasks as ``error`` (used when the broker refused them)."""
-        pipe = self.client.pipeline(transaction=False)
-        for rec in records:
-            result = Result(Status.ERROR, FailureClass.INTERNAL, error=reason, attempt=rec.attempt)
-            keys, args = self._finish_queued_call(rec.id, rec.tenant, rec.batch_id, result)
-            await self._finish(keys=keys, args=args, client=pipe)
-        await pipe.execute()
-
-
-def queued_ms(rec: TaskRecord) -> int:
-    """A new task's score in the queued index, and the push time its message carries."""
-    return int(rec.created_at * 1000)
-
-
-def queued_event(rec: TaskRecord) -> Event:
-    data: dict[str, Any] = {"task_id": rec.id}
-    if rec.spec.custom_id:
-        data["custom_id"] = rec.spec.custom_id
-    if rec.batch_id:
-        data["batch_id"] = rec.batch_id
-    return Event(EventType.QUEUED, turn=0, attempt=0, ts=rec.created_at, data=data)

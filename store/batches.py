@@ -19,11 +19,8 @@ from typing import Any
 from agent.models import TERMINAL_STATUSES, Status
 from agent.text import text_of
 from store.api_store import ApiStore
-from store.keys import RECORD_TTL_S
-from store.records import TaskRecord
 
 READ_CHUNK = 1000  # task ids per pipelined read
-BATCH_TTL_S = 2 * RECORD_TTL_S  # batch keys outlive their task records
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,16 +94,6 @@ class BatchStore:
         self.client = tasks.client
         self.keys = tasks.keys
         self.cache = cache or SummaryCache()
-
-    async def create(self, batch: BatchRecord, records: list[TaskRecord]) -> None:
-        """Write the tasks (in order) and then the batch record, so a batch is never seen
-        half written. Slots must have been reserved."""
-        await self.tasks.write_tasks(records)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.keys.batch(batch.id), mapping=batch.to_hash())  # type: ignore[arg-type]
-        for key in (self.keys.batch(batch.id), self.keys.batch_tasks(batch.id)):
-            pipe.expire(key, BATCH_TTL_S)
-        await pipe.execute()
 
     async def get(self, tenant: str, batch_id: str) -> BatchRecord | None:
         h = await self.client.hgetall(self.keys.batch(batch_id))

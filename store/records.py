@@ -53,16 +53,20 @@ class TaskRecord:
         return self.attempt - self.handbacks
 
     def to_hash(self) -> dict[str, str]:
-        """All fields as strings, for HSET. Absent optionals are omitted."""
+        """All fields as strings, for HSET. Absent optionals and fields at their defaults
+        (attempt 0, no cancel requested; the spec's own defaults) are omitted: every
+        reader, Lua included, takes a missing one as its default."""
         h = {
             "id": self.id,
             "tenant": self.tenant,
-            "spec": json.dumps(self.spec.to_dict(), separators=(",", ":")),
+            "spec": json.dumps(self.spec.to_stored(), separators=(",", ":")),
             "status": self.status.value,
-            "attempt": str(self.attempt),
             "created_at": repr(self.created_at),
-            "cancel_requested": "1" if self.cancel_requested else "0",
         }
+        if self.attempt:
+            h["attempt"] = str(self.attempt)
+        if self.cancel_requested:
+            h["cancel_requested"] = "1"
         if self.batch_id:
             h["batch_id"] = self.batch_id
         if self.spec.custom_id:

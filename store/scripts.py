@@ -13,7 +13,7 @@ import json
 
 from agent.events import Event, EventType
 from agent.models import Result
-from store.keys import RECORD_TTL_S, STREAM_MAXLEN, STREAM_TTL_S, WEBHOOK_FIRST_DELAY_S, Keys
+from store.keys import DEFAULT_RETENTION, STREAM_MAXLEN, WEBHOOK_FIRST_DELAY_S, Keys, Retention
 
 # FINISH: move a task to a terminal status exactly once.
 # KEYS: 1 task hash, 2 lease, 3 running zset, 4 events stream, 5 tenant active counter,
@@ -90,6 +90,7 @@ def finish_call(
     finished_at: float,
     stream_maxlen: int = STREAM_MAXLEN,
     last_step: tuple[Event, int] | None = None,
+    retention: Retention = DEFAULT_RETENTION,
 ) -> tuple[list[str], list[str | int | float]]:
     """The KEYS and ARGV of ``FINISH`` for one task; ``last_step`` (event, seq) is
     appended before the terminal event when STEP has not written it."""
@@ -111,8 +112,8 @@ def finish_call(
         repr(finished_at),
         event.to_json(),
         stream_maxlen,
-        STREAM_TTL_S,
-        RECORD_TTL_S,
+        retention.stream_s,
+        retention.record_s,
         task_id,
         WEBHOOK_FIRST_DELAY_S,
         last_step[0].to_json() if last_step else "",

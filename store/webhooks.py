@@ -30,7 +30,7 @@ import redis
 import redis.asyncio as aioredis
 
 from agent.text import text_of
-from store.keys import RECORD_TTL_S, WEBHOOK_ATTEMPTS_KEPT, WEBHOOK_LEASE_S, Keys
+from store.keys import DEFAULT_RETENTION, WEBHOOK_ATTEMPTS_KEPT, WEBHOOK_LEASE_S, Keys, Retention
 from store.patience import patiently
 
 T = TypeVar("T")
@@ -145,9 +145,11 @@ class WebhookOutbox:
         lease_s: float = WEBHOOK_LEASE_S,
         patience_s: float = 30.0,
         clock: Callable[[], float] = time.time,
+        retention: Retention = DEFAULT_RETENTION,
     ) -> None:
         self.r = client
         self.keys = keys
+        self.retention = retention
         self.lease_s = lease_s
         self.patience_s = patience_s
         self.clock = clock
@@ -226,7 +228,7 @@ class WebhookOutbox:
                     json.dumps(dict(attempt), separators=(",", ":")),
                     state,
                     repr(next_at or 0.0),
-                    RECORD_TTL_S,
+                    self.retention.record_s,
                     repr(self.clock()),
                     WEBHOOK_ATTEMPTS_KEPT,
                     endpoint,

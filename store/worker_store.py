@@ -8,6 +8,11 @@ writes are dropped and the caller learns it from the return value.
 Redis outages: every call retries connection errors for ``patience_s`` (long enough for a
 Redis restart) before raising ``redis.ConnectionError``. Scripts that are not naturally
 idempotent are made so (``STEP`` carries a sequence number), or are harmless to repeat.
+A Redis out of memory (``maxmemory``, ``noeviction``) is waited out the same way: it
+refuses a script at its first write, so nothing was written, and the step is written once
+room comes back (retention expiring old records, the API refusing new work) instead of
+being lost; past the patience it is a fault like an outage (the lease lapses and the task
+is retried from its checkpoint).
 """
 
 from __future__ import annotations
@@ -25,11 +30,24 @@ from agent.events import Event
 from agent.models import Result
 from agent.text import text_of
 from store import scripts
-from store.keys import LEASE_TTL_S, STREAM_MAXLEN, Keys
+from store.intake import MATERIALIZE
+from store.keys import DEFAULT_RETENTION, LEASE_TTL_S, STREAM_MAXLEN, Keys, Retention
 from store.patience import patiently
 from store.records import TaskRecord
 
 T = TypeVar("T")
+
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
+
+
+# FORGET_CHECKPOINT: drop a finished task's checkpoint, sent with its FINISH: nothing
+# resumes a finished task, and the checkpoint repeats the trajectory its result holds
+# (about half of a finished record). KEYS: 1 task hash. Returns 1 if it dropped one.
+FORGET_CHECKPOINT = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st or st == 'queued' or st == 'running' then return 0 end
+return redis.call('HDEL', KEYS[1], 'checkpoint')
+"""
 
 
 class Appended(Enum):
@@ -95,8 +113,10 @@ class WorkerStore:
         stream_maxlen: int = STREAM_MAXLEN,
         patience_s: float = 120.0,
         clock: Callable[[], float] = time.time,
+        retention: Retention = DEFAULT_RETENTION,
     ) -> None:
         self.r = client
+        self.retention = retention
         self.keys = keys
         self.lease_ttl_s = lease_ttl_s
         self.stream_maxlen = stream_maxlen
@@ -110,6 +130,8 @@ class WorkerStore:
         self._finish = client.register_script(scripts.FINISH)
         self._requeue_lost = client.register_script(scripts.REQUEUE_LOST)
         self._handback = client.register_script(scripts.HANDBACK)
+        self._materialize = client.register_script(MATERIALIZE)
+        self._forget_checkpoint = client.register_script(FORGET_CHECKPOINT)
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -151,8 +173,13 @@ class WorkerStore:
         k = self.keys
         now = self.clock()
         started = scripts.started_parts(worker_id, now)
-        out = self._patient(
-            lambda: self._claim(
+
+        def op() -> Any:
+            # The stream starts with the task's task.queued event (store.intake), in the
+            # same round trip; it is idempotent, so a retry after a lost reply is harmless.
+            pipe = self.r.pipeline(transaction=False)
+            self._materialize(keys=[k.task(task_id), k.events(task_id)], client=pipe)
+            self._claim(
                 keys=[
                     k.task(task_id),
                     k.lease(task_id),
@@ -172,8 +199,11 @@ class WorkerStore:
                     int(enqueued_ms or 0),
                     *started,
                 ],
+                client=pipe,
             )
-        )
+            return pipe.execute()[1]
+
+        out = self._patient(op)
         if int(out[0]) == 0:
             return Dropped(text_of(out[1]))
         attempt = int(out[0])
@@ -293,8 +323,16 @@ class WorkerStore:
             finished_at=self.clock(),
             stream_maxlen=self.stream_maxlen,
             last_step=last_step,
+            retention=self.retention,
         )
-        out = self._patient(lambda: self._finish(keys=keys_, args=args))
+
+        def op() -> Any:
+            pipe = self.r.pipeline(transaction=False)
+            self._finish(keys=keys_, args=args, client=pipe)
+            self._forget_checkpoint(keys=[self.keys.task(record.id)], client=pipe)
+            return pipe.execute()[0]
+
+        out = self._patient(op)
         if isinstance(out, bytes | str):
             return text_of(out)
         if out == -3:

@@ -38,7 +38,7 @@ from config.heap import freeze_startup_heap
 from config.settings import Settings
 from store import keys
 from store.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
-from store.keys import GATE_LEASE_TTL_S, Keys
+from store.keys import GATE_LEASE_TTL_S, Keys, Retention
 from store.webhooks import WebhookOutbox
 from store.worker_store import WorkerStore
 from workers import metrics
@@ -81,6 +81,7 @@ class WorkerRuntime:
             redis_client(settings.redis_url or DEFAULT_REDIS_URL),
             Keys(settings.key_prefix),
             patience_s=settings.redis_patience_s,
+            retention=Retention(settings.record_retention_s, settings.stream_retention_s),
         )
         self.consumer = ConsumerWatch(settings.worker_consumer_stall_s, on_stall=self._stalled)
         self.heartbeat = Heartbeat(
@@ -99,7 +100,7 @@ class WorkerRuntime:
             settings.worker_shutdown_grace_s,
         )
         self.webhooks = WebhookDeliverer(
-            WebhookOutbox(self.store.r, self.store.keys),
+            WebhookOutbox(self.store.r, self.store.keys, retention=self.store.retention),
             self.store.get,
             DeliveryPolicy.from_settings(settings),
             self.worker_id,

@@ -126,15 +126,15 @@ def tail(args: argparse.Namespace) -> int:
 
 
 def batch(args: argparse.Namespace) -> int:
-    body = Path(args.file).read_bytes() if Path(args.file).is_file() else None
-    if body is None:
+    path = Path(args.file)
+    if not path.is_file():
         raise CLIError(f"no such file: {args.file}")
     if args.formats is not None:
         with _client() as client:
-            return batch_formats(args, client, body)
+            return batch_formats(args, client, path.read_bytes())
     console = Console(stderr=True, highlight=False)
     with _client() as client:
-        accepted = client.submit_batch(body, webhook_url=args.webhook)
+        accepted = client.submit_batch(path, webhook_url=args.webhook)  # streamed
         batch_id = accepted["id"]
         if not args.wait:
             if args.json:

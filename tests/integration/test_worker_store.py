@@ -289,3 +289,28 @@ def test_a_finished_task_with_a_webhook_is_due_in_the_outbox_at_once(
     # of any worker takes it from there; see tests/integration/test_webhook_delivery.py)
     due = store.r.zrange(store.keys.webhook_outbox, 0, -1, withscores=True)
     assert due == [(hooked.id.encode(), pytest.approx(clock.now))]
+
+
+def test_a_finished_task_keeps_its_result_but_not_its_checkpoint(store: WorkerStore) -> None:
+    # given a running task with a checkpoint after its first step
+    task_id = queued(store)
+    claim = store.claim(task_id, "w1")
+    assert isinstance(claim, Claim)
+    step = ev(EventType.LLM_REPLY, 1)
+    assert store.append(task_id, claim.owner, step, claim.seq + 1, '{"turn":1}') is Appended.OK
+    assert store.r.hexists(store.keys.task(task_id), "checkpoint")
+    # when it finishes
+    assert store.finish(claim.record, claim.owner, done(), ev(EventType.FINISHED, 1))
+    # then the checkpoint (a copy of the trajectory) is gone and the result is there
+    assert not store.r.hexists(store.keys.task(task_id), "checkpoint")
+    rec = store.get(task_id)
+    assert rec is not None and rec.result is not None and rec.result.answer == "4"
+
+
+def test_a_fenced_finish_leaves_the_running_tasks_checkpoint(store: WorkerStore) -> None:
+    task_id = queued(store)
+    claim = store.claim(task_id, "w1")
+    assert isinstance(claim, Claim)
+    store.append(task_id, claim.owner, ev(EventType.LLM_REPLY, 1), claim.seq + 1, '{"turn":1}')
+    assert store.finish(claim.record, "w2/9", done(), ev(EventType.FINISHED, 1)) is None
+    assert store.r.hget(store.keys.task(task_id), "checkpoint") == b'{"turn":1}'
