@@ -57,7 +57,7 @@ def wait_until(
 
 class RedisServer:
     """A private ``redis-server`` with AOF (everysec, no RDB) in ``data_dir``, on a free
-    port; ``restart()`` keeps the port and the AOF, so it models a crash and recovery."""
+    port; ``start()`` again after it stopped keeps the port and the AOF."""
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = data_dir
@@ -101,16 +101,6 @@ class RedisServer:
         finally:
             client.close()
         return self
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown save; only what the AOF already holds survives."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def restart(self) -> None:
-        self.kill()
-        self.start()
 
     def stop(self) -> None:
         _terminate(self.proc)

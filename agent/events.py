@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from agent.text import cut_middle
+
 
 class EventType(StrEnum):
     QUEUED = "task.queued"
@@ -68,9 +70,7 @@ def bound(data: dict[str, Any], max_chars: int = MAX_FIELD_CHARS) -> dict[str, A
     cut: list[str] = []
     for key, value in data.items():
         if isinstance(value, str) and len(value) > max_chars:
-            half = max_chars // 2
-            omitted = len(value) - 2 * half
-            out[key] = f"{value[:half]}\n[... {omitted} characters cut ...]\n{value[-half:]}"
+            out[key] = cut_middle(value, max_chars)
             cut.append(key)
         else:
             out[key] = value

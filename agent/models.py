@@ -1,4 +1,5 @@
-"""The task spec, the result record and the statuses: the public contract of DESIGN.md.
+"""The task spec, the result record and the statuses: the public contract (described in
+README.md, "What a task is").
 
 Everything here is a frozen dataclass. ``TaskSpec.from_dict`` is the single place where a
 task spec from the outside world (HTTP, a JSONL line, a CLI flag) is checked: it collects
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -156,11 +157,42 @@ class TaskSpec:
         d["metadata"] = dict(self.metadata)
         return {k: v for k, v in d.items() if v is not None}
 
+    def to_stored(self) -> dict[str, Any]:
+        """The compact JSON form a record stores: ``to_dict`` without the fields (and
+        sub-fields) that equal their defaults; ``from_stored(to_stored())`` gives an equal
+        spec. Queued tasks are most of a busy store's memory, and most specs leave most
+        fields at their defaults."""
+        d: dict[str, Any] = {"prompt": self.prompt}
+        for name in ("custom_id", "model", "system_prompt", "setup_code"):
+            value = getattr(self, name)
+            if value is not None:
+                d[name] = value
+        if self.tools:
+            d["tools"] = [{"name": t.name, **_changed(t)} for t in self.tools]
+        if self.files:
+            d["files"] = [{"path": f.path, "content_b64": f.content_b64} for f in self.files]
+        for name in ("limits", "sandbox", "llm"):
+            changed = _changed(getattr(self, name))
+            if changed:
+                d[name] = changed
+        if self.expected is not None:
+            d["expected"] = {"answer": self.expected.answer, **_changed(self.expected)}
+        if self.action_format != "code":
+            d["action_format"] = self.action_format
+        if self.webhook is not None:
+            d["webhook"] = {"url": self.webhook.url}
+        if self.metadata:
+            d["metadata"] = dict(self.metadata)
+        return d
+
     @classmethod
-    def from_dict(cls, raw: object, table: Section = TASK_SPEC) -> TaskSpec:
+    def from_dict(cls, raw: object, table: Section = TASK_SPEC, *, plain: bool = False) -> TaskSpec:
         """Check and build a spec; raise ``SpecError`` listing every problem. ``table`` is
-        ``specschema.TASK_SPEC``, or a server's narrowing of it."""
-        return _SpecReader(raw, table).read()
+        ``specschema.TASK_SPEC``, or a server's narrowing of it. ``plain``: the caller knows
+        ``raw`` holds no unencodable text and nests at most ``MAX_DEPTH`` deep (e.g. it was
+        parsed from UTF-8 JSON without a ``\\u`` escape and with that few brackets), so
+        that check is skipped."""
+        return _SpecReader(raw, table, plain).read()
 
     @classmethod
     def from_stored(cls, raw: object) -> TaskSpec:
@@ -168,6 +200,24 @@ class TaskSpec:
         encode is replaced (U+FFFD), a field that today's rules refuse takes its default.
         ``SpecError`` only if ``raw`` is not an object."""
         return _SpecReader(replace_unencodable(raw), TASK_SPEC).read(strict=False)
+
+
+_DEFAULTS: dict[type, tuple[tuple[str, Any], ...]] = {}
+
+
+def _changed(obj: Any) -> dict[str, Any]:
+    """The fields of a dataclass that have a default and differ from it (None omitted)."""
+    defaults = _DEFAULTS.get(type(obj))
+    if defaults is None:
+        defaults = _DEFAULTS[type(obj)] = tuple(
+            (f.name, f.default) for f in fields(obj) if f.default is not MISSING
+        )
+    out = {}
+    for name, default in defaults:
+        value = getattr(obj, name)
+        if value is not None and value != default:
+            out[name] = value
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,9 +322,10 @@ class _SpecReader:
     """Reads one raw task spec against a table (``agent.specschema``), then checks what a
     table cannot say; collects every problem instead of stopping at the first."""
 
-    def __init__(self, raw: object, table: Section) -> None:
+    def __init__(self, raw: object, table: Section, plain: bool = False) -> None:
         self.raw = raw
         self.table = table
+        self.plain = plain
         self.checker = Checker()
 
     def fail(self, where: str, what: str) -> None:
@@ -287,7 +338,8 @@ class _SpecReader:
         raw = self.raw
         if not isinstance(raw, Mapping):
             raise SpecError([f"task: expected a JSON object, got {type_name(raw)}"])
-        self.checker.problems.extend(problems_anywhere(raw))
+        if not self.plain:
+            self.checker.problems.extend(problems_anywhere(raw))
         v, _ = self.checker.fields(self.table, raw, "")
         spec = TaskSpec(
             prompt=v.get("prompt", ""),

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 from agent.sandbox import ExecResult
+from agent.text import cut_middle
 
 OBSERVATION_PREFIX = "Observation:\n"
 NO_OUTPUT = "[The code ran and printed nothing.]"
 
 
 def cap(text: str, max_chars: int) -> str:
-    """Keep the head and the tail of ``text`` within ``max_chars``, saying how much was cut."""
-    if len(text) <= max_chars:
-        return text
-    marker_room = 48
-    keep = max(max_chars - marker_room, 2)
-    head, tail = keep * 2 // 3, keep - keep * 2 // 3
-    cut = len(text) - head - tail
-    return f"{text[:head]}\n[... {cut} characters cut ...]\n{text[len(text) - tail :]}"
+    """Keep the head (two thirds) and the tail of ``text`` within ``max_chars``."""
+    return cut_middle(text, max_chars, head_share=2 / 3)
 
 
 def format_observation(result: ExecResult, max_output_chars: int) -> str:

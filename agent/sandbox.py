@@ -2,14 +2,19 @@
 
 A ``Sandbox`` is one stateful Python session (a notebook kernel, in effect) inside a
 disposable isolation boundary. ``SandboxProvider.start`` makes one for a task, with the
-task's files written into the work dir and its ``setup_code`` already run.
+task's files written into the work dir and its ``setup_code`` already run. The provider
+is everything a worker needs of a backend: it keeps a warm pool (``start_pool``,
+``pool_stats``), clears what dead workers left behind (``start_housekeeping``) and is
+closed once (``close``). Every backend meets the same contract: the same fault gives the
+same outcome whichever backend runs (``tests/integration/test_sandbox_contract.py``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 from agent.models import TaskSpec
@@ -70,22 +75,69 @@ class Sandbox(Protocol):
 
     ``execute`` blocks until the code finished, was interrupted at ``timeout_s``, or the
     sandbox was killed (at most a couple of seconds after ``timeout_s``). It raises
-    ``SandboxError`` only for our own faults (the runner broke the protocol and could not
-    be restarted). ``close`` is idempotent and safe to call from another thread: an
-    ``execute`` in flight then returns promptly with ``state_lost=True``.
+    ``SandboxError`` only for our own faults (no new session could be started after a
+    loss, or the runner died while the task's files were written into it). A model's
+    doing is always a result: a lost session, or setup_code failing in the new session
+    after a restart (``error`` then holds its traceback and the code was not run).
+    ``close`` is idempotent and safe to call from another thread: an ``execute`` in
+    flight then returns promptly with ``state_lost=True``. ``pool_hit`` says whether the
+    sandbox was handed out by a warm pool (for the acquire metric).
     """
+
+    @property
+    def pool_hit(self) -> bool: ...
 
     def execute(self, code: str, timeout_s: float, max_output_chars: int) -> ExecResult: ...
 
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """What a provider's warm pools hold and did (summed over its pools)."""
+
+    hits: int = 0  # starts served by a pool
+    misses: int = 0  # starts a pool could not serve
+    idle: int = 0  # ready sandboxes waiting
+    starting: int = 0  # sandboxes being made now
+    target: int = 0  # idle sandboxes the pools aim at
+    created: int = 0
+    destroyed: int = 0  # expired, surplus, unhealthy or left at close
+    failures: int = 0  # a pool could not make a sandbox
+
+    def __add__(self, other: PoolStats) -> PoolStats:
+        return PoolStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
 class SandboxProvider(Protocol):
-    """Starts sandboxes. ``start`` writes the task's files, runs its ``setup_code`` and
-    returns a ready session; it raises ``SetupError`` if setup_code fails and
-    ``SandboxError`` if no sandbox could be started. ``task_id`` labels the sandbox."""
+    """Starts sandboxes; what a worker needs of a backend.
+
+    ``start`` writes the task's files, runs its ``setup_code`` and returns a ready session;
+    it raises ``SetupError`` if a file is refused or setup_code fails (the task's fault),
+    ``SandboxRefused`` if the spec asks for what the server does not allow, and
+    ``SandboxError`` if no sandbox could be started or its runner died before setup_code
+    (retried). ``task_id`` labels the sandbox.
+
+    ``start_pool`` begins keeping sandboxes started ahead of demand (a no-op for a provider
+    made without a pool); ``pool_stats`` reports on them. ``start_housekeeping`` removes
+    what dead workers' sandboxes left behind (``is_worker_alive(worker_id)`` tells the
+    dead), returns how many it removed, and goes on doing so in the background where
+    leftovers can appear later. ``close`` stops the pool and the housekeeping and removes
+    the idle sandboxes (not the ones handed out: close those). ``backend`` names it in
+    metrics and reports.
+    """
+
+    backend: str
 
     def start(self, spec: TaskSpec, task_id: str) -> Sandbox: ...
+
+    def start_pool(self) -> None: ...
+
+    def pool_stats(self) -> PoolStats: ...
+
+    def start_housekeeping(self, is_worker_alive: Callable[[str], bool]) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class LazySandbox:
@@ -101,6 +153,14 @@ class LazySandbox:
         self._future = future
         self._closed = False
         self.waited_s = 0.0
+
+    @property
+    def pool_hit(self) -> bool:
+        """The started sandbox's ``pool_hit`` (False while it is still starting)."""
+        future = self._future
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            return False
+        return future.result().pool_hit
 
     def execute(self, code: str, timeout_s: float, max_output_chars: int) -> ExecResult:
         if self._closed:

@@ -113,6 +113,16 @@ class Section:
 
 Kind = Text | Number | Flag | OneOf | AnyJSON | Section | ListOf | MapOf
 
+_NAMES: dict[int, tuple[Section, tuple[str, ...]]] = {}
+
+
+def _names(section: Section) -> tuple[str, ...]:
+    """``section.names``, computed once per section (the checker asks for every object)."""
+    found = _NAMES.get(id(section))
+    if found is None or found[0] is not section:
+        found = _NAMES[id(section)] = (section, section.names)
+    return found[1]
+
 
 class Invalid:
     """The value ``Checker.check`` returns for input it refused."""
@@ -300,21 +310,20 @@ class Checker:
         if not isinstance(raw, Mapping):
             self.fail(where, f"expected an object, got {type_name(raw)}")
             return {}, False
-        known = section.names
+        known = _names(section)
         for key in raw:
             if key not in known:
                 self.fail(_join(where, str(key)), f"unknown field (known: {', '.join(known)})")
         out: dict[str, Any] = {}
         complete = True
         for f in section.fields:
-            at = _join(where, f.name)
             present = f.name in raw if isinstance(f.kind, AnyJSON) else raw.get(f.name) is not None
             if not present:
                 if f.required:
-                    self.fail(at, "is required")
+                    self.fail(_join(where, f.name), "is required")
                     complete = False
                 continue
-            value = self.check(f.kind, raw[f.name], at)
+            value = self.check(f.kind, raw[f.name], _join(where, f.name))
             if value is INVALID:
                 complete = complete and not f.required
             else:
@@ -424,6 +433,8 @@ def problems_anywhere(raw: object, limit: int = 10) -> list[str]:
     """What no field of a spec may hold: text that cannot be encoded as UTF-8 (a lone
     surrogate, which JSON's ``\\udfff`` escape can carry), and nesting deeper than
     ``MAX_DEPTH``. Walks keys and values alike, without recursion."""
+    if _clean(raw, 0):
+        return []  # the common case, without building a path for every value
     found: list[str] = []
     for where, item, depth in _walk(raw):
         if depth > MAX_DEPTH:
@@ -439,6 +450,25 @@ def problems_anywhere(raw: object, limit: int = 10) -> list[str]:
         if len(found) >= limit:
             break
     return found
+
+
+def _clean(item: object, depth: int) -> bool:
+    """What ``problems_anywhere`` finds nothing in: no unencodable text, nothing deeper
+    than ``MAX_DEPTH``. Recurses at most ``MAX_DEPTH + 1`` deep."""
+    if depth > MAX_DEPTH:
+        return False
+    if isinstance(item, str):
+        return encodable(item)
+    if isinstance(item, Mapping):
+        for k, v in item.items():
+            if isinstance(k, str) and not encodable(k):
+                return False
+            if not _clean(v, depth + 1):
+                return False
+        return True
+    if isinstance(item, list):
+        return all(_clean(v, depth + 1) for v in item)
+    return True
 
 
 def _walk(raw: object) -> Iterator[tuple[str, object, int]]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
@@ -39,20 +40,32 @@ MAX_REPORTED_ERRORS = 100
 
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, or 413 as soon as it is known to be over ``limit`` bytes."""
+    chunks = [chunk async for chunk in _chunks(request, limit)]
+    return b"".join(chunks)
+
+
+async def _chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The body as it arrives; 413 as soon as it is known to be over ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise ApiError(400, "Content-Length must be a number of bytes")
         if int(declared) > limit:
             raise _too_large(int(declared), limit)
-    chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise _too_large(size, limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        yield chunk
+
+
+async def read_batch(request: Request, limit: int, parser: BatchParser) -> list[TaskSpec]:
+    """Feed the body to ``parser`` as it arrives (413 once it is over ``limit`` bytes), then
+    its specs (``BatchParser.finish``)."""
+    async for chunk in _chunks(request, limit):
+        parser.feed(chunk)
+    return parser.finish()
 
 
 def _too_large(size: int, limit: int) -> ApiError:
@@ -145,10 +158,10 @@ class SpecRules:
     table: Section
     allowlist: Allowlist
 
-    def read(self, raw: Any) -> tuple[TaskSpec | None, list[str]]:
-        """The spec, or None and every problem."""
+    def read(self, raw: Any, plain: bool = False) -> tuple[TaskSpec | None, list[str]]:
+        """The spec, or None and every problem (``plain``: see ``TaskSpec.from_dict``)."""
         try:
-            spec = TaskSpec.from_dict(raw, self.table)
+            spec = TaskSpec.from_dict(raw, self.table, plain=plain)
         except SpecError as e:
             return None, e.problems
         problems = spec_problems(spec) + destination_problems(spec, self.allowlist)
@@ -211,76 +224,110 @@ def parse_spec(body: bytes, rules: SpecRules) -> TaskSpec:
     return spec
 
 
-@dataclass
-class BatchInput:
-    specs: list[TaskSpec] = field(default_factory=list)
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    lines: int = 0
-    bad_json: bool = False
+class BatchParser:
+    """Reads a batch as its body arrives: JSONL line by line (each line parsed and checked
+    as soon as it is complete), or a JSON array, which is read whole at the end.
 
-
-def parse_batch(body: bytes, max_tasks: int, rules: SpecRules) -> list[TaskSpec]:
-    """Every spec of a JSONL file (or a JSON array), or one error listing every bad line.
-
-    Line numbers are 1-based lines of the file (blank lines are skipped but counted); for a
-    JSON array they are 1-based item positions.
+    ``finish`` returns every spec, or raises one error listing the bad lines (the first
+    ``MAX_REPORTED_ERRORS``, with the count of all), before anything is queued. Line
+    numbers are 1-based lines of the file (blank lines are skipped but counted); for a JSON
+    array they are 1-based item positions. Past ``max_tasks`` lines are only counted.
     """
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(400, f"the batch is not UTF-8 (bad byte at offset {e.start})") from e
-    items = _items(text)
-    if not items:
-        raise ApiError(422, "the batch holds no tasks: send one JSON task spec per line")
-    if len(items) > max_tasks:
-        raise ApiError(
-            413,
-            f"the batch holds {len(items)} tasks; the limit is {max_tasks}: split it",
-            limit_tasks=max_tasks,
-        )
-    out = BatchInput(lines=len(items))
-    seen: dict[str, int] = {}
-    for line_no, raw in items:
-        problems: list[str] = []
-        if isinstance(raw, json.JSONDecodeError):
-            out.bad_json = True
-            problems.append(f"not valid JSON: {raw.msg} at column {raw.colno}")
-        elif isinstance(raw, JSONRefused):
-            out.bad_json = True
-            problems.append(f"not acceptable JSON: {raw}")
-        else:
-            spec, found = rules.read(raw)
-            problems.extend(found)
-            if spec is not None:
-                if spec.custom_id is not None:
-                    if spec.custom_id in seen:
-                        problems.append(
-                            f"custom_id: {spec.custom_id!r} is also used on line "
-                            f"{seen[spec.custom_id]}; custom_ids must be unique in a batch"
-                        )
-                    else:
-                        seen[spec.custom_id] = line_no
-                out.specs.append(spec)
-        if problems:
-            out.errors.append({"line": line_no, "problems": problems})
-    if out.errors:
-        shown = out.errors[:MAX_REPORTED_ERRORS]
-        more = len(out.errors) - len(shown)
-        raise ApiError(
-            400 if out.bad_json else 422,
-            f"{len(out.errors)} of {out.lines} lines are invalid; nothing was queued"
-            + (f" (the first {len(shown)} are listed)" if more else ""),
-            errors=shown,
-            invalid_lines=len(out.errors),
-        )
-    return out.specs
 
+    def __init__(self, max_tasks: int, rules: SpecRules) -> None:
+        self.max_tasks = max_tasks
+        self.rules = rules
+        self.specs: list[TaskSpec] = []
+        self.errors: list[dict[str, Any]] = []
+        self.invalid = 0
+        self.tasks = 0
+        self.bad_json = False
+        self._seen: dict[str, int] = {}
+        self._line_no = 0
+        self._offset = 0  # of the start of the unfinished line, in the body
+        self._tail = b""
+        self._array: list[bytes] | None = None
+        self._started = False
 
-def _items(text: str) -> list[tuple[int, Any]]:
-    """(line number, parsed JSON or the JSONDecodeError / JSONRefused) for each task of
-    the batch."""
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    def feed(self, chunk: bytes) -> None:
+        if not self._started:
+            head = chunk.lstrip()
+            if not head:
+                self._tail += chunk  # only whitespace so far: undecided
+                return
+            self._started = True
+            if head.startswith(b"["):
+                self._array = [self._tail, chunk]
+                return
+        if self._array is not None:
+            self._array.append(chunk)
+            return
+        data = self._tail + chunk if self._tail else chunk
+        lines = data.split(b"\n")
+        self._tail = lines.pop()
+        for line in lines:
+            self._line(line)
+
+    def finish(self) -> list[TaskSpec]:
+        if self._array is not None:
+            self._read_array(b"".join(self._array))
+        elif self._tail:
+            self._line(self._tail)
+            self._tail = b""
+        if not self.tasks:
+            raise ApiError(422, "the batch holds no tasks: send one JSON task spec per line")
+        if self.tasks > self.max_tasks:
+            raise ApiError(
+                413,
+                f"the batch holds {self.tasks} tasks; the limit is {self.max_tasks}: split it",
+                limit_tasks=self.max_tasks,
+            )
+        if self.invalid:
+            more = self.invalid > len(self.errors)
+            raise ApiError(
+                400 if self.bad_json else 422,
+                f"{self.invalid} of {self.tasks} lines are invalid; nothing was queued"
+                + (f" (the first {len(self.errors)} are listed)" if more else ""),
+                errors=self.errors,
+                invalid_lines=self.invalid,
+            )
+        return self.specs
+
+    def _line(self, line: bytes) -> None:
+        self._line_no += 1
+        start = self._offset
+        self._offset += len(line) + 1
+        if not line.strip():
+            return
+        self.tasks += 1
+        if self.tasks > self.max_tasks:
+            return  # only counted: the batch is refused whole
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ApiError(
+                400, f"the batch is not UTF-8 (bad byte at offset {start + e.start})"
+            ) from e
+        try:
+            raw = loads(text)
+        except json.JSONDecodeError as e:
+            self.bad_json = True
+            self._problems(self._line_no, [f"not valid JSON: {e.msg} at column {e.colno}"])
+            return
+        except JSONRefused as e:
+            self.bad_json = True
+            self._problems(self._line_no, [f"not acceptable JSON: {e}"])
+            return
+        # Text decoded from UTF-8 holds a lone surrogate only through a \u escape, and
+        # nesting needs brackets: a line with neither needs no walk through every value.
+        plain = b"\\u" not in line and line.count(b"{") + line.count(b"[") <= MAX_DEPTH
+        self._item(self._line_no, raw, plain)
+
+    def _read_array(self, body: bytes) -> None:
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ApiError(400, f"the batch is not UTF-8 (bad byte at offset {e.start})") from e
         try:
             array = loads(text)
         except json.JSONDecodeError as e:
@@ -291,15 +338,35 @@ def _items(text: str) -> list[tuple[int, Any]]:
             ) from e
         except JSONRefused as e:
             raise ApiError(400, f"the batch is not acceptable JSON: {e}") from e
-        return list(enumerate(array, start=1))
-    items: list[tuple[int, Any]] = []
-    # Lines end at \n (and \r\n): str.splitlines would also split a line at characters a
-    # JSON string may hold unescaped (U+2028, U+0085, ...).
-    for line_no, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            items.append((line_no, loads(line)))
-        except (json.JSONDecodeError, JSONRefused) as e:
-            items.append((line_no, e))
-    return items
+        self.tasks = len(array)
+        if self.tasks > self.max_tasks:
+            return
+        for position, raw in enumerate(array, start=1):
+            self._item(position, raw)
+
+    def _item(self, line_no: int, raw: Any, plain: bool = False) -> None:
+        spec, problems = self.rules.read(raw, plain)
+        if spec is not None and spec.custom_id is not None:
+            first = self._seen.setdefault(spec.custom_id, line_no)
+            if first != line_no:
+                problems = [
+                    f"custom_id: {spec.custom_id!r} is also used on line {first}; "
+                    "custom_ids must be unique in a batch"
+                ]
+        if problems:
+            self._problems(line_no, problems)
+        elif spec is not None and not self.invalid:
+            self.specs.append(spec)  # once a line is bad, none is queued: keep no more
+
+    def _problems(self, line_no: int, problems: list[str]) -> None:
+        self.invalid += 1
+        self.specs.clear()
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append({"line": line_no, "problems": problems})
+
+
+def parse_batch(body: bytes, max_tasks: int, rules: SpecRules) -> list[TaskSpec]:
+    """Every spec of a whole JSONL file (or JSON array); see ``BatchParser``."""
+    parser = BatchParser(max_tasks, rules)
+    parser.feed(body)
+    return parser.finish()

@@ -1,9 +1,9 @@
-"""Enqueue task ids on the Celery broker without importing worker code paths, and read
-the broker's and the workers' state for readiness.
+"""The API's side of the fleet: enqueue task ids on the Celery broker without importing
+worker code paths, and read the broker's and the workers' state for readiness.
 
 The broker is the API's own Redis, so a batch's ``run_task`` messages (built by
-``store.celery_app.run_task_message``) go out in a few LPUSHes on the API's async client: a
-2,000-task batch is queued in tens of milliseconds instead of seconds of ``send_task``.
+``store.celery_app.run_task_message``) go out in a few LPUSHes on the API's async client,
+all or none, without blocking the event loop on Celery's synchronous publish path.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from agent.errors import InfrastructureError
+from agent.text import text_of
 from store.celery_app import run_task_pushes
 from store.keys import TASK_QUEUE, WORKER_TTL_S, Keys
 
@@ -34,7 +35,7 @@ class Enqueuer:
     ) -> None:
         """Queue ``task_ids`` (of ``batch_id``, if given) in order, all or none (one
         MULTI/EXEC for every chunk); ``enqueued_ms`` is their score in the queued index
-        (``ApiStore.write_tasks``)."""
+        (``store.intake``)."""
         if not task_ids:
             return
         pipe = self.client.pipeline(transaction=True)
@@ -62,15 +63,11 @@ async def fleet_health(
     _, workers = await pipe.execute()
     pipe = client.pipeline(transaction=False)  # not MGET: the keys may be on many nodes
     for w in workers:
-        pipe.get(keys.worker(_s(w)))
+        pipe.get(keys.worker(text_of(w)))
     raw = await pipe.execute() if workers else []
-    alive = {_s(w): json.loads(v) for w, v in zip(workers, raw, strict=True) if v}
+    alive = {text_of(w): json.loads(v) for w, v in zip(workers, raw, strict=True) if v}
     stalled = sorted(w for w, status in alive.items() if status.get("consumer") == "stalled")
     return {
         "queue": {"name": TASK_QUEUE, "depth": int(depth)},
         "workers": {"alive": len(alive), "consumer_stalled": stalled},
     }
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

@@ -24,6 +24,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.models import TERMINAL_STATUSES
+from agent.text import text_of
 from store.keys import TASK_QUEUE, Keys
 
 
@@ -96,7 +97,7 @@ async def render(metrics: ApiMetrics, client: Any, keys: Keys, broker: Any = Non
     finished: dict[str, int] = {}
     for counts in per_shard[::2]:
         for k, v in counts.items():
-            finished[_s(k)] = finished.get(_s(k), 0) + int(v)
+            finished[text_of(k)] = finished.get(text_of(k), 0) + int(v)
     running = sum(int(n) for n in per_shard[1::2])
     fleet = CollectorRegistry()
     fleet.register(_Fleet(finished, running, int(queued)))
@@ -131,7 +132,3 @@ class MetricsMiddleware:
             method = scope.get("method", "")
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -11,7 +13,7 @@ from fastapi.responses import StreamingResponse
 
 from agent.export import Filter, export_line, needs_trajectory
 from api.auth import Tenant
-from api.bodies import parse_batch, read_body, spec_rules
+from api.bodies import BatchParser, read_batch, spec_rules
 from api.errors import JSONOut, encode_json, not_found
 from api.schemas import BATCH_REF, ERRORS, BatchAccepted, BatchCancelled, BatchOut, ErrorOut
 from api.strict import known_query_only
@@ -72,17 +74,18 @@ async def create_batch(
     """Queue every task of a batch, or none: each line is checked first, and every bad
     line is reported with its number and what to fix."""
     settings = request.app.state.settings
-    body = await read_body(request, settings.max_request_bytes)
-    specs = parse_batch(body, settings.max_batch_tasks, spec_rules(settings))
-    await vet_webhooks(request.app.state, tenant, specs, webhook_url)
-    batch = BatchRecord(
-        id=new_batch_id(),
-        tenant=tenant,
-        total=len(specs),
-        created_at=time.time(),
-        webhook_url=webhook_url,
-    )
-    await submit(request.app.state, tenant, specs, batch)
+    with no_gc_pauses():
+        parser = BatchParser(settings.max_batch_tasks, spec_rules(settings))
+        specs = await read_batch(request, settings.max_request_bytes, parser)
+        await vet_webhooks(request.app.state, tenant, specs, webhook_url)
+        batch = BatchRecord(
+            id=new_batch_id(),
+            tenant=tenant,
+            total=len(specs),
+            created_at=time.time(),
+            webhook_url=webhook_url,
+        )
+        await submit(request.app.state, tenant, specs, batch)
     url = f"/v1/batches/{batch.id}"
     response.headers["Location"] = url
     return {
@@ -92,6 +95,30 @@ async def create_batch(
         "url": url,
         "results_url": f"{url}/results",
     }
+
+
+_gc_holds = 0
+_gc_was_enabled = True
+
+
+@contextmanager
+def no_gc_pauses() -> Iterator[None]:
+    """No cyclic garbage collection while a batch is read and queued. A batch builds some
+    ten objects per task that all survive until it is queued, the case where every full
+    collection scans them all again: that took half of the parse time of a 100,000-task
+    batch. Reference counting still frees everything short-lived; collections resume when
+    the last batch in progress is done."""
+    global _gc_holds, _gc_was_enabled
+    if _gc_holds == 0:
+        _gc_was_enabled = gc.isenabled()
+        gc.disable()
+    _gc_holds += 1
+    try:
+        yield
+    finally:
+        _gc_holds -= 1
+        if _gc_holds == 0 and _gc_was_enabled:
+            gc.enable()
 
 
 async def _batch(request: Request, tenant: str, batch_id: str) -> tuple[BatchStore, BatchRecord]:

@@ -24,7 +24,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agent.events import EventType
 from agent.models import TERMINAL_STATUSES
+from agent.text import text_of
 from api.errors import ApiError
+from store.intake import QUEUED_FIELD, QUEUED_ID
 from store.keys import EVENT_FIELD
 
 READ_COUNT = 500
@@ -70,6 +72,11 @@ async def event_stream(state: Any, tenant: str, task_id: str, after: str) -> Asy
     last = after
     down = False
     yield "retry: 2000\n\n"
+    if after == "0-0":
+        frame = await _waiting(state, client, stream, task_id)
+        if frame is not None:
+            yield frame
+            last = QUEUED_ID
     while True:
         try:
             frames, terminal, last = await _read(state, client, stream, task_id, last)
@@ -89,6 +96,19 @@ async def event_stream(state: Any, tenant: str, task_id: str, after: str) -> Asy
             yield ": keep-alive\n\n"
 
 
+async def _waiting(state: Any, client: Any, stream: str, task_id: str) -> str | None:
+    """The frame of a waiting task's ``task.queued`` event, which is in its record until
+    the task starts (``store.intake.MATERIALIZE``), under the id it will have in the
+    stream; None once the stream has it. Raises Redis errors."""
+    pipe = client.pipeline(transaction=False)
+    pipe.exists(stream)
+    pipe.hget(state.keys.task(task_id), QUEUED_FIELD)
+    started, event = await pipe.execute()
+    if started or event is None:
+        return None
+    return format_event(QUEUED_ID, {EVENT_FIELD: text_of(event)})[0]
+
+
 async def _read(
     state: Any, client: Any, stream: str, task_id: str, last: str
 ) -> tuple[list[str], bool, str]:
@@ -98,7 +118,7 @@ async def _read(
     if reply:
         return _frames(reply, last)
     status = await client.hget(state.keys.task(task_id), "status")
-    if status is None or _s(status) in TERMINAL_STATUSES:
+    if status is None or text_of(status) in TERMINAL_STATUSES:
         # FINISH sets the status and appends task.finished atomically, so one more
         # read tells "finished just now" from "its events expired or were trimmed".
         reply = await client.xread({stream: last}, count=READ_COUNT)
@@ -109,13 +129,11 @@ async def _read(
 def _frames(reply: Any, last: str) -> tuple[list[str], bool, str]:
     frames = []
     for entry_id, fields in reply[0][1]:
-        frame, terminal = format_event(_s(entry_id), {_s(k): _s(v) for k, v in fields.items()})
-        last = _s(entry_id)
+        frame, terminal = format_event(
+            text_of(entry_id), {text_of(k): text_of(v) for k, v in fields.items()}
+        )
+        last = text_of(entry_id)
         frames.append(frame)
         if terminal:
             return frames, True, last
     return frames, False, last
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

@@ -1,22 +1,29 @@
-"""Submitting tasks: reserve tenant slots, write records + ``task.queued`` events, enqueue.
+"""Submitting tasks: reserve tenant slots, then stage and commit the submission, all or
+nothing (``store.intake``).
 
-The order matters: a worker must find the record when its message arrives, so the records
-are written before anything is enqueued; and a broker failure must not leave tasks
-``queued`` forever, so those tasks are finished as ``error`` and the caller gets a 503.
+Nothing of a submission is visible or runnable before its commit, which is one atomic
+script: a failure before it (Redis full, gone, a broken connection) leaves nothing queued,
+the staged keys are deleted (or expire by themselves when Redis cannot be reached) and the
+slots are given back. A Redis that is full answers 503 with ``Retry-After`` (as does one
+near its limit, checked before any work: ``api.memory``).
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from typing import Any
 
 import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from agent.models import TaskSpec
 from api.errors import ApiError
-from api.fleet import EnqueueError
-from store.api_store import TenantLimitError, queued_ms
+from store.api_store import TenantLimitError
 from store.batches import BatchRecord
+from store.intake import IntakeExpired, Submission, queued_ms
 from store.records import TaskRecord
 
 RETRY_AFTER_S = 5
@@ -28,6 +35,7 @@ async def submit(
     state: Any, tenant: str, specs: Sequence[TaskSpec], batch: BatchRecord | None = None
 ) -> list[TaskRecord]:
     """Queue ``specs`` for ``tenant`` (as ``batch`` when given); return their records."""
+    await state.memory.check()
     store = state.store
     try:
         await store.reserve(tenant, len(specs), state.settings.max_active_per_tenant)
@@ -40,36 +48,69 @@ async def submit(
             limit=e.limit,
         ) from e
     records = store.new_records(tenant, specs, batch.id if batch else None)
+    keys = state.keys
+    if batch is None:
+        intake_id = "i" + secrets.token_hex(12)
+        sub = Submission(intake_id, records, keys.intake_ids(intake_id))
+    else:
+        sub = Submission(
+            batch.id,
+            records,
+            keys.batch_tasks(batch.id),
+            ids_ttl_s=store.retention.batch_s,
+            batch=(keys.batch(batch.id), batch.to_hash()),
+        )
+    pushed_ms = queued_ms(records[0])
     try:
-        if batch is None:
-            await store.write_tasks(records)
-        else:
-            await state.batches.create(batch, records)
-    except BaseException:
-        try:
-            await _undo(store, tenant, records)
-        except Exception as undo_error:  # Redis is down: the original error says more
-            log.error("tasks.undo_failed", tenant=tenant, error=repr(undo_error))
+        await state.intake.stage(sub, pushed_ms)
+    except BaseException as e:
+        await _undo(state, tenant, sub)
+        _refuse(state, tenant, sub, e)
         raise
     try:
-        ids = [r.id for r in records]
-        await state.enqueuer.enqueue(
-            ids, queued_ms(records[0]) if records else 0, batch.id if batch else None
-        )
-    except EnqueueError as e:
-        log.error("tasks.enqueue_failed", tenant=tenant, n=len(records), error=str(e))
-        await store.fail_tasks(records, "the queue refused the task; submit it again")
-        raise ApiError(503, "the queue is unavailable; nothing was queued: try again") from e
+        await state.intake.commit(sub, pushed_ms)
+    except BaseException as e:
+        # A commit whose reply was lost may have run: undo only one known not to have.
+        done = await state.intake.committed(sub)
+        if done is not True:
+            if done is False:
+                await _undo(state, tenant, sub)
+            _refuse(state, tenant, sub, e)
+            raise
+        log.warning("tasks.commit_reply_lost", tenant=tenant, n=len(records), error=repr(e))
     state.metrics.tasks_submitted.inc(len(records))
     log.info("tasks.submitted", tenant=tenant, n=len(records), batch_id=batch.id if batch else None)
     return records
 
 
-async def _undo(store: Any, tenant: str, records: list[TaskRecord]) -> None:
-    """A write failed half way: finish what was written, give back the rest's slots."""
-    pipe = store.client.pipeline(transaction=False)
-    for rec in records:
-        pipe.exists(store.keys.task(rec.id))
-    written = [r for r, n in zip(records, await pipe.execute(), strict=True) if n]
-    await store.fail_tasks(written, "the task could not be stored; submit it again")
-    await store.release(tenant, len(records) - len(written))
+def _refuse(state: Any, tenant: str, sub: Submission, e: BaseException) -> None:
+    """Raise what the client gets for a submission that failed before its commit; return
+    (for the caller to re-raise ``e``) when that is ``e`` itself: a cancellation, a bug, or
+    an unreachable Redis (the app's handler answers 503)."""
+    if not isinstance(e, RedisError | IntakeExpired):
+        return
+    log.error("tasks.submit_failed", tenant=tenant, n=len(sub.records), error=repr(e))
+    if isinstance(e, RedisConnectionError | RedisTimeoutError):
+        return
+    if isinstance(e, OutOfMemoryError):
+        state.memory.saw_full()
+        raise ApiError(
+            503,
+            "the store (Redis) is full; nothing was queued: try again later",
+            headers={"Retry-After": str(state.memory.retry_after_s)},
+        ) from e
+    raise ApiError(
+        503,
+        "the store (Redis) refused the tasks; nothing was queued: try again",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    ) from e
+
+
+async def _undo(state: Any, tenant: str, sub: Submission) -> None:
+    """Nothing was committed: delete what was staged and give the slots back. Where Redis
+    cannot be reached the staged keys expire by themselves (``INTAKE_TTL_S``)."""
+    try:
+        await state.intake.discard(sub)
+        await state.store.release(tenant, len(sub.records))
+    except Exception as undo_error:  # Redis is down: the original error says more
+        log.error("tasks.undo_failed", tenant=tenant, error=repr(undo_error))

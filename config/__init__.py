@@ -1,1 +1,2 @@
-"""The floor under the API and the workers: settings, log set-up, start-up heap freeze."""
+"""The floor under the API and the workers: the typed settings object (``settings``), the log
+set-up (``logging``) and the start-up heap freeze (``heap``). It imports only ``agent``."""

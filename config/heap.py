@@ -2,12 +2,11 @@
 
 After start-up a worker holds well over a hundred thousand objects that live as long as
 the process: modules, the Celery app, clients, the sandbox provider. CPython's full
-(generation 2) collection walks all of them. The first one fires once the first burst of
-tasks has made enough new objects, and it stops every agent loop of the process for
-100-150 ms on a 2-core machine (in ``actfleet bench fleet``, both workers at the same
-moment, in the middle of the first wave). ``gc.freeze()`` moves what is alive now into a
-permanent generation that collections skip; later full collections walk only what the
-tasks made. Frozen objects are still freed by reference counting; only cycles among them
+(generation 2) collection walks all of them, with the GIL held: the first one fires once the
+first burst of tasks has made enough new objects, and it stops every agent loop of the
+process at once (docs/performance.md says for how long). ``gc.freeze()`` moves what is alive
+now into a permanent generation that collections skip; later full collections walk only what
+the tasks made. Frozen objects are still freed by reference counting; only cycles among them
 are never collected, which start-up objects do not make.
 """
 

@@ -40,6 +40,26 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: Literal["json", "console"] = "json"
 
+    record_retention_s: int = Field(
+        30 * 24 * 3600,
+        ge=60,
+        description="how long a finished task's record (its result and trajectory) is kept; "
+        "batch records are kept twice as long",
+    )
+    stream_retention_s: int = Field(
+        7 * 24 * 3600, ge=60, description="how long a finished task's event stream is kept"
+    )
+    redis_memory_high_fraction: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="above this fraction of Redis' maxmemory the API refuses new tasks and "
+        "batches (503 + Retry-After); the rest is room for the work already accepted",
+    )
+    redis_full_retry_after_s: int = Field(
+        30, ge=1, description="the Retry-After of a 503 because Redis is (nearly) full"
+    )
+
     # sandboxes
     sandbox: Literal["bwrap", "docker"] = "bwrap"
     sandbox_image: str = "actfleet-sandbox:latest"
@@ -113,6 +133,13 @@ class Settings(BaseSettings):
     )
     worker_exit_on_stall: bool = Field(
         True, description="a worker whose consumer is dead hands its tasks back and exits 3"
+    )
+    sweep_interval_s: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="how often each worker looks for tasks whose lease expired or whose "
+        "message was lost, and hands them back to the queue",
     )
     queued_grace_s: float = Field(
         60.0,

@@ -9,6 +9,7 @@ bash scripts/setup.sh || exit 1
 
 .venv/bin/ruff check . || exit 1
 .venv/bin/mypy || exit 1
+.venv/bin/lint-imports || exit 1  # the layer contract in pyproject.toml
 
 .venv/bin/python -m pytest -ra "$@"
 rc=$?

@@ -1,9 +1,9 @@
 """The API's side of the store: create, read, list and cancel tasks on an asyncio client.
 
-Submitting is two steps: ``reserve`` takes slots from the tenant's active-task budget
-atomically (so two concurrent batches cannot both squeeze under the limit), then
-``write_tasks`` stores the records, the tenant index entries and each ``task.queued`` event
-in pipelined MULTI/EXEC chunks. Enqueueing on the broker happens after, in the API.
+Submitting starts here: ``reserve`` takes slots from the tenant's active-task budget
+atomically (so two concurrent batches cannot both squeeze under the limit); then
+``store.intake`` stages and commits the records, index entries, ``task.queued`` events and
+broker messages, all or nothing.
 
 Cancelling sets ``cancel_requested`` (a running worker polls it and stops) and, while the
 task is still queued, finishes it at once with ``FINISH`` unfenced (owner ``""``).
@@ -22,15 +22,15 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from agent.errors import ActfleetError
-from agent.events import Event, EventType
 from agent.loop import finished_event
 from agent.models import FailureClass, Result, Status, TaskSpec
-from store.clients import aload_scripts, async_client, is_cluster
-from store.keys import STREAM_MAXLEN, Keys
+from agent.text import text_of
+from store.clients import aload_scripts, async_client
+from store.intake import MATERIALIZE
+from store.keys import DEFAULT_RETENTION, Keys, Retention
 from store.records import RecordError, TaskRecord, new_task_id
 from store.scripts import FINISH, finish_call
 
-WRITE_CHUNK = 500  # tasks per MULTI/EXEC when submitting
 SOCKET_TIMEOUT_S = 5.0  # a command that gets no reply for this long fails
 STREAM_READ_MARGIN_S = 10.0  # a blocking read's socket waits this much past its block time
 
@@ -59,13 +59,13 @@ def connect(url: str, *, block_s: float = 0.0) -> aioredis.Redis:
     )
 
 
-# RESERVE: take n slots of a tenant's active-task budget, or none. A tenant's unfinished
-# tasks are the slots it reserved minus its tasks that finished (counted per shard by
-# FINISH, summed by the caller just before: a sum read a moment early is too small, so the
-# check errs on the side of refusing, never lets a tenant past its limit).
+# RESERVE_SLOTS: take n slots of a tenant's active-task budget, or none. A tenant's
+# unfinished tasks are the slots it reserved minus its tasks that finished (counted per
+# shard by FINISH, summed by the caller just before: a sum read a moment early is too
+# small, so the check errs on the side of refusing, never lets a tenant past its limit).
 # KEYS: 1 tenant reserved counter. ARGV: 1 n, 2 limit, 3 finished (the shards' sum).
 # Returns {1, unfinished now} on success, {0, unfinished} when n more would pass the limit.
-RESERVE = """
+RESERVE_SLOTS = """
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(ARGV[3])
 local n = tonumber(ARGV[1])
 if cur < 0 then cur = 0 end
@@ -73,9 +73,10 @@ if cur + n > tonumber(ARGV[2]) then return {0, cur} end
 return {1, redis.call('INCRBY', KEYS[1], n) - tonumber(ARGV[3])}
 """
 
-# RELEASE: give back n reserved slots. KEYS: 1 counter. ARGV: 1 n.
-RELEASE = """
-redis.call('DECRBY', KEYS[1], ARGV[1])
+# RETURN_SLOTS: give back n reserved slots (never below zero). KEYS: 1 counter. ARGV: 1 n.
+# Allowed while Redis is out of memory: it is how a refused submission gives its slots back.
+RETURN_SLOTS = """#!lua flags=allow-oom
+if redis.call('DECRBY', KEYS[1], ARGV[1]) < 0 then redis.call('SET', KEYS[1], 0) end
 return 1
 """
 
@@ -123,20 +124,24 @@ class Page:
 class ApiStore:
     """Task operations for one tenant-aware API process. Cheap to build; no I/O until used."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+    def __init__(
+        self, client: aioredis.Redis, keys: Keys, retention: Retention = DEFAULT_RETENTION
+    ) -> None:
         self.client = client
         self.keys = keys
-        self._reserve = client.register_script(RESERVE)
-        self._release = client.register_script(RELEASE)
+        self.retention = retention
+        self._reserve_slots = client.register_script(RESERVE_SLOTS)
+        self._return_slots = client.register_script(RETURN_SLOTS)
         self._request_cancel = client.register_script(REQUEST_CANCEL)
         self._finish = client.register_script(FINISH)
+        self._materialize = client.register_script(MATERIALIZE)
         self._loaded = False  # are the pipelined scripts loaded (only a cluster needs it)
 
     # -- submit -------------------------------------------------------------------------
 
     async def reserve(self, tenant: str, n: int, limit: int) -> None:
         finished = await self._finished(tenant)
-        ok, count = await self._reserve(
+        ok, count = await self._reserve_slots(
             keys=[self.keys.tenant_active(tenant)], args=[n, limit, finished]
         )
         if not int(ok):
@@ -156,7 +161,7 @@ class ApiStore:
 
     async def release(self, tenant: str, n: int) -> None:
         if n > 0:
-            await self._release(keys=[self.keys.tenant_active(tenant)], args=[n])
+            await self._return_slots(keys=[self.keys.tenant_active(tenant)], args=[n])
 
     def new_records(
         self, tenant: str, specs: Sequence[TaskSpec], batch_id: str | None = None
@@ -166,41 +171,6 @@ class ApiStore:
             TaskRecord(id=new_task_id(), tenant=tenant, spec=s, batch_id=batch_id, created_at=now)
             for s in specs
         ]
-
-    async def write_tasks(self, records: Sequence[TaskRecord]) -> None:
-        """Store records, index entries (the tenant's, and the queued index with
-        ``queued_ms``, the push time their messages carry) and ``task.queued`` events;
-        batch ids are appended to their batch's task list in order, and counted as queued
-        in its counts. Slots must have been reserved."""
-        for start in range(0, len(records), WRITE_CHUNK):
-            chunk = records[start : start + WRITE_CHUNK]
-            # a chunk is one MULTI/EXEC on one Redis; a cluster cannot span slots with one
-            # (a chunk half written by a failure is undone by the caller, api.submit)
-            pipe = self.client.pipeline(transaction=not is_cluster(self.client))
-            for rec in chunk:
-                pipe.hset(self.keys.task(rec.id), mapping=rec.to_hash())  # type: ignore[arg-type]
-                pipe.zadd(self.keys.tenant_tasks(rec.tenant), {rec.id: rec.created_at})
-                pipe.zadd(self.keys.queued(self.keys.shard(rec.id)), {rec.id: queued_ms(rec)})
-                pipe.xadd(
-                    self.keys.events(rec.id),
-                    {"e": queued_event(rec).to_json()},
-                    maxlen=STREAM_MAXLEN,
-                    approximate=True,
-                )
-            by_batch: dict[str, list[str]] = {}
-            per_shard: dict[tuple[str, int], int] = {}
-            for rec in chunk:
-                if rec.batch_id:
-                    by_batch.setdefault(rec.batch_id, []).append(rec.id)
-                    at = (rec.batch_id, self.keys.shard(rec.id))
-                    per_shard[at] = per_shard.get(at, 0) + 1
-            for batch_id, ids in by_batch.items():
-                pipe.rpush(self.keys.batch_tasks(batch_id), *ids)
-            for (batch_id, shard), n in per_shard.items():
-                counts = self.keys.batch_counts(batch_id, shard)
-                pipe.hincrby(counts, Status.QUEUED.value, n)
-                pipe.hincrby(counts, "total", n)
-            await pipe.execute()
 
     # -- read -----------------------------------------------------------------------------
 
@@ -214,9 +184,9 @@ class ApiStore:
 
     async def task_status(self, tenant: str, task_id: str) -> Status | None:
         owner, status = await self.client.hmget(self.keys.task(task_id), ["tenant", "status"])
-        if owner is None or _s(owner) != tenant:
+        if owner is None or text_of(owner) != tenant:
             return None
-        return Status(_s(status))
+        return Status(text_of(status))
 
     async def list_tasks(
         self,
@@ -236,7 +206,7 @@ class ApiStore:
         scanned = 0
         while len(out) < limit and scanned < scan_max:
             step = limit if status is None else min(500, max(limit * 4, 100))
-            ids = [_s(i) for i in await self.client.zrevrange(index, pos, pos + step - 1)]
+            ids = [text_of(i) for i in await self.client.zrevrange(index, pos, pos + step - 1)]
             if not ids:
                 return Page(out, None)
             pipe = self.client.pipeline(transaction=False)
@@ -273,14 +243,14 @@ class ApiStore:
         if rec.status.terminal:
             raise AlreadyFinished(rec.status.value)
         before = await self._request_cancel(keys=[self.keys.task(task_id)])
-        if before is not None and _s(before) == Status.QUEUED:
+        if before is not None and text_of(before) == Status.QUEUED:
             await self.finish_cancelled(rec.id, rec.tenant, rec.batch_id, rec.attempt)
         return await self.get_task(tenant, task_id)
 
     async def _pipelined_scripts(self) -> None:
         """Scripts sent in a pipeline must be loaded on a cluster's masters first."""
         if not self._loaded:
-            await aload_scripts(self.client, (REQUEST_CANCEL, FINISH))
+            await aload_scripts(self.client, (REQUEST_CANCEL, FINISH, MATERIALIZE))
             self._loaded = True
 
     async def request_cancel_many(self, task_ids: Sequence[str]) -> list[str | None]:
@@ -289,7 +259,7 @@ class ApiStore:
         pipe = self.client.pipeline(transaction=False)
         for task_id in task_ids:
             await self._request_cancel(keys=[self.keys.task(task_id)], client=pipe)
-        return [None if st is None else _s(st) for st in await pipe.execute()]
+        return [None if st is None else text_of(st) for st in await pipe.execute()]
 
     async def finish_cancelled(
         self, task_id: str, tenant: str, batch_id: str | None, attempt: int
@@ -297,7 +267,13 @@ class ApiStore:
         """Finish a queued task as cancelled; False if a worker took it first (the worker
         then sees ``cancel_requested`` and stops)."""
         keys, args = self.finish_cancelled_call(task_id, tenant, batch_id, attempt)
-        out = await self._finish(keys=keys, args=args)
+        await self._pipelined_scripts()
+        pipe = self.client.pipeline(transaction=False)
+        await self._materialize(
+            keys=[self.keys.task(task_id), self.keys.events(task_id)], client=pipe
+        )
+        await self._finish(keys=keys, args=args, client=pipe)
+        out = (await pipe.execute())[1]
         return not isinstance(out, int)
 
     async def finish_cancelled_many(self, tasks: Sequence[tuple[str, str, str | None, int]]) -> int:
@@ -305,8 +281,11 @@ class ApiStore:
         pipe = self.client.pipeline(transaction=False)
         for t in tasks:
             keys, args = self.finish_cancelled_call(*t)
+            await self._materialize(
+                keys=[self.keys.task(t[0]), self.keys.events(t[0])], client=pipe
+            )
             await self._finish(keys=keys, args=args, client=pipe)
-        return sum(1 for out in await pipe.execute() if not isinstance(out, int))
+        return sum(1 for out in (await pipe.execute())[1::2] if not isinstance(out, int))
 
     def finish_cancelled_call(
         self, task_id: str, tenant: str, batch_id: str | None, attempt: int
@@ -329,32 +308,5 @@ class ApiStore:
             result=result,
             event=finished_event(result, now),
             finished_at=now,
+            retention=self.retention,
         )
-
-    async def fail_tasks(self, records: Sequence[TaskRecord], reason: str) -> None:
-        """Finish still-queued tasks as ``error`` (used when the broker refused them)."""
-        await self._pipelined_scripts()
-        pipe = self.client.pipeline(transaction=False)
-        for rec in records:
-            result = Result(Status.ERROR, FailureClass.INTERNAL, error=reason, attempt=rec.attempt)
-            keys, args = self._finish_queued_call(rec.id, rec.tenant, rec.batch_id, result)
-            await self._finish(keys=keys, args=args, client=pipe)
-        await pipe.execute()
-
-
-def queued_ms(rec: TaskRecord) -> int:
-    """A new task's score in the queued index, and the push time its message carries."""
-    return int(rec.created_at * 1000)
-
-
-def queued_event(rec: TaskRecord) -> Event:
-    data: dict[str, Any] = {"task_id": rec.id}
-    if rec.spec.custom_id:
-        data["custom_id"] = rec.spec.custom_id
-    if rec.batch_id:
-        data["batch_id"] = rec.batch_id
-    return Event(EventType.QUEUED, turn=0, attempt=0, ts=rec.created_at, data=data)
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

@@ -20,6 +20,7 @@ import redis
 import redis.asyncio as aioredis
 
 from agent.errors import ActfleetError
+from agent.text import text_of
 from store import webhook_secrets
 from store.clients import is_cluster
 from store.keys import Keys
@@ -98,7 +99,7 @@ def create_key(
 
 
 def list_keys(client: redis.Redis, keys: Keys, tenant: str | None = None) -> list[ApiKeyInfo]:
-    hashes = [_s(h) for h in client.zrange(keys.apikeys, 0, -1)]
+    hashes = [text_of(h) for h in client.zrange(keys.apikeys, 0, -1)]
     pipe = client.pipeline(transaction=False)
     for h in hashes:
         pipe.hgetall(keys.apikey(h))
@@ -106,7 +107,7 @@ def list_keys(client: redis.Redis, keys: Keys, tenant: str | None = None) -> lis
     for h, rec in zip(hashes, pipe.execute(), strict=True):
         if not rec:
             continue
-        d = {_s(k): _s(v) for k, v in rec.items()}
+        d = {text_of(k): text_of(v) for k, v in rec.items()}
         info = ApiKeyInfo(h, d.get("tenant", ""), d.get("name", ""), float(d.get("created_at", 0)))
         if tenant is None or info.tenant == tenant:
             out.append(info)
@@ -140,8 +141,4 @@ async def lookup_tenant(client: aioredis.Redis, keys: Keys, key: str) -> str | N
     if not key.startswith(KEY_PREFIX) or len(key) > 200:
         return None
     tenant = await client.hget(keys.apikey(hash_key(key)), "tenant")
-    return _s(tenant) if tenant else None
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
+    return text_of(tenant) if tenant else None

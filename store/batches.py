@@ -17,12 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.models import TERMINAL_STATUSES, Status
+from agent.text import text_of
 from store.api_store import ApiStore
-from store.keys import RECORD_TTL_S
-from store.records import TaskRecord
 
 READ_CHUNK = 1000  # task ids per pipelined read
-BATCH_TTL_S = 2 * RECORD_TTL_S  # batch keys outlive their task records
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +46,7 @@ class BatchRecord:
 
     @classmethod
     def from_hash(cls, h: dict[Any, Any]) -> BatchRecord:
-        d = {_s(k): _s(v) for k, v in h.items()}
+        d = {text_of(k): text_of(v) for k, v in h.items()}
         return cls(
             id=d["id"],
             tenant=d["tenant"],
@@ -68,26 +66,6 @@ class BatchStore:
         self.client = tasks.client
         self.keys = tasks.keys
 
-    async def create(self, batch: BatchRecord, records: list[TaskRecord]) -> None:
-        """Write the tasks (in order) and then the batch record, so a batch is never seen
-        half written. Slots must have been reserved."""
-        await self.tasks.write_tasks(records)
-        # the counts of each shard first: their webhook flag is set before any task can
-        # finish (nothing is enqueued yet, and a task cannot be cancelled before its batch
-        # record exists)
-        pipe = self.client.pipeline(transaction=False)
-        for shard in {self.keys.shard(r.id) for r in records}:
-            counts = self.keys.batch_counts(batch.id, shard)
-            if batch.webhook_url:
-                pipe.hset(counts, "webhook", "1")
-            pipe.expire(counts, BATCH_TTL_S)
-        await pipe.execute()
-        pipe = self.client.pipeline(transaction=True)  # both keys are in the batch's shard
-        pipe.hset(self.keys.batch(batch.id), mapping=batch.to_hash())  # type: ignore[arg-type]
-        for key in (self.keys.batch(batch.id), self.keys.batch_tasks(batch.id)):
-            pipe.expire(key, BATCH_TTL_S)
-        await pipe.execute()
-
     async def get(self, tenant: str, batch_id: str) -> BatchRecord | None:
         h = await self.client.hgetall(self.keys.batch(batch_id))
         if not h:
@@ -104,7 +82,7 @@ class BatchStore:
             )
             if not chunk:
                 return
-            yield [_s(i) for i in chunk]
+            yield [text_of(i) for i in chunk]
             start += len(chunk)
 
     async def counters(self, batch_id: str) -> dict[str, int]:
@@ -158,7 +136,7 @@ class BatchStore:
                 pipe.hmget(self.keys.task(task_id), fields)
             for task_id, values in zip(ids, await pipe.execute(), strict=True):
                 custom_id, status, attempt, result, finished_at, action_format = (
-                    None if v is None else _s(v) for v in values
+                    None if v is None else text_of(v) for v in values
                 )
                 line = _result_line(
                     task_id, custom_id, status, attempt, result, finished_at, trajectory
@@ -188,7 +166,7 @@ def sum_counters(hashes: Iterable[dict[Any, Any]]) -> dict[str, int]:
     out: dict[str, int] = {}
     for h in hashes:
         for k, v in h.items():
-            name = _s(k)
+            name = text_of(k)
             if name != "webhook":
                 out[name] = out.get(name, 0) + int(v)
     return out
@@ -239,7 +217,3 @@ def _result_line(
     if trajectory:
         line["messages"] = r.get("messages", [])
     return line
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

@@ -4,10 +4,11 @@ and acknowledgements that free their prefetch slot even when Redis is down.
 kombu's Redis channel builds a new ``redis.Redis`` for every command it sends outside its
 polling connection (``conn_or_acquire`` -> ``_create_client``): each delivery's unacked
 bookkeeping, each ack, each publish. The connections come from the channel's pool either
-way, but building the client costs about 0.2 ms of CPU (redis-py copies its table of
-response callbacks into a new dict each time), and in a worker it is spent on the consumer
-thread, the one that hands out every task: a profile of ``actfleet bench fleet`` put 12% of
-a worker's GIL time there.
+way, but building a client is not free (redis-py copies its table of response callbacks into
+a new dict each time), and in a worker that cost lands on the consumer thread, the one that
+hands out every task (docs/performance.md). ``_create_client`` is kombu's private method:
+the kombu range in pyproject.toml is pinned for it, and tests/integration/test_broker.py
+checks that kombu still calls it and that the channel keeps one client.
 
 A ``redis.Redis`` over a connection pool is safe to share between threads (each command
 takes a connection from the pool), so the channel keeps one, and builds a new one only when
@@ -23,8 +24,8 @@ locally whatever happens to the Redis write. The message stays in the unacked in
 comes back after the visibility timeout, and the claim then drops it (the task finished,
 or a sweeper already handed it to another attempt).
 
-Celery uses this transport through ``broker_transport`` (``store.celery_app.celery_config``); the
-URL still says where Redis is.
+Celery uses this transport through ``broker_transport`` (``store.celery_app.celery_config``);
+the URL still says where Redis is.
 """
 
 from __future__ import annotations

@@ -23,13 +23,11 @@ Delivery guarantees (the Redis broker is at-least-once), and how they fit togeth
 from __future__ import annotations
 
 import base64
-import json
-import os
-import socket
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from celery import Celery
 
 from store import broker, keys
@@ -109,64 +107,49 @@ def enqueue(app: Celery, task_id: str, enqueued_ms: int, batch_id: str | None = 
 
 # -- bulk enqueue ---------------------------------------------------------------------------
 #
-# ``send_task`` costs about 1 ms of CPU per message (routing, signals, kombu's publish path,
-# a new redis client per LPUSH), so a 2,000-task batch held the API's CPU for seconds while
-# the workers were already starting the first tasks. A ``run_task`` message is tiny and its
-# format is Celery's documented task message protocol (version 2) inside kombu's Redis
-# envelope, so the API writes it directly: thousands of messages in one LPUSH, about 20 us
-# each. tests/integration/test_queue.py checks it field for field against ``send_task`` and
-# decodes it with a kombu consumer; the end-to-end tests run real workers on it.
+# The API writes ``run_task`` messages itself instead of calling ``send_task``, which does
+# routing, signals and kombu's publish path (and a new redis client) for every message: a
+# large batch must not hold the API's CPU while the workers already start its first tasks
+# (docs/performance.md has the cost of each). A ``run_task`` message is tiny and its format
+# is Celery's documented task message protocol (version 2) inside kombu's Redis envelope, so
+# a batch's messages go out in a few LPUSHes. That format is a contract with the pinned
+# Celery and kombu (pyproject.toml): tests/integration/test_queue.py checks it field for
+# field against ``send_task`` and decodes it with a kombu consumer; the end-to-end tests run
+# real workers on it.
 
-_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-_ORIGIN = f"gen{os.getpid()}@{socket.gethostname()}"
 BULK_CHUNK = 1000  # messages per LPUSH
 
+# The headers and properties Celery's worker and kombu's Redis channel read, and no more:
+# a queued task's message is a third of its memory in Redis, so the optional ones
+# ``send_task`` also writes (argsrepr, kwargsrepr, origin, eta, expires, shadow, stamps,
+# ...: each read with a default) are left out, and the JSON is compact.
+# tests/integration/test_queue.py checks that every field present says what ``send_task``
+# says, and decodes the messages with a kombu consumer; the end-to-end tests run real
+# workers on them.
+_MESSAGE = (
+    '{{"body":"{body}","content-encoding":"utf-8","content-type":"application/json",'
+    '"headers":{{"lang":"py","task":"{task}","id":"{id}","root_id":"{id}","parent_id":null,'
+    '"group":null,"retries":0,"timelimit":[null,null]}},'
+    '"properties":{{"correlation_id":"{id}","delivery_mode":2,'
+    '"delivery_info":{{"exchange":"","routing_key":"{queue}"}},"priority":0,'
+    '"body_encoding":"base64","delivery_tag":"{tag}"}}}}'
+)
 
-def run_task_message(
-    task_id: str, enqueued_ms: int, batch_id: str | None = None, *, origin: str = _ORIGIN
-) -> str:
-    """The broker message that ``enqueue(app, task_id, enqueued_ms, batch_id)`` would push."""
+
+def run_task_message(task_id: str, enqueued_ms: int, batch_id: str | None = None) -> str:
+    """The broker message that ``enqueue(app, task_id, enqueued_ms, batch_id)`` would push,
+    with only the fields a worker reads."""
     message_id = str(uuid.uuid4())
-    args = [task_id]
     kwargs: dict[str, Any] = {"enqueued_ms": enqueued_ms}
     if batch_id:
         kwargs["batch_id"] = batch_id
-    body = json.dumps([args, kwargs, _EMBED]).encode()
-    return json.dumps(
-        {
-            "body": base64.b64encode(body).decode(),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": {
-                "lang": "py",
-                "task": keys.RUN_TASK,
-                "id": message_id,
-                "shadow": None,
-                "eta": None,
-                "expires": None,
-                "group": None,
-                "group_index": None,
-                "retries": 0,
-                "timelimit": [None, None],
-                "root_id": message_id,
-                "parent_id": None,
-                "argsrepr": repr(args),
-                "kwargsrepr": repr(kwargs),
-                "origin": origin,
-                "ignore_result": None,
-                "replaced_task_nesting": 0,
-                "stamped_headers": None,
-                "stamps": {},
-            },
-            "properties": {
-                "correlation_id": message_id,
-                "delivery_mode": 2,
-                "delivery_info": {"exchange": "", "routing_key": keys.TASK_QUEUE},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
-            },
-        }
+    body = orjson.dumps([[task_id], kwargs, {}])
+    return _MESSAGE.format(
+        body=base64.b64encode(body).decode(),
+        task=keys.RUN_TASK,
+        id=message_id,
+        queue=keys.TASK_QUEUE,
+        tag=uuid.uuid4(),
     )
 
 

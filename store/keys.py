@@ -14,7 +14,10 @@ Layout (``{p}`` is the configurable prefix, ``af`` by default; ``{s}`` a shard, 
 SHARDS - 1, in braces: the hash tag)::
 
     {p}:{s}:task:{id}          hash    the task record (see records.TaskRecord)
-    {p}:{s}:events:{id}        stream  the task's events; entry field "e" = Event JSON
+    {p}:{s}:events:{id}        stream  the task's events; entry field "e" = Event JSON; it
+                                       starts when the task does, with its task.queued
+                                       event (id 0-1), kept until then in the record's
+                                       "queued_event" field (store.intake.MATERIALIZE)
     {p}:{s}:lease:{id}         string  "{worker_id}/{attempt}" with a TTL: who runs it now
     {p}:{s}:running            zset    task id -> lease expiry (unix ms); the sweeper's index
     {p}:{s}:queued             zset    task id -> when its latest message was pushed (unix
@@ -47,6 +50,11 @@ SHARDS - 1, in braces: the hash tag)::
                                        for a batch with a webhook: the workers' outbox loop
                                        sums the batch's shards and, once all finished,
                                        schedules its batch.finished (webhooks.BATCH_DUE)
+    {p}:intake:{id}:messages   list    a submission's broker messages, staged until it
+                                       commits (then moved to the queue); with a TTL (one
+                                       per shard on a cluster: {p}:{s}:intake:{id}:messages)
+    {p}:intake:{id}:ids        list    a single-task submission's ids, staged likewise (a
+                                       batch stages its ids in {p}:{s}:batch:{id}:tasks)
     {p}:apikey:{sha256}        hash    tenant, name, created_at (the key itself is never stored)
     {p}:apikeys                zset    sha256 -> created_at: every key, for `keys list`
     {p}:{s}:stats:finished     hash    terminal status -> count, of shard s's tasks (FINISH
@@ -92,10 +100,12 @@ RUN_TASK = "actfleet.run_task"
 
 EVENT_FIELD = "e"
 STREAM_MAXLEN = 10_000  # entries kept per task stream (approximate trim)
-STREAM_TTL_S = 7 * 24 * 3600  # a stream lives this long after its terminal event
-RECORD_TTL_S = 30 * 24 * 3600  # task and batch records after they finish
+STREAM_TTL_S = 7 * 24 * 3600  # default: a stream lives this long after its terminal event
+RECORD_TTL_S = 30 * 24 * 3600  # default: task records after they finish (batches: twice)
 LEASE_TTL_S = 30.0  # a lease not renewed for this long is expired
-HEARTBEAT_INTERVAL_S = 5.0  # how often a worker renews its leases and its own heartbeat
+# How often a worker renews its leases and its heartbeat key: several renewals fit in
+# LEASE_TTL_S and WORKER_TTL_S, so one slow Redis call does not lose a lease.
+HEARTBEAT_INTERVAL_S = 2.0
 WORKER_TTL_S = 30.0
 WEBHOOK_FIRST_DELAY_S = 0.0  # a finished task's webhook is due at once
 WEBHOOK_LEASE_S = 60.0  # a claimed attempt not settled by then is claimed again (> timeouts)
@@ -105,6 +115,23 @@ GATE_TICK_S = 1.0  # how often a worker syncs its permits when nothing presses
 GATE_FAST_TICK_S = 0.2  # ... and while its requests wait for permits it is owed or needs
 GATE_STATE_TTL_S = 24 * 3600  # a gate nobody synced for this long is forgotten (limit = cap)
 SHARDS = 16  # fixed: a task's shard is a hash of its id, so changing it moves every key
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long finished things are kept (``ACTFLEET_RECORD_RETENTION_S`` and
+    ``ACTFLEET_STREAM_RETENTION_S``): a finished task's record (result, trajectory) and its
+    event stream; a batch's keys outlive its task records."""
+
+    record_s: int = RECORD_TTL_S
+    stream_s: int = STREAM_TTL_S
+
+    @property
+    def batch_s(self) -> int:
+        return 2 * self.record_s
+
+
+DEFAULT_RETENTION = Retention()
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +191,12 @@ class Keys:
 
     def batches_done(self, shard: int) -> str:
         return f"{self._at(shard)}:batches:done"
+
+    def intake_messages(self, intake_id: str) -> str:
+        return f"{self.prefix}:intake:{intake_id}:messages"
+
+    def intake_ids(self, intake_id: str) -> str:
+        return f"{self.prefix}:intake:{intake_id}:ids"
 
     def apikey(self, key_hash: str) -> str:
         return f"{self.prefix}:apikey:{key_hash}"

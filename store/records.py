@@ -17,7 +17,7 @@ from typing import Any
 
 from agent.errors import ActfleetError
 from agent.models import Result, Status, TaskSpec
-from agent.text import replace_unencodable
+from agent.text import replace_unencodable, text_of
 
 
 class RecordError(ActfleetError):
@@ -53,16 +53,20 @@ class TaskRecord:
         return self.attempt - self.handbacks
 
     def to_hash(self) -> dict[str, str]:
-        """All fields as strings, for HSET. Absent optionals are omitted."""
+        """All fields as strings, for HSET. Absent optionals and fields at their defaults
+        (attempt 0, no cancel requested; the spec's own defaults) are omitted: every
+        reader, Lua included, takes a missing one as its default."""
         h = {
             "id": self.id,
             "tenant": self.tenant,
-            "spec": json.dumps(self.spec.to_dict(), separators=(",", ":")),
+            "spec": json.dumps(self.spec.to_stored(), separators=(",", ":")),
             "status": self.status.value,
-            "attempt": str(self.attempt),
             "created_at": repr(self.created_at),
-            "cancel_requested": "1" if self.cancel_requested else "0",
         }
+        if self.attempt:
+            h["attempt"] = str(self.attempt)
+        if self.cancel_requested:
+            h["cancel_requested"] = "1"
         if self.batch_id:
             h["batch_id"] = self.batch_id
         if self.spec.custom_id:
@@ -81,7 +85,7 @@ class TaskRecord:
 
     @classmethod
     def from_hash(cls, h: Mapping[Any, Any]) -> TaskRecord:
-        d = {_s(k): _s(v) for k, v in h.items()}
+        d = {text_of(k): text_of(v) for k, v in h.items()}
         try:
             return cls(
                 id=d["id"],
@@ -121,10 +125,6 @@ class TaskRecord:
         if self.result is not None:
             out["result"] = self.result.to_dict()
         return out
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def _float(v: str | None) -> float | None:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 
-from agent.events import Event
+from agent.events import Event, EventType
 from agent.models import Result
-from store.keys import RECORD_TTL_S, STREAM_MAXLEN, STREAM_TTL_S, WEBHOOK_FIRST_DELAY_S, Keys
+from store.keys import DEFAULT_RETENTION, STREAM_MAXLEN, WEBHOOK_FIRST_DELAY_S, Keys, Retention
 
 # FINISH: move a task to a terminal status exactly once.
 # KEYS (all in the task's shard): 1 task hash, 2 lease, 3 running zset, 4 events stream,
@@ -107,6 +107,7 @@ def finish_call(
     finished_at: float,
     stream_maxlen: int = STREAM_MAXLEN,
     last_step: tuple[Event, int] | None = None,
+    retention: Retention = DEFAULT_RETENTION,
 ) -> tuple[list[str], list[str | int | float]]:
     """The KEYS and ARGV of ``FINISH`` for one task; ``last_step`` (event, seq) is
     appended before the terminal event when STEP has not written it."""
@@ -129,8 +130,8 @@ def finish_call(
         repr(finished_at),
         event.to_json(),
         stream_maxlen,
-        STREAM_TTL_S,
-        RECORD_TTL_S,
+        retention.stream_s,
+        retention.record_s,
         task_id,
         WEBHOOK_FIRST_DELAY_S,
         last_step[0].to_json() if last_step else "",
@@ -144,7 +145,7 @@ def finish_call(
     return names, args
 
 
-# --- worker-side transitions (store.worker_store) ---------------------------------------------
+# --- worker-side transitions (store.worker_store) -------------------------------------
 # A task's hash also holds, once a worker has run it: "checkpoint" (the loop's state after
 # its last appended step), "seq" (how many events this task's workers appended; an append
 # carries the seq it expects to write, so a retried call never adds an entry twice) and
@@ -164,7 +165,11 @@ def finish_call(
 #       7 batch counts hash (only when ARGV[9] names a batch)
 # ARGV: 1 worker id, 2 now (unix s), 3 lease ttl ms, 4 lease expiry (unix ms), 5 task id,
 #       6 max attempts (0: append no event), 7 stream maxlen, 8 message push time (unix ms),
-#       9 the batch id the message names ("" = none)
+#       9 the batch id the message names ("" = none), 10-13 the task.started event's
+#       JSON, written by Event.to_json and cut where the turn and the attempt go (only the
+#       script knows them): 10 before the turn, 11 between the turn and the attempt, 12
+#       after the attempt for a fresh start, 13 after it for a resumed one (see
+#       started_parts)
 # Returns: {attempt, checkpoint or "", seq (after the started event), started_at, the record
 #          after the claim (HGETALL)} on success; {0, reason} when the delivery must be
 #          dropped (reason: "missing", "terminal", "duplicate"); {-1, batch id} when
@@ -204,17 +209,38 @@ local cp = redis.call('HGET', KEYS[1], 'checkpoint') or ''
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local handbacks = tonumber(redis.call('HGET', KEYS[1], 'handbacks') or '0')
 if attempt - handbacks <= tonumber(ARGV[6]) then
-  local turn, resumed = 0, 'false'
-  if cp ~= '' then turn, resumed = cjson.decode(cp)['turn'] or 0, 'true' end
-  local event = '{"type":"task.started","turn":' .. string.format('%d', turn)
-    .. ',"attempt":' .. attempt .. ',"ts":' .. ARGV[2] .. ',"data":{"worker":'
-    .. cjson.encode(ARGV[1]) .. ',"resumed":' .. resumed .. '}}'
+  local turn, rest = 0, ARGV[12]
+  if cp ~= '' then turn, rest = cjson.decode(cp)['turn'] or 0, ARGV[13] end
+  local event = ARGV[10] .. string.format('%d', turn) .. ARGV[11] .. attempt .. rest
   seq = seq + 1
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'e', event)
   redis.call('HSET', KEYS[1], 'seq', seq)
 end
 return {attempt, cp, seq, started, redis.call('HGETALL', KEYS[1])}
 """
+
+_TURN_HOLE, _ATTEMPT_HOLE = -(2**52) + 17, -(2**52) + 29  # numbers no real event holds
+
+
+def started_parts(worker_id: str, now: float) -> list[str]:
+    """ARGV 9-12 of ``CLAIM``: ``task.started`` as ``Event.to_json`` encodes it, cut around
+    its turn and attempt, with the tails of a fresh and of a resumed start."""
+    cut = []
+    for resumed in (False, True):
+        event = Event(
+            EventType.STARTED,
+            _TURN_HOLE,
+            _ATTEMPT_HOLE,
+            now,
+            {"worker": worker_id, "resumed": resumed},
+        )
+        # the first occurrences: "type" and its fixed value come before them, data after
+        head, _, rest = event.to_json().partition(str(_TURN_HOLE))
+        mid, _, tail = rest.partition(str(_ATTEMPT_HOLE))
+        cut.append((head, mid, tail))
+    (head, mid, fresh), (_, _, resumed_tail) = cut
+    return [head, mid, fresh, resumed_tail]
+
 
 # RENEW: extend a lease held by ARGV[1]; run pipelined for all of a worker's tasks.
 # A lease that vanished (Redis restarted and lost the last second of writes, or paused
@@ -263,13 +289,13 @@ if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'checkpoint', ARGV[4]) end
 return id
 """
 
-# RELEASE: give a task back without finishing it (an infrastructure fault to retry after a
+# RELEASE_FOR_RETRY: give a task back without finishing it (an infrastructure fault to retry after a
 # backoff, or a worker shutting down). The task stays in the running index with expiry
 # ARGV[2], so if the retry message is lost with its worker the sweeper re-enqueues it.
 # KEYS: 1 task hash, 2 lease, 3 running zset, 4 batch counts hash (optional)
 # ARGV: 1 owner, 2 reclaim-after (unix ms), 3 task id
 # Returns: 1 released; 0 fenced out.
-RELEASE = """
+RELEASE_FOR_RETRY = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 if KEYS[4] and redis.call('HGET', KEYS[1], 'status') == 'running' then
   redis.call('HINCRBY', KEYS[4], 'running', -1)

@@ -20,6 +20,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from agent.text import text_of
 from store.keys import Keys
 
 SECRET_PREFIX = "whsec_"
@@ -73,15 +74,11 @@ def signing_secrets(client: redis.Redis, keys: Keys, tenant: str, now: float) ->
     cur, prev, until = client.hmget(
         keys.webhook_secrets(tenant), ["current", "previous", "previous_until"]
     )
-    out = [_s(cur)] if cur else []
-    if prev and until and float(_s(until)) > now:
-        out.append(_s(prev))
+    out = [text_of(cur)] if cur else []
+    if prev and until and float(text_of(until)) > now:
+        out.append(text_of(prev))
     return out
 
 
 async def has_secret(client: aioredis.Redis, keys: Keys, tenant: str) -> bool:
     return bool(await client.hexists(keys.webhook_secrets(tenant), "current"))
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

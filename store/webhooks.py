@@ -33,14 +33,17 @@ import redis
 import redis.asyncio as aioredis
 
 from agent.models import TERMINAL_STATUSES
+from agent.text import text_of
 from store.batches import sum_counters
 from store.keys import (
-    RECORD_TTL_S,
+    DEFAULT_RETENTION,
     WEBHOOK_ATTEMPTS_KEPT,
     WEBHOOK_FIRST_DELAY_S,
     WEBHOOK_LEASE_S,
     Keys,
+    Retention,
 )
+from store.patience import patiently
 
 T = TypeVar("T")
 
@@ -167,9 +170,11 @@ class WebhookOutbox:
         lease_s: float = WEBHOOK_LEASE_S,
         patience_s: float = 30.0,
         clock: Callable[[], float] = time.time,
+        retention: Retention = DEFAULT_RETENTION,
     ) -> None:
         self.r = client
         self.keys = keys
+        self.retention = retention
         self.lease_s = lease_s
         self.patience_s = patience_s
         self.clock = clock
@@ -185,7 +190,7 @@ class WebhookOutbox:
         pipe = self.r.pipeline(transaction=False)
         for shard in self.keys.shard_ids:
             pipe.zrangebyscore(self.keys.webhook_outbox(shard), "-inf", now, 0, limit, True)
-        entries = sorted((float(t), _s(i)) for found in pipe.execute() for i, t in found)
+        entries = sorted((float(t), text_of(i)) for found in pipe.execute() for i, t in found)
         return [i for _, i in entries[:limit]]
 
     def schedule_batches(self) -> int:
@@ -195,7 +200,7 @@ class WebhookOutbox:
         for shard in k.shard_ids:
             pipe.zrange(k.batches_done(shard), 0, -1)
         noted = [
-            (shard, _s(b))
+            (shard, text_of(b))
             for shard, ids in zip(k.shard_ids, pipe.execute(), strict=True)
             for b in ids
         ]
@@ -240,14 +245,14 @@ class WebhookOutbox:
         if int(out[0]) == 0:
             return None
         flat = out[2]
-        h = {_s(a): _s(b) for a, b in zip(flat[::2], flat[1::2], strict=True)}
+        h = {text_of(a): text_of(b) for a, b in zip(flat[::2], flat[1::2], strict=True)}
         return DeliveryLease(
             subject_id=subject_id,
             event=h["event"],
             url=h["url"],
             tenant=h["tenant"],
             attempt=int(out[0]),
-            token=_s(out[1]),
+            token=text_of(out[1]),
             created_at=float(h["created_at"]),
             deadline=float(h["deadline"]),
         )
@@ -284,7 +289,7 @@ class WebhookOutbox:
                     json.dumps(dict(attempt), separators=(",", ":")),
                     state,
                     repr(next_at or 0.0),
-                    RECORD_TTL_S,
+                    self.retention.record_s,
                     repr(self.clock()),
                     WEBHOOK_ATTEMPTS_KEPT,
                     endpoint,
@@ -298,7 +303,7 @@ class WebhookOutbox:
         pipe = self.r.pipeline(transaction=False)
         for shard in self.keys.shard_ids:
             pipe.hget(self.keys.webhooks_disabled(tenant, shard), url)
-        found = [float(_s(v)) for v in pipe.execute() if v]
+        found = [float(text_of(v)) for v in pipe.execute() if v]
         return min(found) if found else None
 
     def batch(self, batch_id: str) -> tuple[dict[str, str], dict[str, int]]:
@@ -318,19 +323,10 @@ class WebhookOutbox:
         for shard in k.shard_ids:
             pipe.hgetall(k.batch_counts(batch_id, shard))
         h, *raw = pipe.execute()
-        return {_s(a): _s(b) for a, b in h.items()}, sum_counters(raw)
+        return {text_of(a): text_of(b) for a, b in h.items()}, sum_counters(raw)
 
     def _patient(self, op: Callable[[], T]) -> T:
-        deadline = time.monotonic() + self.patience_s
-        delay = 0.2
-        while True:
-            try:
-                return op()
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 3.0)
+        return patiently(op, self.patience_s)
 
 
 async def delivery_view(client: aioredis.Redis, keys: Keys, subject_id: str) -> dict[str, Any]:
@@ -342,13 +338,13 @@ async def delivery_view(client: aioredis.Redis, keys: Keys, subject_id: str) -> 
     pipe.lrange(keys.webhook_attempts(subject_id), 0, -1)
     pipe.zscore(keys.webhook_outbox(keys.shard(subject_id)), subject_id)
     h, attempts, due = await pipe.execute()
-    d = {_s(a): _s(b) for a, b in (h or {}).items()}
+    d = {text_of(a): text_of(b) for a, b in (h or {}).items()}
     state = d.get("state") or ("scheduled" if due is not None else "waiting")
     return {
         "id": f"msg_{subject_id}",
         "event": event_of(subject_id),
         "state": state,
-        "attempts": [json.loads(_s(a)) for a in attempts],
+        "attempts": [json.loads(text_of(a)) for a in attempts],
         "next_attempt_at": float(d["next_at"])
         if "next_at" in d
         else (float(due) if due is not None and "state" not in d else None),
@@ -371,7 +367,7 @@ async def disabled_endpoints(
     for values in await pipe.execute():
         for u, v in zip(urls, values, strict=True):
             if v:
-                out[u] = min(out.get(u, float("inf")), float(_s(v)))
+                out[u] = min(out.get(u, float("inf")), float(text_of(v)))
     return out
 
 
@@ -381,7 +377,3 @@ def enable_endpoint(client: redis.Redis, keys: Keys, tenant: str, url: str) -> b
     for shard in keys.shard_ids:
         pipe.hdel(keys.webhooks_disabled(tenant, shard), url)
     return any(pipe.execute())
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

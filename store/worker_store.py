@@ -8,6 +8,11 @@ writes are dropped and the caller learns it from the return value.
 Redis outages: every call retries connection errors for ``patience_s`` (long enough for a
 Redis restart) before raising ``redis.ConnectionError``. Scripts that are not naturally
 idempotent are made so (``STEP`` carries a sequence number), or are harmless to repeat.
+A Redis out of memory (``maxmemory``, ``noeviction``) is waited out the same way: it
+refuses a script at its first write, so nothing was written, and the step is written once
+room comes back (retention expiring old records, the API refusing new work) instead of
+being lost; past the patience it is a fault like an outage (the lease lapses and the task
+is retried from its checkpoint).
 """
 
 from __future__ import annotations
@@ -22,15 +27,31 @@ from typing import Any, TypeVar
 import redis
 
 from agent.events import Event
-from agent.models import Result, TaskSpec
+from agent.models import Result
+from agent.text import text_of
 from store import scripts
 from store.clients import is_cluster, load_scripts
-from store.keys import LEASE_TTL_S, STREAM_MAXLEN, Keys
+from store.intake import MATERIALIZE
+from store.keys import DEFAULT_RETENTION, LEASE_TTL_S, STREAM_MAXLEN, Keys, Retention
+from store.patience import patiently
 from store.records import TaskRecord
 
 T = TypeVar("T")
 
-_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
+
+
+# FORGET_CHECKPOINT: drop a finished task's checkpoint, sent with its FINISH: nothing
+# resumes a finished task, and the checkpoint repeats the trajectory its result holds
+# (about half of a finished record). KEYS: 1 task hash. Returns 1 if it dropped one.
+FORGET_CHECKPOINT = """
+local st = redis.call('HGET', KEYS[1], 'status')
+if not st or st == 'queued' or st == 'running' then return 0 end
+return redis.call('HDEL', KEYS[1], 'checkpoint')
+"""
+
+
+_PIPELINED = (scripts.RENEW, MATERIALIZE, scripts.CLAIM, scripts.FINISH, FORGET_CHECKPOINT)
 
 
 class Appended(Enum):
@@ -97,9 +118,11 @@ class WorkerStore:
         patience_s: float = 120.0,
         clock: Callable[[], float] = time.time,
         broker: redis.Redis | None = None,
+        retention: Retention = DEFAULT_RETENTION,
     ) -> None:
         self.r = client
         self.broker = broker or client  # where the task queue's lists are
+        self.retention = retention
         self.keys = keys
         self.lease_ttl_s = lease_ttl_s
         self.stream_maxlen = stream_maxlen
@@ -108,27 +131,34 @@ class WorkerStore:
         self._claim = client.register_script(scripts.CLAIM)
         self._renew = client.register_script(scripts.RENEW)
         self._step = client.register_script(scripts.STEP)
-        self._release = client.register_script(scripts.RELEASE)
+        self._release_for_retry = client.register_script(scripts.RELEASE_FOR_RETRY)
         self._sweep = client.register_script(scripts.SWEEP)
         self._finish = client.register_script(scripts.FINISH)
         self._requeue_lost = client.register_script(scripts.REQUEUE_LOST)
         self._handback = client.register_script(scripts.HANDBACK)
-        self._loaded = not is_cluster(client)  # RENEW, pipelined, is on every master
+        self._materialize = client.register_script(MATERIALIZE)
+        self._forget_checkpoint = client.register_script(FORGET_CHECKPOINT)
+        # Scripts sent in a pipeline (RENEW, the claim's MATERIALIZE + CLAIM) must be
+        # loaded already on a cluster: they are loaded on every master before first use.
+        self._loaded = not is_cluster(client)
 
     # -- helpers -------------------------------------------------------------------------
 
+    def _pipelined(self, op: Callable[[], T]) -> T:
+        """``_patient(op)`` for an ``op`` that sends scripts in a pipeline: on a cluster
+        they are loaded on every master first (and again after a master forgot them)."""
+        if not self._loaded:
+            self._patient(lambda: load_scripts(self.r, _PIPELINED))
+            self._loaded = True
+        try:
+            return self._patient(op)
+        except redis.exceptions.NoScriptError:
+            self._loaded = False  # a master restarted: load them again on the next call
+            raise
+
     def _patient(self, op: Callable[[], T]) -> T:
         """Run ``op``, retrying while Redis is unreachable, for up to ``patience_s``."""
-        deadline = time.monotonic() + self.patience_s
-        delay = 0.2
-        while True:
-            try:
-                return op()
-            except _REDIS_DOWN:
-                if time.monotonic() + delay > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 3.0)
+        return patiently(op, self.patience_s)
 
     def _lease_ms(self) -> int:
         return int(self.lease_ttl_s * 1000)
@@ -144,7 +174,7 @@ class WorkerStore:
 
     def lease_owner(self, task_id: str) -> str | None:
         v = self._patient(lambda: self.r.get(self.keys.lease(task_id)))
-        return v.decode() if isinstance(v, bytes) else v
+        return None if v is None else text_of(v)
 
     def cancel_requested(self, task_id: str) -> bool:
         v = self._patient(lambda: self.r.hget(self.keys.task(task_id), "cancel_requested"))
@@ -171,6 +201,7 @@ class WorkerStore:
         k = self.keys
         now = self.clock()
         shard = k.shard(task_id)
+        started = scripts.started_parts(worker_id, now)
 
         def op(batch: str) -> Any:
             names = [
@@ -183,7 +214,11 @@ class WorkerStore:
             ]
             if batch:
                 names.append(k.batch_counts(batch, shard))
-            return self._claim(
+            # The stream starts with the task's task.queued event (store.intake), in the
+            # same round trip; it is idempotent, so a retry after a lost reply is harmless.
+            pipe = self.r.pipeline(transaction=False)
+            self._materialize(keys=[k.task(task_id), k.events(task_id)], client=pipe)
+            self._claim(
                 keys=names,
                 args=[
                     worker_id,
@@ -195,18 +230,21 @@ class WorkerStore:
                     self.stream_maxlen,
                     int(enqueued_ms or 0),
                     batch,
+                    *started,
                 ],
+                client=pipe,
             )
+            return pipe.execute()[1]
 
-        out = self._patient(lambda: op(batch_id or ""))
+        out = self._pipelined(lambda: op(batch_id or ""))
         if int(out[0]) == -1:  # the record's batch is not the message's: claim with it
-            record_batch = _s(out[1])
-            out = self._patient(lambda: op(record_batch))
+            record_batch = text_of(out[1])
+            out = self._pipelined(lambda: op(record_batch))
         if int(out[0]) == 0:
-            return Dropped(_s(out[1]))
+            return Dropped(text_of(out[1]))
         attempt = int(out[0])
         fields = out[4]  # the record as the claim left it, flat: [field, value, ...]
-        cp = _s(out[1])
+        cp = text_of(out[1])
         return Claim(
             record=TaskRecord.from_hash(dict(zip(fields[::2], fields[1::2], strict=True))),
             owner=f"{worker_id}/{attempt}",
@@ -234,17 +272,12 @@ class WorkerStore:
                 )
             return pipe.execute()
 
-        if not self._loaded:  # a script sent in a pipeline must be loaded already
-            self._patient(lambda: load_scripts(self.r, [scripts.RENEW]))
-            self._loaded = True
-        try:
-            replies = self._patient(op)
-        except redis.exceptions.NoScriptError:
-            self._loaded = False  # a master restarted: load it again on the next call
-            raise
+        replies = self._pipelined(op)
         return {
             task_id: LeaseState(
-                held=int(rep[0]) == 1, cancel_requested=_s(rep[1]) == "1", ended=int(rep[0]) == 2
+                held=int(rep[0]) == 1,
+                cancel_requested=text_of(rep[1]) == "1",
+                ended=int(rep[0]) == 2,
             )
             for (task_id, _, _), rep in zip(items, replies, strict=True)
         }
@@ -281,7 +314,9 @@ class WorkerStore:
         names = [k.task(task_id), k.lease(task_id), k.running(shard)]
         if batch_id:
             names.append(k.batch_counts(batch_id, shard))
-        out = self._patient(lambda: self._release(keys=names, args=[owner, at_ms, task_id]))
+        out = self._patient(
+            lambda: self._release_for_retry(keys=names, args=[owner, at_ms, task_id])
+        )
         return int(out) == 1
 
     def hand_back(self, task_id: str, owner: str, batch_id: str | None = None) -> int | None:
@@ -331,10 +366,18 @@ class WorkerStore:
             finished_at=self.clock(),
             stream_maxlen=self.stream_maxlen,
             last_step=last_step,
+            retention=self.retention,
         )
-        out = self._patient(lambda: self._finish(keys=keys_, args=args))
+
+        def op() -> Any:
+            pipe = self.r.pipeline(transaction=False)
+            self._finish(keys=keys_, args=args, client=pipe)
+            self._forget_checkpoint(keys=[self.keys.task(record.id)], client=pipe)
+            return pipe.execute()[0]
+
+        out = self._pipelined(op)
         if isinstance(out, bytes | str):
-            return _s(out)
+            return text_of(out)
         if out == -3:
             raise EventsBehind(record.id)
         return None
@@ -353,9 +396,9 @@ class WorkerStore:
         ids = self._each_shard(lambda s: (k.running(s), expired_ms), limit)
         requeue: list[str] = []
         exhausted: list[tuple[str, str]] = []
-        batches = self._batch_ids([_s(i) for i in ids])  # a task's batch never changes
+        batches = self._batch_ids([text_of(i) for i in ids])  # a task's batch never changes
         for raw in ids:
-            task_id = _s(raw)
+            task_id = text_of(raw)
 
             def op(t: str = task_id) -> Any:
                 shard = k.shard(t)
@@ -367,7 +410,7 @@ class WorkerStore:
                     args=[expired_ms, max_attempts, t, sweeper_id, self._lease_ms(), now_ms],
                 )
 
-            out = _s(self._patient(op))
+            out = text_of(self._patient(op))
             if out == "requeue":
                 requeue.append(task_id)
             elif out == "exhausted":
@@ -400,7 +443,9 @@ class WorkerStore:
                 pipe.hget(self.keys.task(t), "batch_id")
             return pipe.execute()
 
-        return {t: _s(b) if b else "" for t, b in zip(task_ids, self._patient(op), strict=True)}
+        return {
+            t: text_of(b) if b else "" for t, b in zip(task_ids, self._patient(op), strict=True)
+        }
 
     def requeue_lost(
         self, grace_s: float, queues: Iterable[str], queue_was_empty: bool, limit: int = 100
@@ -441,14 +486,14 @@ class WorkerStore:
         ids = self._each_shard(lambda s: (k.queued(s), cutoff), limit)
         requeue = []
         for raw in ids:
-            task_id = _s(raw)
+            task_id = text_of(raw)
 
             def op(t: str = task_id) -> Any:
                 return self._requeue_lost(
                     keys=[k.task(t), k.lease(t), k.queued(k.shard(t))], args=[t, cutoff, now_ms]
                 )
 
-            if _s(self._patient(op)) == "requeue":
+            if text_of(self._patient(op)) == "requeue":
                 requeue.append(task_id)
         return LostMessages(tuple(requeue), now_ms, empty)
 
@@ -458,34 +503,5 @@ class WorkerStore:
         out = []
         for _, fields in entries or ():
             raw = fields.get(b"e", fields.get("e"))
-            out.append(Event.from_dict(json.loads(_s(raw))))
+            out.append(Event.from_dict(json.loads(text_of(raw))))
         return out
-
-    # -- used by tests and tools: create a record as the API would -----------------------
-
-    def create(self, record: TaskRecord) -> None:
-        """Store a new queued record (the API's job in production)."""
-        k = self.keys
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hset(k.task(record.id), mapping=dict(record.to_hash()))  # type: ignore[arg-type]
-        pipe.zadd(k.tenant_tasks(record.tenant), {record.id: record.created_at})
-        pipe.zadd(k.queued(k.shard(record.id)), {record.id: int(record.created_at * 1000)})
-        pipe.incr(k.tenant_active(record.tenant))
-        pipe.execute()
-        if record.batch_id:
-            counts = k.batch_counts(record.batch_id, k.shard(record.id))
-            pipe = self.r.pipeline(transaction=False)
-            pipe.rpush(k.batch_tasks(record.batch_id), record.id)
-            pipe.hincrby(counts, record.status.value, 1)
-            pipe.hincrby(counts, "total", 1)
-            pipe.execute()
-
-
-def new_record(spec: TaskSpec, tenant: str = "t_test", **kw: Any) -> TaskRecord:
-    from store.records import new_task_id
-
-    return TaskRecord(id=kw.pop("id", None) or new_task_id(), tenant=tenant, spec=spec, **kw)
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

@@ -13,9 +13,26 @@ from pathlib import Path
 
 import pytest
 
-from actfleet.stack import RedisServer, free_port
+from actfleet import stack
+from actfleet.stack import free_port
 
 __all__ = ["RedisServer", "free_port"]
+
+
+class RedisServer(stack.RedisServer):
+    """``actfleet up``'s private redis-server, plus the crash the tests model: ``kill()``
+    (SIGKILL, no shutdown save) and ``restart()`` on the same port and AOF."""
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown save; only what the AOF already holds survives."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
 
 NETGUARD_DIR = Path(__file__).with_name("netguard")
 

@@ -19,6 +19,10 @@ until ``max_attempts``; then the task ends ``error``. A lost lease or a cancel r
 closes the sandbox and stops the loop at its next check. So does a hand-back (the worker
 is stopping, see ``WorkerRuntime.drain``): the task went back to the queue at its
 checkpoint, and this attempt ends without writing anything more.
+
+The store is a port (``AttemptStore``: ``store.worker_store.WorkerStore`` in production, an
+in-memory fake in the unit tests), and so are the leases' keeper (``Leases``: the
+``Heartbeat``) and the sandboxes (``SandboxProvider``).
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import structlog
 
+from agent.backoff import Backoff, Jitter
 from agent.errors import InfrastructureError
 from agent.events import Event, EventType, bound
 from agent.llm import LLM
@@ -41,9 +47,9 @@ from config.settings import Settings
 from engines.re2engine import RE2Engine
 from store.keys import LEASE_TTL_S
 from store.records import TaskRecord
-from store.worker_store import Appended, Claim, Dropped, EventsBehind, WorkerStore
+from store.worker_store import Appended, Claim, Dropped, EventsBehind
 from workers import metrics
-from workers.leases import Heartbeat, Lease
+from workers.leases import Lease
 
 log = structlog.get_logger(__name__)
 _RE2 = RE2Engine()
@@ -68,9 +74,48 @@ class Regressed(Exception):
     """Redis lost this attempt's latest writes (a crash within its fsync window)."""
 
 
-def retry_backoff_s(attempt: int, base_s: float, max_s: float) -> float:
-    """Delay before the attempt after ``attempt``: base, 2*base, 4*base, ... capped."""
-    return float(min(max_s, base_s * 2 ** max(attempt - 1, 0)))
+class AttemptStore(Protocol):
+    """The store calls an attempt makes, each one round trip (``store.worker_store.WorkerStore``;
+    their contracts are its methods'). Per turn an attempt makes one: ``append``."""
+
+    def claim(
+        self,
+        task_id: str,
+        worker_id: str,
+        max_attempts: int = 0,
+        enqueued_ms: int | None = None,
+        batch_id: str | None = None,
+    ) -> Claim | Dropped: ...
+
+    def append(
+        self, task_id: str, owner: str, event: Event, seq: int, checkpoint: str | None = None
+    ) -> Appended: ...
+
+    def release(
+        self, task_id: str, owner: str, reclaim_after_s: float, batch_id: str | None = None
+    ) -> bool: ...
+
+    def finish(
+        self,
+        record: TaskRecord,
+        owner: str,
+        result: Result,
+        event: Event,
+        last_step: tuple[Event, int] | None = None,
+    ) -> str | None: ...
+
+    def get(self, task_id: str) -> TaskRecord | None: ...
+
+    def lease_owner(self, task_id: str) -> str | None: ...
+
+
+class Leases(Protocol):
+    """Who keeps this process's leases alive while their attempts run (``Heartbeat``): it
+    stops a lease (``Lease.stop``) that was lost or whose task was cancelled."""
+
+    def add(self, lease: Lease) -> None: ...
+
+    def remove(self, lease: Lease) -> None: ...
 
 
 class Attempts:
@@ -79,10 +124,10 @@ class Attempts:
     def __init__(
         self,
         settings: Settings,
-        store: WorkerStore,
+        store: AttemptStore,
         llm: LLM,
         provider: SandboxProvider,
-        heartbeat: Heartbeat,
+        heartbeat: Leases,
         sandbox_starter: Executor,
         *,
         worker_id: str,
@@ -98,6 +143,8 @@ class Attempts:
         self.worker_id = worker_id
         self.on_finished = on_finished
         self.sandbox_closer = sandbox_closer
+        # an infrastructure fault's retries: 2x the delay each time, up to the cap
+        self.backoff = Backoff(settings.retry_backoff_s, settings.retry_backoff_max_s, Jitter.NONE)
 
     def run(
         self, task_id: str, enqueued_ms: int | None = None, batch_id: str | None = None
@@ -221,8 +268,8 @@ class Attempts:
     def _start_sandbox(self, record: TaskRecord) -> Sandbox:
         started = time.monotonic()
         sandbox = self.provider.start(record.spec, record.id)
-        pool_hit = "true" if getattr(sandbox, "pool_hit", False) else "false"
-        metrics.SANDBOX_ACQUIRE.labels(self.settings.sandbox, pool_hit).observe(
+        pool_hit = "true" if sandbox.pool_hit else "false"
+        metrics.SANDBOX_ACQUIRE.labels(self.provider.backend, pool_hit).observe(
             time.monotonic() - started
         )
         return sandbox
@@ -240,7 +287,7 @@ class Attempts:
         if step.event.type is EventType.EXEC_RESULT:
             duration = step.event.data.get("duration_s")
             if isinstance(duration, int | float):
-                metrics.EXEC.labels(self.settings.sandbox).observe(duration)
+                metrics.EXEC.labels(self.provider.backend).observe(duration)
 
     # -- endings -------------------------------------------------------------------------
 
@@ -260,9 +307,7 @@ class Attempts:
         if not e.retryable or claim.record.attempts_used >= self.settings.max_attempts:
             log.error("task.infra_failed", failure=fc.value, error=repr(e))
             return self._finish(claim, self._error(claim, fc, str(e)))
-        delay = retry_backoff_s(
-            claim.attempt, self.settings.retry_backoff_s, self.settings.retry_backoff_max_s
-        )
+        delay = self.backoff.delay_s(claim.attempt)
         self._append(
             claim,
             seq,

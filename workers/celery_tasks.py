@@ -1,5 +1,5 @@
-"""The Celery tasks: thin. Each one hands its argument to the worker runtime and turns a
-``RetryAfter`` into a Celery retry; nothing else happens here.
+"""The Celery tasks: thin. Each one hands its arguments to the worker's attempt runner and
+turns a ``RetryAfter`` into a Celery retry; nothing else happens here.
 
 Retries of ``run_task`` are bounded by the task record's attempt counter (it also counts
 attempts whose worker died, which Celery's own counter cannot see), so Celery's
@@ -10,17 +10,20 @@ outbox in Redis (``store.webhooks``), sent by each worker's ``WebhookDeliverer``
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from celery import Celery, Task
 
 from store import keys
+from workers.attempts import Done, RetryAfter
 
-if TYPE_CHECKING:
-    from workers.worker import WorkerRuntime
+# (task id, enqueued_ms, batch id the message names) -> outcome
+Attempt = Callable[[str, int | None, str | None], Done | RetryAfter]
 
 
-def register_tasks(app: Celery, runtime: Callable[[], WorkerRuntime]) -> None:
+def register_tasks(app: Celery, attempt: Attempt) -> None:
+    """Register ``run_task`` on ``app``; each delivery runs
+    ``attempt(task_id, enqueued_ms, batch_id)``."""
+
     @app.task(
         name=keys.RUN_TASK,
         bind=True,
@@ -32,9 +35,7 @@ def register_tasks(app: Celery, runtime: Callable[[], WorkerRuntime]) -> None:
     def run_task(
         self: Task, task_id: str, enqueued_ms: int | None = None, batch_id: str | None = None
     ) -> str:
-        from workers.attempts import RetryAfter
-
-        outcome = runtime().attempts.run(task_id, enqueued_ms, batch_id)
+        outcome = attempt(task_id, enqueued_ms, batch_id)
         if isinstance(outcome, RetryAfter):
             raise self.retry(countdown=outcome.delay_s)
         return outcome.reason

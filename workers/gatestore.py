@@ -19,6 +19,7 @@ from typing import Protocol
 
 import redis
 
+from agent.text import text_of
 from store.keys import GATE_STATE_TTL_S, Keys
 from workers.gateplan import FleetState, GateConfig, Grant, Holder, Report
 
@@ -179,7 +180,7 @@ class RedisGateStore:
 
 def decode(raw: Mapping[bytes | str, bytes | str], cap: int) -> FleetState:
     """The state in a gate hash; an absent or unreadable limit reads as ``cap``."""
-    fields = {_text(k): _text(v) for k, v in raw.items()}
+    fields = {text_of(k): text_of(v) for k, v in raw.items()}
     holders: dict[str, Holder] = {}
     for name, value in fields.items():
         if not name.startswith(HOLDER_PREFIX):
@@ -198,7 +199,3 @@ def decode(raw: Mapping[bytes | str, bytes | str], cap: int) -> FleetState:
     except ValueError:
         epoch = 0
     return FleetState(limit, epoch, holders)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

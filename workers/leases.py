@@ -22,7 +22,7 @@ import structlog
 
 from agent.sandbox import Sandbox
 from store import keys
-from store.keys import WORKER_TTL_S
+from store.keys import HEARTBEAT_INTERVAL_S, WORKER_TTL_S
 from store.worker_store import WorkerStore
 from workers import metrics
 from workers.health import ConsumerWatch
@@ -64,7 +64,7 @@ class Heartbeat:
         self,
         store: WorkerStore,
         worker_id: str,
-        interval_s: float = 2.0,
+        interval_s: float = HEARTBEAT_INTERVAL_S,
         *,
         consumer: ConsumerWatch | None = None,
         held: Callable[[], int] = lambda: 0,

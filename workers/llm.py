@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import os
-import random
 import time
 import urllib.parse
 import urllib.request
@@ -31,6 +31,7 @@ from typing import Literal
 
 import openai
 
+from agent.backoff import Backoff, Jitter
 from agent.errors import LLMError, LLMRejected
 from agent.llm import LLMReply, LLMRequest
 from agent.text import replace_unencodable
@@ -43,25 +44,6 @@ OnResponse = Callable[[str, float, int, int], None]
 PLACEHOLDER_API_KEY = "sk-none"  # local servers ignore the key, but the SDK insists on one
 RETRYABLE_STATUSES = frozenset({408, 429})
 Transport = Literal["wire", "sdk"]
-
-
-def compute_backoff(
-    retry: int,
-    *,
-    base_s: float = 0.5,
-    max_s: float = 30.0,
-    retry_after_s: float | None = None,
-    rand: Callable[[], float] = random.random,
-) -> float:
-    """Seconds to wait before retry number ``retry`` (1 = the first retry).
-
-    Without ``retry_after_s``: full jitter, uniform in ``[0, min(max_s, base_s * 2**(retry-1))]``.
-    With it (the server's ``Retry-After``), exactly that, clamped to ``[0, max_s]``.
-    """
-    if retry_after_s is not None:
-        return min(max(retry_after_s, 0.0), max_s)
-    ceiling = min(max_s, base_s * 2.0 ** min(max(retry - 1, 0), 62))
-    return rand() * ceiling
 
 
 def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -142,8 +124,7 @@ class OpenAILLM:
         key = api_key or os.environ.get("OPENAI_API_KEY") or PLACEHOLDER_API_KEY
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.backoff_base_s = backoff_base_s
-        self.backoff_max_s = backoff_max_s
+        self.backoff = Backoff(backoff_base_s, backoff_max_s, Jitter.FULL)
         self.on_response = on_response
         self.gate = gate  # set before the first request, or never
         self._sleep = sleep
@@ -235,15 +216,13 @@ class OpenAILLM:
                     raise LLMError(
                         f"{request.model}: gave up after {retry} attempts; last: {reason}"
                     ) from failure
-            delay = compute_backoff(
-                waits if busy else retry,
-                base_s=self.backoff_base_s,
-                max_s=self.backoff_max_s,
-                retry_after_s=retry_after,
+            remaining = math.inf if deadline is None else deadline - time.monotonic()
+            delay = self.backoff.delay_within_s(
+                waits if busy else retry, remaining, retry_after_s=retry_after
             )
-            if deadline is not None and time.monotonic() + delay >= deadline:
+            if delay is None:
                 if busy:  # waiting out the budget makes the task time out, not fail
-                    self._sleep(max(deadline - time.monotonic(), 0.0))
+                    self._sleep(max(remaining, 0.0))
                     raise LLMError(
                         f"{request.model}: the request's time budget ran out while the "
                         f"server was busy; last: {reason}"

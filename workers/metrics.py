@@ -1,12 +1,11 @@
-"""Every Prometheus metric actfleet exports, defined once (names from DESIGN.md).
+"""Every Prometheus metric a worker exports, defined once; the names (``actfleet_*``, base
+units, low-cardinality labels) are public: dashboards and alerts in ``deploy/`` use them.
 
 Multiprocess-safe: when ``PROMETHEUS_MULTIPROC_DIR`` is set (``actfleet up`` sets it for
 the API and the workers it starts) every process writes its samples to files there and
 ``registry()`` aggregates them, so one ``/metrics`` shows the whole machine and counters
 survive a worker that was killed. The variable must be set before this module is first
 imported: prometheus-client picks its value store at import time.
-
-This module imports nothing of ours but ``store.keys``, so the API can use it too.
 """
 
 from __future__ import annotations
@@ -15,12 +14,10 @@ import os
 from collections.abc import Callable
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
     multiprocess,
 )
 
@@ -123,17 +120,6 @@ def registry() -> CollectorRegistry:
     from prometheus_client import REGISTRY
 
     return REGISTRY
-
-
-def render() -> tuple[bytes, str]:
-    """The ``/metrics`` body and its content type."""
-    return generate_latest(registry()), CONTENT_TYPE_LATEST
-
-
-def mark_process_dead(pid: int) -> None:
-    """Drop a dead process's live gauges (call from a supervisor when a child exits)."""
-    if multiprocess_dir():
-        multiprocess.mark_process_dead(pid)
 
 
 def queue_names(queue: str = keys.TASK_QUEUE) -> list[str]:

@@ -2,11 +2,10 @@
 
 Why not the openai SDK's own HTTP stack on the hot path: for each call the SDK builds its
 request (an options model, the URL parsed three times, headers merged) and sends it through
-httpx and httpcore. That is 1.3-1.9 ms of CPU per call on an idle thread and 3.6-4 ms in a
-worker whose fifty agent loops share one GIL, against about 0.3 ms for ``http.client``; in
-``actfleet bench fleet`` it was a third of a worker's CPU per task. The SDK still decides
-what is sent (``workers.llm`` takes the URL and every header from it); this only carries
-the bytes.
+httpx and httpcore, several times the CPU of ``http.client`` per call, spent under the GIL
+that a worker's agent loops share (docs/performance.md has the figures). The SDK still
+decides what is sent (``workers.llm`` takes the URL and every header from it); this only
+carries the bytes.
 
 Thread-safe: each call takes an idle connection (or opens one) and puts it back after a
 complete exchange. A connection the server has closed meanwhile is noticed before use

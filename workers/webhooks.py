@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
+from agent.backoff import Backoff, Jitter
 from store.records import TaskRecord
 from store.webhooks import BATCH_EVENT, TASK_EVENT
 
@@ -137,13 +138,12 @@ def retry_at(
     max_s: float,
     rand: Callable[[], float],
 ) -> float | None:
-    """When to try again after failed attempt number ``attempt`` (1-based): base, 2*base,
-    4*base, ... capped at ``max_s``, each scaled by a random factor in [0.5, 1) so that
+    """When to try again after failed attempt number ``attempt`` (1-based): the backoff's
+    ceiling (base, 2*base, 4*base, ... capped at ``max_s``) with equal jitter, so that
     deliveries that failed together do not return together; None once that is past
     ``deadline`` (give up)."""
-    delay = min(max_s, base_s * 2.0 ** (attempt - 1)) * (0.5 + 0.5 * rand())
-    at = now + delay
-    return at if at <= deadline else None
+    delay = Backoff(base_s, max_s, Jitter.EQUAL).delay_within_s(attempt, deadline - now, rand=rand)
+    return None if delay is None else now + delay
 
 
 def _envelope(event: str, now: float, data: dict[str, Any]) -> dict[str, Any]:

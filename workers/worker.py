@@ -37,21 +37,21 @@ from celery.worker import state as celery_state
 from config.heap import freeze_startup_heap
 from config.settings import Settings
 from store import keys
+from store.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
 from store.clients import sync_client
-from store.keys import GATE_LEASE_TTL_S, HEARTBEAT_INTERVAL_S, Keys
+from store.keys import GATE_LEASE_TTL_S, Keys, Retention
 from store.webhooks import WebhookOutbox
 from store.worker_store import WorkerStore
 from workers import metrics
 from workers.attempts import Attempts
-from workers.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
+from workers.celery_tasks import register_tasks
 from workers.gateplan import GateConfig
 from workers.gatestore import RedisGateStore, server_id, server_label
 from workers.health import ConsumerWatch, HealthServer
 from workers.leases import Heartbeat
 from workers.lull import LullExecutor
 from workers.modelgate import ModelGate
-from workers.sandbox import bwrap_dirs, make_provider
-from workers.sandbox.reaper import Reaper
+from workers.sandbox import make_provider
 from workers.shutdown import Drain
 from workers.sweeper import Sweeper
 from workers.webhook_delivery import DeliveryPolicy, WebhookDeliverer
@@ -84,12 +84,12 @@ class WorkerRuntime:
             Keys(settings.key_prefix),
             patience_s=settings.redis_patience_s,
             broker=redis_client(settings.broker_url) if settings.broker_url else None,
+            retention=Retention(settings.record_retention_s, settings.stream_retention_s),
         )
         self.consumer = ConsumerWatch(settings.worker_consumer_stall_s, on_stall=self._stalled)
         self.heartbeat = Heartbeat(
             self.store,
             self.worker_id,
-            interval_s=2.0,
             consumer=self.consumer,
             held=lambda: len(celery_state.reserved_requests),
             slots=settings.worker_concurrency,
@@ -103,7 +103,7 @@ class WorkerRuntime:
             settings.worker_shutdown_grace_s,
         )
         self.webhooks = WebhookDeliverer(
-            WebhookOutbox(self.store.r, self.store.keys),
+            WebhookOutbox(self.store.r, self.store.keys, retention=self.store.retention),
             self.store.get,
             DeliveryPolicy.from_settings(settings),
             self.worker_id,
@@ -118,7 +118,6 @@ class WorkerRuntime:
             queued_grace_s=settings.queued_grace_s,
         )
         self._attempts: Attempts | None = None
-        self._reaper: Reaper | None = None
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._closer: LullExecutor | None = None
@@ -178,13 +177,9 @@ class WorkerRuntime:
         self.heartbeat.start()  # first, so this worker counts as alive for every reaper
         if self._gate is not None:
             self._gate.start()
-        if self.settings.sandbox == "docker":
-            self._start_docker_housekeeping()
-        else:  # the folders of bwrap sandboxes whose workers died (their owners' locks)
-            log.info("sandbox.reaped", folders=len(bwrap_dirs.clear_stale()))
-        start_pool = getattr(self.attempts.provider, "start_pool", None)
-        if start_pool is not None:
-            start_pool()
+        # what dead workers' sandboxes left behind: now, and in the background where needed
+        self.attempts.provider.start_housekeeping(self.store.worker_alive)
+        self.attempts.provider.start_pool()
         self.heartbeat.status = self._status
         self.sweeper.start()
         self.webhooks.start()
@@ -196,16 +191,6 @@ class WorkerRuntime:
             metrics_port=self.settings.worker_metrics_port,
             frozen_objects=frozen,
         )
-
-    def _start_docker_housekeeping(self) -> None:
-        """Remove this fleet's containers of dead workers and expired ones, now and every
-        minute."""
-        import docker
-
-        self._reaper = Reaper(docker.from_env(), self.store.worker_alive, fleet=self.settings.fleet)
-        reaped = self._reaper.reap_once()
-        log.info("sandbox.reaped", containers=len(reaped))
-        self._reaper.start(60.0)
 
     def health(self) -> dict[str, object]:
         """What ``/healthz`` and ``/readyz`` report (see ``workers.health``)."""
@@ -247,20 +232,12 @@ class WorkerRuntime:
 
     def _status(self) -> dict[str, object]:
         """What the worker's status key says besides its leases and its consumer."""
-        out: dict[str, object] = {"draining": self.draining}
-        provider = self.attempts.provider
-        if hasattr(provider, "pool_idle"):
-            out["pool_idle"] = provider.pool_idle()
-        elif hasattr(provider, "pool_stats"):
-            out["pool_idle"] = sum(s.idle for s in provider.pool_stats().values())
-        return out
+        return {"draining": self.draining, "pool_idle": self.attempts.provider.pool_stats().idle}
 
     def close(self) -> None:
         self._drain.closed()
         if self._health is not None:
             self._health.close()
-        if self._reaper is not None:
-            self._reaper.stop()
         self.sweeper.close()
         self.webhooks.close()
         self.heartbeat.close()
@@ -270,18 +247,22 @@ class WorkerRuntime:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self._closer is not None:
             self._closer.shutdown(wait=True)  # every finished task's sandbox goes
-        close = getattr(self._attempts.provider if self._attempts else None, "close", None)
-        if close is not None:
-            close()
+        if self._attempts is not None:
+            self._attempts.provider.close()  # its pool's idle sandboxes and its housekeeping
         log.info("worker.stopped", worker=self.worker_id)
 
 
 def make_worker_app(settings: Settings) -> tuple[Celery, WorkerRuntime]:
-    from workers.celery_tasks import register_tasks
-
-    app = make_celery(settings)
+    app = make_celery(
+        settings.broker,
+        concurrency=settings.worker_concurrency,
+        time_limit_s=settings.task_time_limit_s,
+    )
     runtime = WorkerRuntime(settings, app)
-    register_tasks(app, lambda: runtime)
+    register_tasks(
+        app,
+        lambda task_id, enqueued_ms, batch_id: runtime.attempts.run(task_id, enqueued_ms, batch_id),
+    )
 
     def on_ready(sender: object = None, **_: object) -> None:
         if getattr(sender, "app", None) is app:

@@ -3,7 +3,9 @@
 ``bench sandbox`` times a sandbox backend on its own (cold start to first result, warm
 acquire for pooled backends, exec round trip); ``bench fleet`` pushes N tasks of T turns
 through the real API, queue, workers and sandboxes against a fake model of fixed latency
-(with ``--model-capacity K``, one that serves K requests at once, behind the model gate).
+(with ``--model-capacity K``, one that serves K requests at once, behind the model gate);
+``bench scale`` submits large batches to the API alone (no workers): intake rate,
+status-poll latency, Redis bytes per queued task (``actfleet.benchscale``).
 """
 
 from __future__ import annotations
@@ -83,6 +85,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--json", action="store_true", help="print one JSON document")
     f.set_defaults(func=bench_fleet)
 
+    c = kinds.add_parser(
+        "scale", help="intake rate, status-poll latency, Redis bytes per task (no workers)"
+    )
+    c.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=None,
+        help="comma-separated batch sizes (default 1000,10000,100000)",
+    )
+    c.add_argument(
+        "--polls", type=_at_least(1), default=20, help="status polls per size (default 20)"
+    )
+    c.add_argument("--json", action="store_true", help="print one JSON document")
+    c.set_defaults(func=bench_scale)
+
+
+def _sizes(text: str) -> list[int]:
+    """An argparse type: comma-separated batch sizes, each at least 1."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be at least 1, got {text!r}")
+    return sizes
+
 
 def _settings(backend: str | None) -> Settings:
     settings = Settings()
@@ -97,10 +125,18 @@ def bench_sandbox(args: argparse.Namespace) -> int:
     if settings.sandbox == "docker":
         from workers.sandbox.docker_bench import bench_docker
 
-        # Its own providers: one without a pool for cold starts, one with for warm acquires.
+        # Its own providers, in a fleet of this run alone (so no reaper takes them).
         report = bench_docker(args.runs, image=settings.sandbox_image)
     else:
-        report = measure(make_provider(settings, worker_id="bench"), runs=args.runs)
+        # One provider without a pool for cold starts, one with a pool of two for warm ones.
+        cold = make_provider(settings.model_copy(update={"pool_max": 0}), worker_id="bench")
+        pooled = settings.model_copy(update={"pool_min": 2, "pool_max": 2})
+        warm = make_provider(pooled, worker_id="bench")
+        try:
+            report = measure(cold, runs=args.runs, warm=warm)
+        finally:
+            cold.close()
+            warm.close()
     _print(report, args.json, "sandbox")
     return 0
 
@@ -122,6 +158,41 @@ def bench_fleet(args: argparse.Namespace) -> int:
         progress=None if args.json else Console(stderr=True),
     )
     _print(report, args.json, "fleet")
+    return 0
+
+
+def bench_scale(args: argparse.Namespace) -> int:
+    from actfleet.benchscale import DEFAULT_SIZES, run_scale_bench
+
+    console = None if args.json else Console(stderr=True)
+    report = run_scale_bench(
+        args.sizes or DEFAULT_SIZES,
+        polls=args.polls,
+        progress=console.print if console else None,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    table = Table(title="actfleet bench scale", show_header=True)
+    for name in (
+        "tasks",
+        "intake tasks/s",
+        "poll p50 ms",
+        "poll p95 ms",
+        "bytes/task",
+        "used/task",
+    ):
+        table.add_column(name, justify="right")
+    for fig in report["sizes"].values():
+        table.add_row(
+            str(fig["tasks"]),
+            _fmt(fig["intake_tasks_per_s"]),
+            _fmt(fig["status_poll_ms"]["p50"]),
+            _fmt(fig["status_poll_ms"]["p95"]),
+            _fmt(fig["bytes_per_task"]),
+            _fmt(fig["used_memory_per_task"]),
+        )
+    Console().print(table)
     return 0
 
 

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from actfleet.cli import CLIError
+from actfleet.cli.formats import batch_formats
+from actfleet.cli.progress import summary_table, wait_with_progress, write_results
 from actfleet.client import Client
 from actfleet.render import render_event, result_table
 from config.settings import Settings
@@ -126,17 +126,15 @@ def tail(args: argparse.Namespace) -> int:
 
 
 def batch(args: argparse.Namespace) -> int:
-    body = Path(args.file).read_bytes() if Path(args.file).is_file() else None
-    if body is None:
+    path = Path(args.file)
+    if not path.is_file():
         raise CLIError(f"no such file: {args.file}")
     if args.formats is not None:
-        from actfleet.cli.formats import batch_formats  # it imports this module
-
         with _client() as client:
-            return batch_formats(args, client, body)
+            return batch_formats(args, client, path.read_bytes())
     console = Console(stderr=True, highlight=False)
     with _client() as client:
-        accepted = client.submit_batch(body, webhook_url=args.webhook)
+        accepted = client.submit_batch(path, webhook_url=args.webhook)  # streamed
         batch_id = accepted["id"]
         if not args.wait:
             if args.json:
@@ -154,52 +152,3 @@ def batch(args: argparse.Namespace) -> int:
         Console(highlight=False).print(summary_table(status))
         console.print(f"{n} results written to {out}")
     return 0
-
-
-def wait_with_progress(
-    client: Client, batch_id: str, total: int, poll_s: float, console: Console
-) -> dict[str, Any]:
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task("tasks", total=total, detail="")
-
-        def show(status: dict[str, Any]) -> None:
-            c = status["counts"]
-            detail = f"running {c['running']}  ok {c['completed']}  failed " + str(
-                c["failed"] + c["error"] + c["timed_out"]
-            )
-            progress.update(bar, completed=status["finished"], detail=detail)
-
-        return client.wait_batch(batch_id, poll_s=poll_s, on_progress=show)
-
-
-def summary_table(status: dict[str, Any]) -> Table:
-    table = Table(show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_row("batch", status["id"])
-    for name, n in status["counts"].items():
-        if n:
-            table.add_row(name, str(n))
-    rate = status.get("success_rate")
-    table.add_row("success rate", "-" if rate is None else f"{rate:.1%}")
-    turns = status.get("mean_turns")
-    table.add_row("mean turns", "-" if turns is None else f"{turns:.2f}")
-    usage = status["usage"]
-    table.add_row("tokens", f"{usage['total_tokens']:,}")
-    return table
-
-
-def write_results(client: Client, batch_id: str, out: Path, trajectory: bool) -> int:
-    n = 0
-    with out.open("w") as f:
-        for line in client.batch_results(batch_id, trajectory=trajectory):
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            n += 1
-    return n

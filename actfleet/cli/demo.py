@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from actfleet.cli import CLIError
-from actfleet.cli.client import summary_table, wait_with_progress, write_results
+from actfleet.cli.progress import summary_table, wait_with_progress, write_results
 from actfleet.client import Client
 from actfleet.fakellm import FakeLLMServer, load_script
 from actfleet.stack import LocalStack, StackError

@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from actfleet.cli import CLIError
-from actfleet.cli.client import wait_with_progress, write_results
+from actfleet.cli.progress import wait_with_progress, write_results
 from actfleet.cli.results import batches_table, comparison_table, read_results_file
 from actfleet.client import ApiError, Client
 from actfleet.report import build_report

@@ -110,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         )
         stack.callback(llm.close)
         provider = make_provider(settings, worker_id=task_id)
+        stack.callback(provider.close)
         pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="sandbox-start"))
         sandbox = LazySandbox(pool.submit(provider.start, spec, task_id))
         stack.callback(sandbox.close)

@@ -243,7 +243,10 @@ class _Capture:
         return f"{head_text[:half]}\n[... {cut} characters cut ...]\n{tail_text[-half:]}"
 
 
-class Runner:
+class SessionServer:
+    """The session: the namespace every cell runs in, the output captures, and the
+    protocol loop that serves the host's ``SessionClient`` (``workers.sandbox.protocol``)."""
+
     def __init__(self) -> None:
         # Move the protocol off fds 0/1 and keep a private copy of the original stderr.
         self.proto_in = os.dup(0)
@@ -501,7 +504,7 @@ class Runner:
 
 
 def main() -> int:
-    runner = Runner()
+    runner = SessionServer()
     try:
         return runner.serve()
     except MemoryError:

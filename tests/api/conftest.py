@@ -23,6 +23,7 @@ from agent.models import FailureClass, Result, Status, Usage
 from api.app import create_app
 from config.settings import Settings
 from store.apikeys import create_key
+from store.intake import MATERIALIZE
 from store.keys import STREAM_MAXLEN, Keys
 from store.scripts import FINISH, STEP, finish_call
 
@@ -90,6 +91,7 @@ class Fleet:
             counts = self.keys.batch_counts(batch_id.decode(), self.keys.shard(task_id))
             self.redis.hincrby(counts, "queued", -1)
             self.redis.hincrby(counts, "running", 1)
+        self.redis.eval(MATERIALIZE, 2, self.keys.task(task_id), self.keys.events(task_id))
         self.redis.set(self.keys.lease(task_id), owner)
         self.redis.hset(
             self.keys.task(task_id), mapping={"status": "running", "attempt": owner.split("/")[1]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 from agent.models import Status
@@ -24,9 +25,12 @@ def test_submit_stores_the_task_queues_it_and_records_the_queued_event(fleet: Fl
     assert task["metadata"] == {"run": "a"}
     # and a Celery message names the task, and the stream starts with task.queued
     [message] = fleet.redis.lrange(TASK_QUEUE, 0, -1)
-    assert json.loads(message)["headers"]["argsrepr"] == repr([task_id])
-    [(_, fields)] = fleet.redis.xrange(fleet.keys.events(task_id))
-    assert json.loads(fields[b"e"])["type"] == "task.queued"
+    body = json.loads(base64.b64decode(json.loads(message)["body"]))
+    assert body[0] == [task_id]
+    # (kept in the record until the task starts: its stream begins then)
+    event = json.loads(fleet.redis.hget(fleet.keys.task(task_id), "queued_event"))  # type: ignore[arg-type]
+    assert event["type"] == "task.queued" and event["data"]["task_id"] == task_id
+    assert not fleet.redis.exists(fleet.keys.events(task_id))
     assert fleet.active("acme") == 1
 
 

@@ -243,7 +243,7 @@ def test_dashboard_and_alerts_name_only_metrics_the_code_exports() -> None:
         )
         assert job_matchers(expr) <= jobs, expr
         used |= names
-    # the headline metrics of DESIGN.md are all on the dashboard
+    # the headline metrics (workers/metrics.py) are all on the dashboard
     assert {
         "actfleet_tasks_finished_total",
         "actfleet_task_duration_seconds_bucket",

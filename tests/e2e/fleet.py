@@ -27,13 +27,13 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from agent.events import EventType
 from agent.models import Status, TaskSpec
-from config.settings import Settings
 from store import keys as keynames
 from store.apikeys import create_key
+from store.celery_app import enqueue, make_celery
 from store.keys import Keys
-from store.worker_store import WorkerStore, new_record
+from store.worker_store import WorkerStore
 from tests.conftest import RedisServer, free_port
-from workers.celery_app import enqueue, make_celery
+from tests.records import create, new_record
 
 TURN_LATENCY_S = 0.6
 SCRIPT: list[dict[str, Any]] = [
@@ -71,7 +71,7 @@ class Fleet:
         self.metrics_dir = tmp / "metrics"
         self.metrics_dir.mkdir()
         self.store = WorkerStore(redis.Redis.from_url(server.url), Keys("af"))
-        self.celery = make_celery(Settings(redis_url=server.url))
+        self.celery = make_celery(server.url)
         self.workers: list[subprocess.Popen[bytes]] = []
         self.health_ports: dict[int, int] = {}  # worker pid -> its metrics/health port
         self.api: subprocess.Popen[bytes] | None = None
@@ -174,7 +174,7 @@ class Fleet:
             rec = new_record(
                 TaskSpec.from_dict({"prompt": f"{prompt} #{i}", "expected": {"answer": "3"}})
             )
-            self.store.create(rec)
+            create(self.store, rec)
             enqueue(self.celery, rec.id, int(rec.created_at * 1000))
             ids.append(rec.id)
         return ids

@@ -24,6 +24,7 @@ from actfleet.fakellm import FakeLLMServer
 from actfleet.stack import LocalStack
 from store.apikeys import issue_key
 from store.keys import Keys
+from tests.conftest import RedisServer
 from tests.receivers import Receiver
 
 pytestmark = [
@@ -59,8 +60,9 @@ ENV = {
 
 
 class Hooks:
-    def __init__(self, stack: LocalStack) -> None:
+    def __init__(self, stack: LocalStack, server: RedisServer) -> None:
         self.stack = stack
+        self.server = server
         assert stack.redis_url is not None
         self.redis = redis.Redis.from_url(stack.redis_url)
         self.keys = Keys("af")
@@ -90,13 +92,16 @@ class Hooks:
 
 
 @pytest.fixture
-def hooks(tmp_path: Path) -> Iterator[Hooks]:
+def hooks(tmp_path: Path, redis_server: RedisServer) -> Iterator[Hooks]:
     with FakeLLMServer(script=SCRIPT, latency_s=0.05) as llm:
         local = LocalStack(
-            concurrency=4, env={**ENV, "OPENAI_BASE_URL": llm.url}, state_dir=tmp_path / "stack"
+            redis_url=redis_server.url,
+            concurrency=4,
+            env={**ENV, "OPENAI_BASE_URL": llm.url},
+            state_dir=tmp_path / "stack",
         )
         with local:
-            h = Hooks(local)
+            h = Hooks(local, redis_server)
             yield h
             h.client.close()
 
@@ -134,10 +139,9 @@ def test_retries_after_500_survive_a_worker_kill_and_a_redis_restart(hooks: Hook
 
         # When Redis is SIGKILLed (the schedule was fsynced) and restarted on its AOF
         time.sleep(2)
-        assert stack.redis is not None
-        stack.redis.kill()
+        hooks.server.kill()
         time.sleep(2)
-        stack.redis.start()
+        hooks.server.start()
         seen = len(receiver.received)
         receiver.wait_for(seen + 1, timeout_s=60)  # retries go on
 

@@ -11,18 +11,17 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.errors import SandboxRefused, SetupError
+from agent.errors import SandboxRefused
 from agent.models import TaskSpec
 from workers.sandbox import bwrap_dirs
 from workers.sandbox.bwrap import BwrapProvider, BwrapSandbox
-from workers.sandbox.cgroups import BUSY_CPU_SHARES, WARM_CPU_SHARES
+from workers.sandbox.cgroups import BUSY_CPU_SHARES, WARM_CPU_SHARES, Cgroups
 
 pytestmark = [
     pytest.mark.bwrap,
@@ -57,9 +56,9 @@ def processes_of(sandbox: BwrapSandbox, pid: int | None) -> list[int]:
 def wait_for_pool(provider: BwrapProvider, idle: int) -> None:
     """Until the provider's warm pool holds ``idle`` runners (20 s at most)."""
     deadline = time.monotonic() + 20
-    while provider.pool_idle() < idle and time.monotonic() < deadline:
+    while provider.pool_stats().idle < idle and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert provider.pool_idle() == idle
+    assert provider.pool_stats().idle == idle
 
 
 @pytest.fixture
@@ -74,25 +73,6 @@ def sandbox(provider: BwrapProvider) -> Iterator[BwrapSandbox]:
     sb.close()
 
 
-def test_files_and_setup_code_are_applied_before_the_first_turn(provider: BwrapProvider) -> None:
-    spec = make_spec(
-        files=[{"path": "data/n.txt", "content_b64": base64.b64encode(b"41").decode()}],
-        setup_code="def answer():\n    return int(open('data/n.txt').read()) + 1",
-    )
-    with provider.start(spec, "t") as sb:
-        assert sb.execute("answer()", 5, 1000).value == "42"
-
-
-def test_failing_setup_code_raises_setup_error_with_the_traceback(provider: BwrapProvider) -> None:
-    with pytest.raises(SetupError, match="ZeroDivisionError"):
-        provider.start(make_spec(setup_code="1 / 0"), "t")
-
-
-def test_state_survives_across_executions(sandbox: BwrapSandbox) -> None:
-    sandbox.execute("import json\nrows = [1, 2, 3]", 5, 1000)
-    assert sandbox.execute("json.dumps(rows)", 5, 1000).value == "'[1, 2, 3]'"
-
-
 def test_runs_as_an_unprivileged_user_in_the_work_dir_with_a_clean_env(
     sandbox: BwrapSandbox,
 ) -> None:
@@ -103,32 +83,6 @@ def test_runs_as_an_unprivileged_user_in_the_work_dir_with_a_clean_env(
     )
 
 
-def test_the_sandbox_has_no_network_but_its_own_loopback(sandbox: BwrapSandbox) -> None:
-    # Given a listener on the host's loopback (the only address a test may dial)
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    try:
-        # Then the sandbox sees no interface but its own loopback, and cannot reach the host's
-        names = sandbox.execute(
-            "import socket; sorted(n for _, n in socket.if_nameindex())", 5, 1000
-        )
-        assert names.value == "['lo']"
-        dial = sandbox.execute(
-            f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)", 5, 1000
-        )
-        assert dial.error is not None and "Connection refused" in dial.error
-    finally:
-        server.close()
-
-
-@pytest.mark.parametrize("path", ["/usr/evil", "/etc/evil", "/root/evil", "/evil", "/opt/x"])
-def test_writing_outside_the_work_dir_fails(sandbox: BwrapSandbox, path: str) -> None:
-    result = sandbox.execute(f"open({path!r}, 'w').write('x')", 5, 1000)
-    assert result.error is not None
-    assert "Read-only file system" in result.error or "No such file" in result.error
-    assert not Path(path).exists()
-
-
 def test_the_work_dir_and_tmp_are_writable(sandbox: BwrapSandbox) -> None:
     result = sandbox.execute(
         "open('out.txt', 'w').write('ok')\nopen('/tmp/t', 'w').write('ok')", 5, 1000
@@ -136,37 +90,6 @@ def test_the_work_dir_and_tmp_are_writable(sandbox: BwrapSandbox) -> None:
     assert result.ok
     assert sandbox.work_dir is not None
     assert (sandbox.work_dir / "out.txt").read_text() == "ok"
-
-
-def test_an_endless_loop_is_interrupted_and_state_survives(sandbox: BwrapSandbox) -> None:
-    sandbox.execute("x = 1", 5, 1000)
-    result = sandbox.execute("while True:\n    pass", 1, 1000)
-    assert result.timed_out and not result.state_lost
-    assert sandbox.execute("x", 5, 1000).value == "1"
-
-
-def test_code_that_will_not_stop_is_killed_and_the_session_restarts_fresh(
-    provider: BwrapProvider,
-) -> None:
-    spec = make_spec(setup_code="TOOL = 'ready'")
-    with provider.start(spec, "t") as sb:
-        sb.execute("x = 1", 5, 1000)
-        started = time.monotonic()
-        result = sb.execute(
-            "import time\nwhile True:\n    try:\n        time.sleep(10)\n"
-            "    except BaseException:\n        pass",
-            1,
-            1000,
-        )
-        assert time.monotonic() - started < 4
-        assert result.timed_out and result.state_lost
-        assert result.note == (
-            "The execution did not stop within 1s and the sandbox was restarted: "
-            "all variables and imports were lost."
-        )
-        after = sb.execute("TOOL, 'x' in globals()", 5, 1000)
-        assert after.value == "('ready', False)"
-        assert sb.restarts == 1
 
 
 def test_a_fork_bomb_is_contained_and_the_host_still_forks(sandbox: BwrapSandbox) -> None:
@@ -204,15 +127,6 @@ def test_a_real_fork_bomb_is_contained_and_cleaned_up_on_close(provider: BwrapPr
     assert processes_of(sb, pid) == []
 
 
-def test_100_mb_of_output_comes_back_capped(sandbox: BwrapSandbox) -> None:
-    result = sandbox.execute(
-        "import sys\nfor _ in range(100):\n    sys.stdout.write('z' * 1_000_000)", 60, 2000
-    )
-    assert result.ok
-    assert "[... 99998000 characters cut ...]" in result.stdout
-    assert len(result.stdout) < 2100
-
-
 def test_a_memory_hog_gets_a_memory_error_that_names_the_limit(sandbox: BwrapSandbox) -> None:
     result = sandbox.execute("hog = []\nwhile True:\n    hog.append(bytearray(10**7))", 30, 1000)
     assert result.error is not None
@@ -220,19 +134,6 @@ def test_a_memory_hog_gets_a_memory_error_that_names_the_limit(sandbox: BwrapSan
     assert "out of memory (limit 256 MB)" in result.error
     assert not result.state_lost
     assert sandbox.execute("del hog\nsum(range(10))", 5, 1000).value == "45"
-
-
-def test_a_crash_loses_state_with_a_note_and_the_next_execute_restarts(
-    sandbox: BwrapSandbox,
-) -> None:
-    sandbox.execute("x = 1", 5, 1000)
-    result = sandbox.execute("import ctypes\nctypes.string_at(0)", 5, 1000)
-    assert result.state_lost and not result.timed_out
-    assert result.note == (
-        "The sandbox's Python process crashed (SIGSEGV) and was restarted: "
-        "all variables and imports were lost."
-    )
-    assert "NameError" in (sandbox.execute("x", 5, 1000).error or "")
 
 
 def test_close_leaves_no_process_and_no_work_dir_behind(provider: BwrapProvider) -> None:
@@ -246,18 +147,6 @@ def test_close_leaves_no_process_and_no_work_dir_behind(provider: BwrapProvider)
 
     assert processes_of(sb, pid) == []
     assert work_dir is not None and not work_dir.exists()
-
-
-def test_close_from_another_thread_ends_an_execute_in_flight(provider: BwrapProvider) -> None:
-    sb = provider.start(make_spec(), "t")
-    threading.Timer(0.5, sb.close).start()
-    started = time.monotonic()
-
-    result = sb.execute("import time\ntime.sleep(30)", 60, 1000)
-
-    assert time.monotonic() - started < 3
-    assert result.state_lost
-    assert sb.execute("1", 5, 1000).state_lost
 
 
 def test_a_warm_pool_serves_tasks_with_default_limits_and_cold_starts_the_rest() -> None:
@@ -288,11 +177,10 @@ def test_a_warm_pool_serves_tasks_with_default_limits_and_cold_starts_the_rest()
     finally:
         provider.close()
     # Then closing the provider leaves none of the pool's runners behind
-    assert provider.pool_idle() == 0
+    assert provider.pool_stats().idle == 0
 
 
 def test_network_is_given_only_when_the_server_allows_it() -> None:
-    import socket
 
     from agent.errors import SandboxRefused
 
@@ -547,14 +435,13 @@ def test_a_starting_worker_clears_dead_workers_folders_and_keeps_live_ones(
         assert dead_root in leftovers and len(leftovers) >= 3  # its sandbox, shared files, lock
         if os.geteuid() == 0:
             assert os.path.ismount(dead_root / "work")  # its /work tmpfs is still mounted
-        # When a worker starts and clears stale folders
-        removed = bwrap_dirs.clear_stale()
+        # When a worker starts and does its housekeeping
+        removed = provider.start_housekeeping(lambda worker_id: True)
         # Then the dead worker's folders and lock are gone, unmounted first...
-        assert dead_root in removed
+        assert removed >= 2  # its sandbox and its shared files (the lock is no folder)
         assert not any(p.exists() for p in leftovers)
         # ...and the live worker's and our own are intact, and still work
         assert live_root.is_dir() and own.root is not None and own.root.is_dir()
-        assert live_root not in removed and own.root not in removed
         assert own.execute("open('x', 'w').write('ok')", 5, 1000).ok
     finally:
         own.close()
@@ -573,3 +460,24 @@ def test_a_lone_surrogate_in_the_codes_output_does_not_kill_the_session(
     assert not r.state_lost, r.note
     assert r.error is not None and "ValueError: bad \ufffd" in r.error
     assert sandbox.execute("x + 1", 5, 1000).value == "42"
+
+
+@pytest.mark.skipif(
+    BwrapProvider().cgroups() is None, reason="needs writable cgroup v1 memory and pids"
+)
+def test_a_starting_worker_keeps_the_cgroups_a_sibling_just_made() -> None:
+    # Given a worker that has made a sandbox's cgroups, which the sandbox has not joined yet
+    first = Cgroups.detect()
+    assert first is not None
+    name = f"actfleet-test-{os.getpid()}"
+    first.create(name, 64 << 20, 64)
+    try:
+        # When a sibling worker in the same cgroup starts (and clears what dead workers left)
+        assert Cgroups.detect() is not None
+        # Then the fresh, still empty cgroups are there to join
+        assert all((base / name).is_dir() for base in first.bases.values())
+        # And once they are old enough to be no one's, they go
+        first.remove_stale(older_than_s=0.0)
+        assert not any((base / name).exists() for base in first.bases.values())
+    finally:
+        first.remove(name)

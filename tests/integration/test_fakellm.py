@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -290,8 +291,30 @@ def test_load_script_reports_unreadable_files(tmp_path: Path) -> None:
         load_script(bad)
 
 
-def test_example_script_is_valid() -> None:
-    assert len(load_script(ROOT / "examples" / "fake_llm_script.json")) > 5
+EXAMPLE_TASKS = [
+    json.loads(line)
+    for line in (ROOT / "examples" / "batch.jsonl").read_text().splitlines()
+    if line.strip()
+]
+
+
+@pytest.mark.bwrap
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+@pytest.mark.parametrize("task", EXAMPLE_TASKS, ids=[t["custom_id"] for t in EXAMPLE_TASKS])
+def test_the_example_script_answers_its_example_task_correctly(
+    task: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given an example task (examples/batch.jsonl) and the example script, which the
+    # README's demo pairs with it
+    spec = tmp_path / "task.json"
+    spec.write_text(json.dumps(task))
+    script = ROOT / "examples" / "fake_llm_script.json"
+    # When `actfleet run` runs it in-process against the scripted model, in a real sandbox
+    status = cli_main(["run", str(spec), "--fake-llm", str(script), "--sandbox", "bwrap", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    # Then the agent finished with the expected answer, graded correct
+    assert (result["status"], result["correct"]) == ("completed", True), result["answer"]
+    assert status == 0
 
 
 # -- the command ------------------------------------------------------------------------------

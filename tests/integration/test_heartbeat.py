@@ -11,7 +11,8 @@ from structlog.testing import capture_logs
 from agent.events import Event, EventType
 from agent.models import Result, Status, TaskSpec
 from store.keys import Keys
-from store.worker_store import Claim, LeaseState, WorkerStore, new_record
+from store.worker_store import Claim, LeaseState, WorkerStore
+from tests.records import create, new_record
 from workers.leases import Heartbeat, Lease
 
 
@@ -30,7 +31,7 @@ class EndsDuringRenewal(WorkerStore):
 
 def claimed(store: WorkerStore) -> tuple[Claim, Lease]:
     rec = new_record(TaskSpec(prompt="2+2?"))
-    store.create(rec)
+    create(store, rec)
     claim = store.claim(rec.id, "w1", max_attempts=3)
     assert isinstance(claim, Claim)
     return claim, Lease(rec.id, claim.owner, claim.attempt)

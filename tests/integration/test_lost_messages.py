@@ -12,7 +12,8 @@ from agent.models import Status, TaskSpec
 from store import keys
 from store.celery_app import run_task_pushes
 from store.keys import Keys
-from store.worker_store import Claim, WorkerStore, new_record
+from store.worker_store import Claim, WorkerStore
+from tests.records import create, new_record
 from workers.metrics import queue_names
 
 GRACE_S = 60.0
@@ -47,7 +48,7 @@ def submit(store: WorkerStore, clock: Clock, n: int, *, push: bool = True) -> li
     ids = []
     for _ in range(n):
         rec = new_record(TaskSpec(prompt="2+2?"), created_at=clock.now)
-        store.create(rec)
+        create(store, rec)
         ids.append(rec.id)
     if push:
         for queue, messages in run_task_pushes(ids, int(clock.now * 1000)):

@@ -1,4 +1,4 @@
-"""The in-sandbox runner, run as a plain subprocess (no isolation) and driven by RunnerClient."""
+"""The in-sandbox runner, run as a plain subprocess (no isolation), driven by SessionClient."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.sandbox.protocol import PipeChannel, RunnerClient, RunnerDeadline
+from workers.sandbox.protocol import PipeChannel, RunnerDeadline, SessionClient
 
 RUNNER = Path(__file__).resolve().parents[2] / "sandbox_images" / "python" / "runner.py"
 
@@ -24,7 +24,7 @@ class Session:
             cwd=work_dir,
             bufsize=0,
         )
-        self.client = RunnerClient(PipeChannel.for_process(self.proc), grace_s=1.0)
+        self.client = SessionClient(PipeChannel.for_process(self.proc), grace_s=1.0)
         self.hello = self.client.wait_ready(10.0)
 
     def run(self, code: str, timeout_s: float = 10.0, max_output_chars: int = 2000):

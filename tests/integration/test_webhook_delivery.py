@@ -32,9 +32,10 @@ from store.keys import Keys
 from store.records import new_batch_id
 from store.webhook_secrets import rotate, signing_secrets
 from store.webhooks import WebhookOutbox
-from store.worker_store import Claim, WorkerStore, new_record
+from store.worker_store import Claim, WorkerStore
 from tests.conftest import free_port
 from tests.receivers import Listener, Receiver
+from tests.records import create, new_record
 from workers import webhook_delivery, webhook_http
 from workers.webhook_delivery import DeliveryPolicy, WebhookDeliverer
 from workers.webhooks import Outcome
@@ -60,9 +61,9 @@ class Env:
         """A task (with a webhook to ``url``) that a worker finished (FINISH made it due)."""
         spec = TaskSpec(prompt="p", webhook=Webhook(url) if url else None)
         rec = new_record(spec, tenant=TENANT, batch_id=batch_id)
-        self.store.create(rec)
+        create(self.store, rec)
         if batch_id and self.r.hexists(self.keys.batch(batch_id), "webhook_url"):
-            # as BatchStore.create flags the counts of a batch with a webhook
+            # as the intake flags the counts of a batch with a webhook
             self.r.hset(self.keys.batch_counts(batch_id, self.keys.shard(rec.id)), "webhook", "1")
         claim = self.store.claim(rec.id, "w0")
         assert isinstance(claim, Claim)

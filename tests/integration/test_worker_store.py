@@ -1,4 +1,5 @@
-"""store.worker_store against a real redis-server: claims, duplicates, fencing, finish-once, sweep."""
+"""store.worker_store against a real redis-server: claims, duplicates, fencing, finish-once,
+sweep."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import redis
 from agent.events import Event, EventType
 from agent.models import FailureClass, Result, Status, TaskSpec
 from store.keys import Keys
-from store.worker_store import Appended, Claim, Dropped, EventsBehind, WorkerStore, new_record
+from store.worker_store import Appended, Claim, Dropped, EventsBehind, WorkerStore
+from tests.records import create, new_record
 
 
 class Clock:
@@ -33,7 +35,7 @@ def store(redis_url: str, clock: Clock) -> WorkerStore:
 
 def queued(store: WorkerStore, **kw: object) -> str:
     rec = new_record(TaskSpec(prompt="2+2?"), **kw)
-    store.create(rec)
+    create(store, rec)
     return rec.id
 
 
@@ -84,6 +86,26 @@ def test_a_claim_within_max_attempts_appends_task_started(store: WorkerStore, cl
     third = store.claim(task_id, "w3", max_attempts=2)
     assert isinstance(third, Claim) and (third.attempt, third.seq) == (3, 3)
     assert len(store.events(task_id)) == 3
+
+
+def test_the_claims_task_started_entry_is_event_to_json_byte_for_byte(
+    store: WorkerStore, clock: Clock
+) -> None:
+    worker = 'w"\\ é 🚀 \u2028/1'  # quotes, a backslash, non-ASCII, a JSON-sensitive char
+    task_id = queued(store)
+    first = store.claim(task_id, worker, max_attempts=3)
+    assert isinstance(first, Claim)
+    store.append(task_id, first.owner, ev(EventType.LLM_REPLY, 4), 2, '{"turn":4}')
+    store.r.delete(store.keys.lease(task_id))
+    clock.now += 1.25
+    second = store.claim(task_id, worker, max_attempts=3)
+    assert isinstance(second, Claim)
+
+    raw = [f[b"e"].decode() for _, f in store.r.xrange(store.keys.events(task_id))]
+    fresh = Event(EventType.STARTED, 0, 1, first.started_at, {"worker": worker, "resumed": False})
+    resumed = Event(EventType.STARTED, 4, 2, clock.now, {"worker": worker, "resumed": True})
+    assert raw[0] == fresh.to_json()
+    assert raw[2] == resumed.to_json()
 
 
 def test_a_second_delivery_while_the_lease_is_live_is_dropped(store: WorkerStore) -> None:
@@ -259,7 +281,7 @@ def test_a_finished_task_with_a_webhook_is_due_in_the_outbox_at_once(
     hooked = new_record(
         TaskSpec.from_dict({"prompt": "x", "webhook": {"url": "http://h.example/x"}})
     )
-    store.create(hooked)
+    create(store, hooked)
     plain = queued(store)
     for task_id in (hooked.id, plain):
         claim = store.claim(task_id, "w1")
@@ -272,3 +294,28 @@ def test_a_finished_task_with_a_webhook_is_due_in_the_outbox_at_once(
         e for s in k.shard_ids for e in store.r.zrange(k.webhook_outbox(s), 0, -1, withscores=True)
     ]
     assert due == [(hooked.id.encode(), pytest.approx(clock.now))]
+
+
+def test_a_finished_task_keeps_its_result_but_not_its_checkpoint(store: WorkerStore) -> None:
+    # given a running task with a checkpoint after its first step
+    task_id = queued(store)
+    claim = store.claim(task_id, "w1")
+    assert isinstance(claim, Claim)
+    step = ev(EventType.LLM_REPLY, 1)
+    assert store.append(task_id, claim.owner, step, claim.seq + 1, '{"turn":1}') is Appended.OK
+    assert store.r.hexists(store.keys.task(task_id), "checkpoint")
+    # when it finishes
+    assert store.finish(claim.record, claim.owner, done(), ev(EventType.FINISHED, 1))
+    # then the checkpoint (a copy of the trajectory) is gone and the result is there
+    assert not store.r.hexists(store.keys.task(task_id), "checkpoint")
+    rec = store.get(task_id)
+    assert rec is not None and rec.result is not None and rec.result.answer == "4"
+
+
+def test_a_fenced_finish_leaves_the_running_tasks_checkpoint(store: WorkerStore) -> None:
+    task_id = queued(store)
+    claim = store.claim(task_id, "w1")
+    assert isinstance(claim, Claim)
+    store.append(task_id, claim.owner, ev(EventType.LLM_REPLY, 1), claim.seq + 1, '{"turn":1}')
+    assert store.finish(claim.record, "w2/9", done(), ev(EventType.FINISHED, 1)) is None
+    assert store.r.hget(store.keys.task(task_id), "checkpoint") == b'{"turn":1}'

@@ -79,3 +79,52 @@ def test_terminal_statuses() -> None:
         "timed_out",
     }
     assert Result.from_dict(Result(Status.FAILED).to_dict()) == Result(Status.FAILED)
+
+
+def test_the_stored_form_leaves_out_defaults_and_rebuilds_an_equal_spec() -> None:
+    # given a spec that changes a few fields and leaves the rest at their defaults
+    spec = TaskSpec.from_dict(
+        {
+            "prompt": "p",
+            "custom_id": "c1",
+            "tools": [{"name": "lookup"}],
+            "limits": {"max_turns": 4, "timeout_s": 900},
+            "sandbox": {"network": False, "memory_mb": 256},
+            "expected": {"answer": 0, "grader": "exact"},
+        }
+    )
+    # when it is stored
+    stored = spec.to_stored()
+    # then only what differs from a default is there (an answer of 0 is kept)
+    assert stored == {
+        "prompt": "p",
+        "custom_id": "c1",
+        "tools": [{"name": "lookup"}],
+        "limits": {"max_turns": 4},
+        "sandbox": {"memory_mb": 256},
+        "expected": {"answer": 0},
+    }
+    # and reading it back gives the same spec, as does the full form
+    assert TaskSpec.from_stored(stored) == spec
+    assert TaskSpec.from_stored(spec.to_dict()) == spec
+
+
+def test_a_full_spec_survives_the_stored_form() -> None:
+    spec = TaskSpec.from_dict(
+        {
+            "prompt": "p",
+            "model": "m",
+            "system_prompt": "s",
+            "setup_code": "x = 1",
+            "tools": [{"name": "f", "signature": "f() -> int", "description": "one"}],
+            "files": [{"path": "a.txt", "content_b64": base64.b64encode(b"a").decode()}],
+            "limits": {"max_turns": 3, "max_tokens": 5000, "exec_timeout_s": 5},
+            "sandbox": {"memory_mb": 256, "network": True, "cpus": 0.5},
+            "llm": {"temperature": 0.5, "seed": 7, "max_tokens_per_turn": 64},
+            "expected": {"answer": 1.5, "grader": "numeric", "tolerance": 0.1},
+            "action_format": "json",
+            "webhook": {"url": "https://example.invalid/hook"},
+            "metadata": {"suite": "smoke"},
+        }
+    )
+    assert TaskSpec.from_stored(spec.to_stored()) == spec

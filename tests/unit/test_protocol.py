@@ -1,4 +1,4 @@
-"""The runner protocol, host side: framing and ``RunnerClient`` over a scripted fake channel."""
+"""The runner protocol, host side: framing and ``SessionClient`` over a scripted fake channel."""
 
 from __future__ import annotations
 
@@ -9,14 +9,18 @@ from typing import Any
 
 import pytest
 
-from agent.errors import SandboxError
+from agent.errors import InfrastructureError, SandboxError
+from agent.loop import run_codeact
+from agent.models import FailureClass, TaskSpec
+from agent.sandbox import ExecResult
+from tests.fakes import ScriptedLLM
 from workers.sandbox.protocol import (
     MAX_FRAME_BYTES,
     FrameDecoder,
-    RunnerClient,
     RunnerDeadline,
     RunnerExited,
     RunnerProtocolError,
+    SessionClient,
     encode_frame,
 )
 
@@ -111,16 +115,62 @@ def test_decoder_rejects_garbage_with_a_protocol_error(raw: bytes) -> None:
         FrameDecoder().feed(raw)
 
 
-def test_protocol_errors_are_sandbox_errors() -> None:
-    for error in (RunnerDeadline, RunnerExited, RunnerProtocolError):
-        assert issubclass(error, SandboxError)
+class ClientSandbox:
+    """A sandbox that is nothing but a ``SessionClient`` (no restart), to see what the agent
+    loop makes of each way the runner can break the protocol."""
+
+    def __init__(self, client: SessionClient) -> None:
+        self.client = client
+
+    def execute(self, code: str, timeout_s: float, max_output_chars: int) -> ExecResult:
+        return self.client.execute(code, timeout_s, max_output_chars)
+
+    def close(self) -> None:
+        pass
 
 
-# -- RunnerClient -------------------------------------------------------------------------
+def silent(request: dict[str, Any]) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    ("respond", "eof", "error"),
+    [
+        (silent, False, RunnerDeadline),
+        (silent, True, RunnerExited),
+        (lambda request: struct.pack(">I", 1) + b"x", False, RunnerProtocolError),
+    ],
+    ids=["no-answer", "eof", "garbage"],
+)
+def test_a_broken_runner_ends_the_attempt_as_a_retryable_sandbox_fault(
+    respond: Responder, eof: bool, error: type[Exception]
+) -> None:
+    # Given a task whose model asks to run code, in a sandbox whose runner then breaks
+    now = [100.0]
+    channel = FakeChannel(respond)
+    client = SessionClient(channel, grace_s=0.0, clock=lambda: now[0])
+    client.wait_ready(1.0)
+    channel.eof = eof
+    llm = ScriptedLLM(["<execute>print(1)</execute>", "<solution>1</solution>"])
+    loop = run_codeact(TaskSpec(prompt="p"), llm, ClientSandbox(client), model="m")
+    # When the loop runs the code
+    with pytest.raises(InfrastructureError) as raised:
+        for _ in loop:
+            pass
+    # Then the fault is ours, not the model's: it is not shown to the model as an
+    # observation (no second request), it ends the attempt for the caller to retry, and the
+    # task's failure class, should the retries run out, is sandbox_error
+    assert isinstance(raised.value, error)
+    assert isinstance(raised.value, SandboxError)
+    assert len(llm.requests) == 1
+    assert FailureClass.of_fault(raised.value) is FailureClass.SANDBOX_ERROR
+
+
+# -- SessionClient -------------------------------------------------------------------------
 
 
 def test_wait_ready_returns_the_hello_frame() -> None:
-    client = RunnerClient(FakeChannel(echo_exec))
+    client = SessionClient(FakeChannel(echo_exec))
     assert client.wait_ready(1.0) == {"ready": True, "pid": 7}
 
 
@@ -128,12 +178,12 @@ def test_wait_ready_rejects_a_first_frame_that_is_not_ready() -> None:
     channel = FakeChannel(echo_exec, hello=False)
     channel.pending += encode_frame({"hello": "world"})
     with pytest.raises(RunnerProtocolError):
-        RunnerClient(channel).wait_ready(1.0)
+        SessionClient(channel).wait_ready(1.0)
 
 
 def test_execute_sends_the_request_and_maps_the_answer_to_an_exec_result() -> None:
     channel = FakeChannel(echo_exec, chunk=3)
-    client = RunnerClient(channel)
+    client = SessionClient(channel)
     client.wait_ready(1.0)
 
     result = client.execute("1 + 1", timeout_s=5.0, max_output_chars=100)
@@ -150,7 +200,7 @@ def test_execute_skips_answers_to_earlier_requests() -> None:
     def late(request: dict[str, Any]) -> list[dict[str, Any]]:
         return [{"id": request["id"] - 1, "stdout": "stale"}, *echo_exec(request)]
 
-    client = RunnerClient(FakeChannel(late))
+    client = SessionClient(FakeChannel(late))
     client.wait_ready(1.0)
     assert client.execute("fresh", 1.0, 100).stdout == "fresh"
 
@@ -158,7 +208,7 @@ def test_execute_skips_answers_to_earlier_requests() -> None:
 def test_execute_waits_timeout_plus_grace_then_raises_runner_deadline() -> None:
     now = [100.0]
     channel = FakeChannel(lambda request: None)
-    client = RunnerClient(channel, grace_s=1.5, clock=lambda: now[0])
+    client = SessionClient(channel, grace_s=1.5, clock=lambda: now[0])
     client.wait_ready(1.0)
 
     with pytest.raises(RunnerDeadline):
@@ -169,7 +219,7 @@ def test_execute_waits_timeout_plus_grace_then_raises_runner_deadline() -> None:
 
 def test_execute_raises_runner_exited_when_the_channel_reaches_eof() -> None:
     channel = FakeChannel(lambda request: None)
-    client = RunnerClient(channel)
+    client = SessionClient(channel)
     client.wait_ready(1.0)
     channel.eof = True
     with pytest.raises(RunnerExited):
@@ -177,7 +227,7 @@ def test_execute_raises_runner_exited_when_the_channel_reaches_eof() -> None:
 
 
 def test_execute_raises_a_protocol_error_on_garbage() -> None:
-    client = RunnerClient(FakeChannel(lambda request: struct.pack(">I", 1) + b"x"))
+    client = SessionClient(FakeChannel(lambda request: struct.pack(">I", 1) + b"x"))
     client.wait_ready(1.0)
     with pytest.raises(RunnerProtocolError):
         client.execute("x", 1.0, 100)
@@ -189,7 +239,7 @@ def test_put_file_sends_base64_and_raises_value_error_when_refused() -> None:
         return [{"id": request["id"], "ok": ok, "error": None if ok else "no '..'"}]
 
     channel = FakeChannel(refuse_dotdot)
-    client = RunnerClient(channel)
+    client = SessionClient(channel)
     client.wait_ready(1.0)
 
     client.put_file("data/a.txt", b"hello")

@@ -2,7 +2,9 @@
 
 ``bwrap``: one runner process per task under bubblewrap (local, fast, no daemon).
 ``docker``: one hardened container per task, with a warm pool and a reaper (production).
-Both speak the same framed protocol to the same runner (``protocol.py``).
+Both speak the same framed protocol to the same runner (``protocol.py``) and share one
+session layer (``session.py``: restarts, files and setup_code, the wording the model reads),
+so that the same fault gives the same outcome on either.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""Sandbox latency benchmark: cold start to first result, and exec round trip.
+"""Sandbox latency benchmark: cold start to first result, warm acquire, exec round trip.
 
-``bench_sandbox(provider)`` works with any ``SandboxProvider``. A provider with a warm pool
-may expose ``warm_acquire_bench(runs) -> list[float]`` (seconds to hand out a ready
-sandbox, one per run); its figures then appear under ``"warm_acquire_ms"``.
+``bench_sandbox(provider, warm=...)`` works with any ``SandboxProvider``: cold starts on
+``provider`` (made without a pool, so every start is cold), and, given a second provider
+``warm`` made with a pool, the time its ``start`` takes to hand out a pre-started sandbox
+(no files, no setup_code), one per run, the pool refilled between runs as it would be
+between tasks; its figures then appear under ``"warm_acquire_ms"``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from agent.models import TaskSpec
 from agent.sandbox import SandboxProvider
 
 BENCH_CODE = "print(1)"
+POOL_FILL_TIMEOUT_S = 60.0
 
 
 def summarize_ms(samples_s: list[float]) -> dict[str, float]:
@@ -31,10 +34,15 @@ def summarize_ms(samples_s: list[float]) -> dict[str, float]:
 
 
 def bench_sandbox(
-    provider: SandboxProvider, runs: int = 50, spec: TaskSpec | None = None
+    provider: SandboxProvider,
+    runs: int = 50,
+    spec: TaskSpec | None = None,
+    *,
+    warm: SandboxProvider | None = None,
 ) -> dict[str, Any]:
     """Measure ``runs`` cold starts (``start`` + first ``execute("print(1)")``; ``close`` is
-    not timed) and ``runs`` exec round trips on one started sandbox. JSON-able result."""
+    not timed), ``runs`` exec round trips on one started sandbox and, with ``warm``,
+    ``runs`` warm acquires and its pool's hits and misses. JSON-able result."""
     if runs < 1:
         raise ValueError("runs must be at least 1")
     spec = spec or TaskSpec(prompt="bench")
@@ -60,16 +68,47 @@ def bench_sandbox(
     finally:
         sandbox.close()
     report: dict[str, Any] = {
-        "backend": getattr(provider, "backend", type(provider).__name__),
+        "backend": provider.backend,
         "runs": runs,
         "cold_start_ms": summarize_ms(cold),
         "exec_roundtrip_ms": summarize_ms(roundtrip),
     }
-    # Extension point: providers with a warm pool report how fast they hand one out.
-    warm_acquire = getattr(provider, "warm_acquire_bench", None)
-    if callable(warm_acquire):
-        report["warm_acquire_ms"] = summarize_ms(list(warm_acquire(runs)))
+    if warm is not None:
+        report["warm_acquire_ms"] = summarize_ms(warm_acquire_samples(warm, runs, spec))
+        stats = warm.pool_stats()
+        report["pool"] = {"hits": stats.hits, "misses": stats.misses}
     return report
+
+
+def warm_acquire_samples(provider: SandboxProvider, runs: int, spec: TaskSpec) -> list[float]:
+    """Seconds per pool-served ``start`` (the pool filled before each); raises if the pool
+    does not fill or a start missed it."""
+    provider.start_pool()
+    samples = []
+    for i in range(runs):
+        _wait_for_full_pool(provider)
+        started = time.perf_counter()
+        sandbox = provider.start(spec, f"bench-warm-{i}")
+        elapsed = time.perf_counter() - started
+        try:
+            if not sandbox.pool_hit:
+                raise RuntimeError("a warm acquire missed the pool")
+        finally:
+            sandbox.close()
+        samples.append(elapsed)
+    return samples
+
+
+def _wait_for_full_pool(provider: SandboxProvider) -> None:
+    """Until the pool holds all it aims at, so no refill competes with the timed start."""
+    deadline = time.monotonic() + POOL_FILL_TIMEOUT_S
+    while True:
+        stats = provider.pool_stats()
+        if stats.idle >= max(stats.target, 1):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the warm pool did not fill within {POOL_FILL_TIMEOUT_S:g} s")
+        time.sleep(0.01)
 
 
 def _check(stdout: str) -> None:

@@ -11,11 +11,11 @@ python3 runner.py``:
   ``work_files`` files (``bwrap_dirs``: on the sandbox's private host folder when the worker
   may mount, else inside the sandbox); ``/tmp`` and ``/dev/shm`` are small tmpfs; minimal
   ``/proc``, ``/dev``. A worker that starts clears the folders of dead ones
-  (``bwrap_dirs.clear_stale``).
+  (``BwrapProvider.start_housekeeping``).
 - environment: cleared, then ``PATH``, ``HOME=/work``, ``LANG``, ``TMPDIR``,
   ``PYTHONDONTWRITEBYTECODE``, ``PYTHONUNBUFFERED`` only: no secret reaches the sandbox.
 - caps: a task asking for more ``memory_mb`` or ``cpus`` than the server's caps is refused
-  (``SandboxRefused``; the API refuses it first).
+  (``SandboxRefused``; the API refuses it first, ``caps.refusal``).
 - limits (``prlimit``): address space = ``spec.sandbox.memory_mb``, CPU seconds, processes,
   file size, open files, no core dumps. When the worker runs as root, each sandbox runs under
   its own host uid so ``RLIMIT_NPROC`` bounds that sandbox only (a fork bomb stays inside;
@@ -28,7 +28,8 @@ python3 runner.py``:
 - the network, when the server allows it and the task asks: ``--share-net``.
 
 A sandbox whose code would not stop, ran out of memory or crashed is killed; the next
-``execute`` starts a fresh runner and re-applies the task's files and ``setup_code``.
+``execute`` starts a fresh runner and re-applies the task's files and ``setup_code``
+(``session.Session``, shared with the Docker backend, says every outcome).
 """
 
 from __future__ import annotations
@@ -44,27 +45,25 @@ import signal
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.errors import SandboxError, SandboxRefused, SetupError
+import structlog
+
+from agent.errors import SandboxError, SandboxRefused
 from agent.models import TaskSpec
-from agent.sandbox import ExecResult
+from agent.sandbox import PoolStats
 from workers.sandbox import bwrap_dirs
-from workers.sandbox.caps import over_caps
+from workers.sandbox.caps import refusal
 from workers.sandbox.cgroups import Cgroups, join_command
 from workers.sandbox.pool import WarmPool
-from workers.sandbox.protocol import (
-    DEFAULT_GRACE_S,
-    PipeChannel,
-    RunnerClient,
-    RunnerDeadline,
-    RunnerLost,
-)
+from workers.sandbox.protocol import DEFAULT_GRACE_S, PipeChannel, RunnerLost, SessionClient
+from workers.sandbox.session import DEFAULT_SETUP_TIMEOUT_S, Exit, Session
+
+log = structlog.get_logger(__name__)
 
 RUNNER_PATH = Path(__file__).resolve().parents[2] / "sandbox_images" / "python" / "runner.py"
-RUNNER_EXIT_OUT_OF_MEMORY = 86  # runner.py's EXIT_OUT_OF_MEMORY
 SANDBOX_UID = 65534
 SANDBOX_WORK_DIR = "/work"
 SANDBOX_RUNNER_PATH = "/opt/actfleet/runner.py"
@@ -85,7 +84,6 @@ POOL_CREATORS = 2  # sandboxes a warm pool starts at once: a start mostly waits 
 _HOST_UID_BASE = 600_000  # host uids for sandboxes when running as root
 _HOST_UID_SPAN = 100_000
 _uid_counter = itertools.count()
-_LOST = "all variables and imports were lost"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +97,7 @@ class BwrapConfig:
     base_dir: str | None
     grace_s: float
     start_timeout_s: float
+    setup_timeout_s: float
     nproc: int
     fsize_mb: int
     nofile: int
@@ -136,6 +135,7 @@ class BwrapProvider:
         base_dir: str | None = None,
         grace_s: float = DEFAULT_GRACE_S,
         start_timeout_s: float = 10.0,
+        setup_timeout_s: float = DEFAULT_SETUP_TIMEOUT_S,
         nproc: int = 128,
         fsize_mb: int = 64,
         nofile: int = 256,
@@ -164,6 +164,7 @@ class BwrapProvider:
             base_dir=base_dir,
             grace_s=grace_s,
             start_timeout_s=start_timeout_s,
+            setup_timeout_s=setup_timeout_s,
             nproc=nproc,
             fsize_mb=fsize_mb,
             nofile=nofile,
@@ -186,11 +187,9 @@ class BwrapProvider:
         """A ready sandbox with ``spec.files`` written and ``spec.setup_code`` run: a warm
         one from the pool when the task's limits are the pool's, else a new one.
 
-        Raises ``SetupError`` if setup_code fails, ``SandboxError`` if no sandbox started.
+        Raises as ``agent.sandbox.SandboxProvider.start`` says.
         """
-        if spec.sandbox.network and not self.allow_network:
-            raise SandboxRefused("this server does not give tasks network access")
-        refused = over_caps(spec, self.max_memory_mb, self.max_cpus)
+        refused = refusal(spec.sandbox, self.allow_network, self.max_memory_mb, self.max_cpus)
         if refused:
             raise SandboxRefused(refused)
         pool = self._pool
@@ -200,7 +199,7 @@ class BwrapProvider:
             if warm is not None:
                 warm.adopt(spec, task_id)
             else:
-                sandbox.boot()
+                sandbox.prepare()
         except BaseException:
             sandbox.close()
             raise
@@ -216,7 +215,7 @@ class BwrapProvider:
 
         def create() -> BwrapSandbox:
             sandbox = BwrapSandbox(self.config, _POOLED, "", self.cgroups(), pooled=True)
-            sandbox.boot()
+            sandbox.prepare()
             return sandbox
 
         self._pool = WarmPool(
@@ -239,10 +238,21 @@ class BwrapProvider:
                 self._cgroups = Cgroups.detect()
             return self._cgroups or None
 
-    def pool_idle(self) -> int:
-        return self._pool.stats().idle if self._pool is not None else 0
+    def pool_stats(self) -> PoolStats:
+        pool = self._pool
+        return pool.stats() if pool is not None else PoolStats()
+
+    def start_housekeeping(self, is_worker_alive: Callable[[str], bool]) -> int:
+        """Remove the host folders of dead processes' sandboxes (``bwrap_dirs.clear_stale``:
+        the kernel's locks tell the dead, whatever ``is_worker_alive`` says); once, at start:
+        a folder is left behind only by a process that died, and every worker clears them
+        when it starts."""
+        removed = bwrap_dirs.clear_stale(self.config.base_dir)
+        log.info("sandbox.reaped", backend=self.backend, folders=len(removed))
+        return len(removed)
 
     def close(self) -> None:
+        """Stop the pool and kill its idle runners. Idempotent."""
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -260,11 +270,12 @@ def _cpu_s(spec: TaskSpec) -> int:
     return int(max(2 * spec.limits.timeout_s, 60))
 
 
-class BwrapSandbox:
-    """One task's session: a runner process under bubblewrap, restarted when it is lost.
+class BwrapSandbox(Session):
+    """One task's session (``session.Session``): a runner process under bubblewrap, in a
+    host folder (``root``) that outlives the runner, so a restart keeps ``/work`` when it
+    is mounted on the host."""
 
-    ``execute`` calls are serialised; ``close`` may come from any thread at any time.
-    """
+    backend = "bwrap"
 
     def __init__(
         self,
@@ -275,21 +286,13 @@ class BwrapSandbox:
         *,
         pooled: bool = False,
     ) -> None:
+        super().__init__(spec, task_id, setup_timeout_s=config.setup_timeout_s)
         self.config = config
         self.cgroups = cgroups
         self._cgroup_procs: list[Path] = []
-        self.spec = spec
-        self.task_id = task_id
-        self.restarts = 0
         self._waiting = pooled  # started ahead of demand, no task yet: low CPU weight
-        self._exec_lock = threading.Lock()
-        self._state_lock = threading.Lock()
-        self._closed = False
-        self._torn_down = False
         self._root: Path | None = None
         self._work_mounted = False  # /work is a tmpfs on the host folder (else in bwrap)
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._client: RunnerClient | None = None
         self.host_uid = (
             _HOST_UID_BASE + (os.getpid() * 1009 + next(_uid_counter)) % _HOST_UID_SPAN
             if config.separate_uids
@@ -301,7 +304,8 @@ class BwrapSandbox:
     @property
     def pid(self) -> int | None:
         """The host pid of the outer process (``bwrap``); its process group holds the rest."""
-        return self._proc.pid if self._proc else None
+        box = self._box
+        return box.proc.pid if isinstance(box, _BwrapBox) else None
 
     @property
     def work_dir(self) -> Path | None:
@@ -314,114 +318,51 @@ class BwrapSandbox:
         """The sandbox's host folder (``<tmp>/actfleet-bwrap-<owner>-*``)."""
         return self._root
 
-    pool_hit = False
-
-    def boot(self) -> None:
-        """Start the runner, write the files, run setup_code (``SetupError`` if it fails)."""
-        with self._exec_lock:
-            if self._closed:
-                raise SandboxError("the sandbox is closed")
-            self._start_runner()
-
     def adopt(self, spec: TaskSpec, task_id: str) -> None:
         """Give a pooled sandbox (started for ``_POOLED``) to a task: write its files and
-        run its setup_code, as ``boot`` does for a new one."""
-        with self._exec_lock:
-            if self._closed or self._client is None:
-                raise SandboxError("the pooled sandbox is gone")
-            self.spec, self.task_id, self.pool_hit = spec, task_id, True
-            self._waiting = False
-            self._move_cpu_group(busy=True)
-            self._apply_task()
+        run its setup_code, as ``prepare`` does for a new one."""
+        if self.closed or self._box is None:
+            raise SandboxError("the pooled sandbox is gone")
+        self.spec, self.task_id, self.pool_hit = spec, task_id, True
+        self._waiting = False
+        self._move_cpu_group(busy=True)
+        self.prepare()
 
     def alive(self) -> bool:
-        return not self._closed and self._proc is not None and self._proc.poll() is None
-
-    def execute(self, code: str, timeout_s: float, max_output_chars: int) -> ExecResult:
-        with self._exec_lock:
-            if self._closed:
-                return ExecResult(state_lost=True, note="The sandbox was closed.")
-            try:
-                if self._client is None:
-                    self.restarts += 1
-                    self._start_runner()
-                assert self._client is not None
-                started = time.monotonic()
-                try:
-                    return self._client.execute(code, timeout_s, max_output_chars)
-                except RunnerLost as e:
-                    return self._lost(e, timeout_s, time.monotonic() - started)
-            except SetupError as e:
-                raise SandboxError(f"could not restore the sandbox after a restart: {e}") from e
-            finally:
-                if self._closed:
-                    self._teardown()
-
-    def put_file(self, path: str, content: bytes) -> None:
-        """Write a file into the work dir (``ValueError`` for a path outside it)."""
-        with self._exec_lock:
-            if self._client is None:
-                raise SandboxError("the sandbox is not running")
-            try:
-                self._client.put_file(path, content)
-            except RunnerLost as e:
-                self._stop_runner()
-                raise SandboxError(f"put_file failed: {e}") from e
+        box = self._box
+        return not self.closed and isinstance(box, _BwrapBox) and box.proc.poll() is None
 
     def close(self) -> None:
         """Kill the whole process tree and remove the work dir. Idempotent, thread-safe."""
-        with self._state_lock:
-            if self._closed:
-                return
-            self._closed = True
-            proc = self._proc
-        if proc is not None:
+        if not self.closed:
             self._move_cpu_group(busy=False)  # its processes' exits yield to live tasks
-            _kill_sandbox(proc)  # unblocks an execute in flight: its recv sees EOF
-        if self._exec_lock.acquire(timeout=10):
-            try:
-                self._teardown()
-            finally:
-                self._exec_lock.release()
-        # else: the execute in flight tears down when it returns
-
-    def __enter__(self) -> BwrapSandbox:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
 
     def _move_cpu_group(self, busy: bool) -> None:
         cgroups, root = self.cgroups, self._root
-        if cgroups is None or cgroups.cpu is None or root is None:
+        if cgroups is None or cgroups.cpu is None or root is None or not self.alive():
             return
-        if self._proc is not None and self._proc.returncode is None:
-            cgroups.cpu.move(
-                cgroups.members(root.name), cgroups.cpu.busy if busy else cgroups.cpu.warm
-            )
+        cgroups.cpu.move(cgroups.members(root.name), cgroups.cpu.busy if busy else cgroups.cpu.warm)
 
-    # -- runner lifecycle (called with _exec_lock held) -----------------------------------
+    # -- runner lifecycle (called with the session's lock held) -------------------------
 
-    def _start_runner(self) -> None:
+    def _launch(self) -> _BwrapBox:
         if self._root is None:
             self._root = self._make_root()
         log = open(self._root / "runner.log", "ab")  # noqa: SIM115 (the child keeps it)
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         try:
-            with self._state_lock:
-                if self._closed:
-                    raise SandboxError("the sandbox was closed while starting")
-                self._proc = subprocess.Popen(
-                    self._command(),
-                    stdin=to_child_r,
-                    stdout=from_child_w,
-                    stderr=log,
-                    cwd=self._root,
-                    env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
-                    start_new_session=True,
-                    close_fds=True,
-                )
+            proc = subprocess.Popen(
+                self._command(),
+                stdin=to_child_r,
+                stdout=from_child_w,
+                stderr=log,
+                cwd=self._root,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
+                start_new_session=True,
+                close_fds=True,
+            )
         except OSError as e:
             for fd in (to_child_w, from_child_r):
                 os.close(fd)
@@ -430,98 +371,22 @@ class BwrapSandbox:
             for fd in (to_child_r, from_child_w):
                 os.close(fd)
             log.close()
-        self._client = RunnerClient(
-            PipeChannel(to_child_w, from_child_r), grace_s=self.config.grace_s
-        )
+        client = SessionClient(PipeChannel(to_child_w, from_child_r), grace_s=self.config.grace_s)
+        box = _BwrapBox(proc, client, self)
         try:
-            self._client.wait_ready(self.config.start_timeout_s)
+            client.wait_ready(self.config.start_timeout_s)
         except RunnerLost as e:
-            detail = self._log_tail()
-            self._stop_runner()
-            raise SandboxError(f"the sandbox did not start: {e}; {detail}") from e
-        self._apply_task()
+            box.stop(0)
+            raise SandboxError(f"the sandbox did not start: {e}; {self._log_tail()}") from e
+        return box
 
-    def _apply_task(self) -> None:
-        assert self._client is not None
-        try:
-            for f in self.spec.files:
-                self._client.put_file(f.path, f.content())
-        except ValueError as e:
-            raise SetupError(str(e)) from e
-        except RunnerLost as e:
-            self._stop_runner()
-            raise SandboxError(f"writing the task's files failed: {e}") from e
-        if not self.spec.setup_code:
-            return
-        limits = self.spec.limits
-        timeout_s = max(limits.exec_timeout_s, 60.0)
-        try:
-            result = self._client.execute(self.spec.setup_code, timeout_s, limits.max_output_chars)
-        except RunnerLost as e:
-            note = self._lost(e, timeout_s, 0.0).note
-            raise SetupError(f"setup_code: {note}") from e
-        if not result.ok:
-            parts = [result.error or "", result.stderr, result.stdout]
-            raise SetupError("setup_code failed:\n" + "\n".join(p for p in parts if p).strip())
-
-    def _lost(self, error: RunnerLost, timeout_s: float, duration_s: float) -> ExecResult:
-        closing = self._closed
-        timed_out = isinstance(error, RunnerDeadline)
-        returncode = self._stop_runner(wait_s=0 if timed_out or closing else 1.0)
-        if closing:
-            note = "The sandbox was closed while the code was running."
-        elif timed_out:
-            note = (
-                f"The execution did not stop within {timeout_s:g}s and the sandbox was "
-                f"restarted: {_LOST}."
-            )
-        else:
-            note = self._death_note(returncode)
-        return ExecResult(timed_out=timed_out, state_lost=True, note=note, duration_s=duration_s)
-
-    def _death_note(self, returncode: int | None) -> str:
-        memory_mb = self.spec.sandbox.memory_mb
-        log = self._log_tail()
-        oom_killed = (
-            self.cgroups is not None
-            and self._root is not None
-            and (self.cgroups.oom_killed(self._root.name))
-        )
-        if returncode == RUNNER_EXIT_OUT_OF_MEMORY or "out of memory" in log or oom_killed:
-            why = f"ran out of memory (limit {memory_mb} MB)"
-        elif returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
-            why = f"was killed, most likely for running out of memory (limit {memory_mb} MB)"
-        elif returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
-            why = "used up its CPU time limit"
-        elif returncode is not None and (returncode < 0 or returncode > 128):
-            signum = -returncode if returncode < 0 else returncode - 128
-            why = f"crashed ({_signal_name(signum)})"
-        else:
-            why = f"exited unexpectedly (status {returncode})"
-        return f"The sandbox's Python process {why} and was restarted: {_LOST}."
-
-    def _stop_runner(self, wait_s: float = 0.0) -> int | None:
-        """Kill the runner (after ``wait_s`` for one that is exiting by itself, so its real
-        exit status is seen), reap it, drop the channel; return its exit status."""
-        proc, client = self._proc, self._client
-        self._client = None
-        returncode = None
-        if proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                returncode = proc.wait(timeout=wait_s) if wait_s else None
-            if returncode is None:
-                _kill_sandbox(proc)
-                returncode = proc.returncode
-        if client is not None:
-            client.close()
-        return returncode
+    def _oom_killed(self) -> bool:
+        root = self._root
+        if "out of memory" in self._log_tail():
+            return True
+        return self.cgroups is not None and root is not None and self.cgroups.oom_killed(root.name)
 
     def _teardown(self) -> None:
-        if self._torn_down:
-            return
-        self._torn_down = True
-        self._stop_runner()
-        self._proc = None
         if self._root is not None:
             if self._cgroup_procs and self.cgroups is not None:
                 self.cgroups.remove(self._root.name)
@@ -646,6 +511,35 @@ class BwrapSandbox:
             return ""
 
 
+class _BwrapBox:
+    """One runner process tree (``session.Box``)."""
+
+    def __init__(
+        self, proc: subprocess.Popen[bytes], client: SessionClient, sandbox: BwrapSandbox
+    ) -> None:
+        self.proc = proc
+        self.client = client
+        self._sandbox = sandbox
+
+    def stop(self, wait_s: float) -> Exit:
+        returncode = None
+        if wait_s:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                returncode = self.proc.wait(timeout=wait_s)
+        if returncode is None:
+            _kill_sandbox(self.proc)
+        self.client.close()
+        if not wait_s:
+            return Exit()
+        return Exit(self.proc.returncode, oom_killed=self._sandbox._oom_killed())
+
+    def kill(self) -> None:
+        _kill_sandbox(self.proc)
+
+    def detail(self) -> str:
+        return self._sandbox._log_tail()
+
+
 def _kill_sandbox(proc: subprocess.Popen[bytes]) -> None:
     """Kill everything in the sandbox and reap the outer ``bwrap``.
 
@@ -733,10 +627,3 @@ def _which(program: str) -> str:
     if path is None:
         raise SandboxError(f"{program} is not installed (the bwrap backend needs it)")
     return path
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"

@@ -36,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
 CONTROLLERS = ("memory", "pids")
+STALE_AFTER_S = 60.0  # an empty sandbox cgroup this old is no sibling's just-made one
 WARM_CPU_SHARES = 102  # of the default 1024: the weight of nice 10 against nice 0
 BUSY_CPU_SHARES = 1024  # every busy sandbox together: one worker thread's weight
 
@@ -126,12 +127,15 @@ class Cgroups:
                         break
                     time.sleep(0.02)
 
-    def remove_stale(self) -> None:
-        """Empty cgroups left by a worker that died (rmdir fails on one still in use)."""
+    def remove_stale(self, older_than_s: float = STALE_AFTER_S) -> None:
+        """Empty cgroups left by a worker that died. A sibling worker in the same cgroup
+        makes a sandbox's cgroups a moment before the sandbox joins them, so an empty one
+        is stale only once it is older than ``older_than_s``; one in use refuses rmdir."""
+        cutoff = time.time() - older_than_s
         for base in self.bases.values():
             for path in base.iterdir():
-                if path.is_dir():
-                    with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError):
+                    if path.is_dir() and path.stat().st_mtime < cutoff:
                         path.rmdir()
 
 

@@ -3,7 +3,7 @@
 Each sandbox is one container running the image's runner (``sandbox_images/python``) as its
 entry point. The host talks to it over the container's attached stdin/stdout (one attach
 socket for the container's life, no ``docker exec`` per step), with the shared
-``RunnerClient``. Every container is hardened the same way (``container_config``): no
+``SessionClient``. Every container is hardened the same way (``container_config``): no
 network unless the task asks and the server allows it, a read-only root with size-capped
 tmpfs at /work and /tmp, all capabilities dropped, no-new-privileges, Docker's default
 seccomp profile, pids/memory(=memory+swap)/CPU limits, file-size and open-file ulimits, a
@@ -11,11 +11,13 @@ capped log, a non-root user, an init process, no mounts, an empty environment an
 naming the fleet, the task, the worker and an expiry time. Nothing here is chosen by the model: the
 task spec's ``sandbox`` section picks an allowed image and resources within server caps.
 
-Lifecycle: ``DockerSandbox.close`` removes the container on every path; an execution that
-will not stop by ``timeout_s + grace`` gets its container killed (``state_lost``), an
-out-of-memory kill is read from the container's state, and the next ``execute`` starts a
-fresh container with the task's files and ``setup_code`` re-applied. Containers a worker
-failed to remove (it was SIGKILLed, say) are removed by ``reaper.Reaper``, by label.
+Lifecycle: ``DockerSandbox`` is a ``session.Session`` (shared with the bwrap backend, which
+says every outcome); its boxes are containers. ``close`` removes the container on every
+path; an execution that will not stop by ``timeout_s + grace`` gets its container killed
+(``state_lost``), an out-of-memory kill is read from the container's state, and the next
+``execute`` starts a fresh container with the task's files and ``setup_code`` re-applied.
+Containers a worker failed to remove (it was SIGKILLed, say) are removed by
+``reaper.Reaper``, by label (``DockerProvider.start_housekeeping``).
 
 Errors::
 
@@ -30,19 +32,18 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import docker
 import docker.errors
 import structlog
 
-from agent.errors import SandboxError, SandboxRefused, SetupError
+from agent.errors import SandboxError, SandboxRefused
 from agent.models import SandboxSpec, TaskSpec
-from agent.sandbox import ExecResult
-from workers.sandbox.caps import over_caps
+from agent.sandbox import PoolStats
+from workers.sandbox.caps import refusal
 from workers.sandbox.docker_attach import AttachChannel
 from workers.sandbox.docker_config import (
     DEFAULT_IMAGE,
@@ -56,13 +57,10 @@ from workers.sandbox.docker_config import (
     Hardening,
     container_config,
 )
-from workers.sandbox.pool import PoolStats, WarmPool
-from workers.sandbox.protocol import (
-    RunnerClient,
-    RunnerDeadline,
-    RunnerLost,
-    RunnerProtocolError,
-)
+from workers.sandbox.pool import WarmPool
+from workers.sandbox.protocol import DEFAULT_GRACE_S, RunnerLost, SessionClient
+from workers.sandbox.reaper import Reaper
+from workers.sandbox.session import DEFAULT_SETUP_TIMEOUT_S, Exit, Session
 
 log = structlog.get_logger(__name__)
 
@@ -82,21 +80,95 @@ __all__ = [
     "container_config",
 ]
 
-EXIT_OUT_OF_MEMORY = 86  # the runner's own exit status after a MemoryError it can't report
+REAP_INTERVAL_S = 60.0
 
 
-@dataclass(eq=False)
-class _Box:
-    """One running container with its runner session."""
+class _Engine:
+    """The Docker engine as the backend uses it: one ``APIClient``, made on first use, and
+    the calls that must not raise (removal, state)."""
 
-    id: str
-    name: str
-    request: ContainerRequest
-    channel: AttachChannel
-    runner: RunnerClient
-    expires_at: float  # unix seconds (the label)
-    pooled: bool = False
-    removed: bool = field(default=False)
+    def __init__(
+        self, client: docker.DockerClient | docker.APIClient | None, base_url: str | None
+    ) -> None:
+        self._client = client
+        self._base_url = base_url
+        self._api: docker.APIClient | None = None
+
+    def api(self) -> docker.APIClient:
+        if self._api is None:
+            if isinstance(self._client, docker.DockerClient):
+                self._api = self._client.api
+            elif isinstance(self._client, docker.APIClient):
+                self._api = self._client
+            elif self._base_url is not None:
+                self._api = docker.APIClient(base_url=self._base_url)
+            else:
+                self._api = docker.APIClient(**docker.utils.kwargs_from_env())
+        return self._api
+
+    def remove(self, container_id: str) -> None:
+        """Remove (killing) a container; never raises: the reaper is the backstop."""
+        try:
+            self.api().remove_container(container_id, force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as e:
+            if e.status_code != 409:  # 409: a removal is already in progress
+                log.warning("sandbox.remove_failed", container=container_id, error=str(e))
+        except Exception as e:
+            log.warning("sandbox.remove_failed", container=container_id, error=repr(e))
+
+    def state(self, container_id: str, wait_exit_s: float) -> dict[str, Any]:
+        """The container's ``State``, waiting up to ``wait_exit_s`` for it to stop."""
+        deadline = time.monotonic() + wait_exit_s
+        while True:
+            try:
+                state: dict[str, Any] = self.api().inspect_container(container_id)["State"]
+            except docker.errors.DockerException:
+                return {}
+            if not state.get("Running") or time.monotonic() >= deadline:
+                return state
+            time.sleep(0.05)
+
+
+class _Container:
+    """One running container with its runner session (``session.Box``)."""
+
+    def __init__(
+        self,
+        engine: _Engine,
+        container_id: str,
+        name: str,
+        request: ContainerRequest,
+        channel: AttachChannel,
+        client: SessionClient,
+        expires_at: float,  # unix seconds (the label)
+    ) -> None:
+        self.engine = engine
+        self.id = container_id
+        self.name = name
+        self.request = request
+        self.channel = channel
+        self.client = client
+        self.expires_at = expires_at
+        self._removed = False
+
+    def stop(self, wait_s: float) -> Exit:
+        state = self.engine.state(self.id, wait_s) if wait_s and not self._removed else {}
+        self.kill()
+        self.channel.close()
+        if state.get("Running") or not state:
+            return Exit(oom_killed=bool(state.get("OOMKilled")))
+        return Exit(state.get("ExitCode"), oom_killed=bool(state.get("OOMKilled")))
+
+    def kill(self) -> None:
+        # Removing the container ends the attach stream: an execute in flight sees EOF.
+        if not self._removed:
+            self._removed = True
+            self.engine.remove(self.id)
+
+    def detail(self) -> str:
+        return bytes(self.channel.stderr_tail[-2000:]).decode("utf-8", "replace")
 
 
 class DockerProvider:
@@ -105,9 +177,8 @@ class DockerProvider:
     The constructor does no I/O. ``start_pool()`` begins pre-starting containers for
     ``image`` with the default resources (``pool_min_size``..``pool_max_size``); ``start``
     takes one from the pool when the task's request matches (a hit) or starts one (a
-    miss); ``start_async`` does the same on a thread, to overlap with the first LLM call.
-    ``close()`` stops the pool and removes its idle containers (not the sandboxes handed
-    out: close those).
+    miss). ``close()`` stops the pool and the reaper and removes the pool's idle
+    containers (not the sandboxes handed out: close those).
 
     ``fleet`` labels every container (``LABEL_FLEET``): the deployment it belongs to, so that
     a reaper removes only its own fleet's (``Settings.fleet``).
@@ -138,8 +209,8 @@ class DockerProvider:
         max_task_s: float = 3600.0,
         expiry_grace_s: float = 300.0,
         start_timeout_s: float = 30.0,
-        setup_timeout_s: float = 120.0,
-        exec_grace_s: float = 1.0,
+        setup_timeout_s: float = DEFAULT_SETUP_TIMEOUT_S,
+        exec_grace_s: float = DEFAULT_GRACE_S,
         max_threads: int = 8,
     ) -> None:
         self.worker_id = worker_id
@@ -157,45 +228,39 @@ class DockerProvider:
         self.start_timeout_s = start_timeout_s
         self.setup_timeout_s = setup_timeout_s
         self.exec_grace_s = exec_grace_s
-        self._client = client
-        self._base_url = base_url
-        self._api_client: docker.APIClient | None = None
+        self._engine = _Engine(client, base_url)
         self._max_threads = max_threads
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._pools: dict[ContainerRequest, WarmPool[_Box]] = {}
+        self._pools: dict[ContainerRequest, WarmPool[_Container]] = {}
         self._network_ready = False
-        self.hits = 0  # starts served by the warm pool
-        self.misses = 0  # starts that made a container on the spot
+        self._reaper: Reaper | None = None
+        self._host_cpus = float(os.cpu_count() or 1)
 
     # -- SandboxProvider ------------------------------------------------------------------
 
     def start(self, spec: TaskSpec, task_id: str) -> DockerSandbox:
         """A ready sandbox for ``task_id``: files written, ``setup_code`` run.
 
-        Raises ``SetupError`` if setup_code failed, ``SandboxRefused`` if the spec asks for
-        something not allowed, ``SandboxError`` if no container could be started.
+        Raises as ``agent.sandbox.SandboxProvider.start`` says (``SandboxRefused`` also for
+        an image this server does not allow).
         """
         request = self.request_for(spec.sandbox)
         deadline = time.time() + spec.limits.timeout_s + self.expiry_grace_s
-        started = time.perf_counter()
         box, hit = self._acquire(request, task_id, deadline)
-        sandbox = DockerSandbox(self, spec, task_id, box, deadline)
+
+        def relaunch() -> _Container:  # after a loss: the pool may serve it too
+            later = max(deadline, time.time() + self.expiry_grace_s)
+            return self._acquire(request, task_id, later)[0]
+
+        sandbox = DockerSandbox(spec, task_id, box, relaunch, self.setup_timeout_s)
         sandbox.pool_hit = hit
-        sandbox.acquire_s = time.perf_counter() - started
         try:
             sandbox.prepare()
         except BaseException:
             sandbox.close()
             raise
         return sandbox
-
-    def start_async(self, spec: TaskSpec, task_id: str) -> Future[DockerSandbox]:
-        """``start`` on the provider's threads: call it before the first LLM call and take
-        ``.result()`` when the first code block arrives."""
-        return self._threads().submit(self.start, spec, task_id)
-
-    # -- pool -----------------------------------------------------------------------------
 
     def start_pool(self) -> None:
         """Begin keeping warm containers for ``image`` with the default resources."""
@@ -205,11 +270,11 @@ class DockerProvider:
         with self._lock:
             if request in self._pools:
                 return
-            pool: WarmPool[_Box] = WarmPool(
+            pool: WarmPool[_Container] = WarmPool(
                 create=lambda: self._start_box(
                     request, "", time.time() + self.pool_max_age_s + self.max_task_s, True
                 ),
-                destroy=self._dispose,
+                destroy=_discard,
                 healthy=lambda box: box.channel.idle_ok(),
                 min_size=self.pool_min_size,
                 max_size=self.pool_max_size,
@@ -227,53 +292,58 @@ class DockerProvider:
             p.wait_ready(None, max(0.0, deadline - time.monotonic())) for p in self._pool_list()
         )
 
-    def pool_stats(self) -> dict[str, PoolStats]:
-        """Per image: hits, misses, idle, starting... (``provider.hits``/``misses`` also
-        count starts that no pool could serve)."""
-        return {p.name: p.stats() for p in self._pool_list()}
+    def pool_stats(self) -> PoolStats:
+        """Hits, misses, idle, starting... summed over the pools (one per image)."""
+        return sum((p.stats() for p in self._pool_list()), PoolStats())
+
+    def start_housekeeping(self, is_worker_alive: Callable[[str], bool]) -> int:
+        """Remove this fleet's containers of dead workers and expired ones (``Reaper``) now,
+        and every ``REAP_INTERVAL_S`` until ``close``; returns how many went now."""
+        with self._lock:
+            if self._reaper is None:
+                self._reaper = Reaper(self._engine.api(), is_worker_alive, fleet=self.fleet)
+            reaper = self._reaper
+        reaped = reaper.reap_once()
+        log.info("sandbox.reaped", backend=self.backend, containers=len(reaped))
+        reaper.start(REAP_INTERVAL_S)
+        return len(reaped)
 
     def close(self) -> None:
-        """Stop the pools and remove their idle containers."""
+        """Stop the reaper and the pools, and remove the pools' idle containers."""
         with self._lock:
             pools = list(self._pools.values())
             self._pools.clear()
             executor, self._executor = self._executor, None
+            reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.stop()
         for pool in pools:
             pool.close()
         if executor is not None:
             executor.shutdown(wait=False)
-
-    # -- internals used by DockerSandbox --------------------------------------------------
 
     def request_for(self, sandbox: SandboxSpec) -> ContainerRequest:
         """Map a spec's ``sandbox`` section onto what this server allows."""
         image = sandbox.image or self.image
         if image not in self.allowed_images:
             raise SandboxRefused(f"sandbox.image {image!r} is not allowed on this server")
-        if sandbox.network and not self.allow_network:
-            raise SandboxRefused("sandbox.network: this server does not allow network access")
-        refused = over_caps(
-            TaskSpec(prompt="", sandbox=sandbox),
-            self.hardening.max_memory_mb,
-            self.hardening.max_cpus,
-        )
+        hardening = self.hardening
+        refused = refusal(sandbox, self.allow_network, hardening.max_memory_mb, hardening.max_cpus)
         if refused:
             raise SandboxRefused(refused)
-        cpus = min(sandbox.cpus, float(os.cpu_count() or 1))  # no more than the host has
+        cpus = min(sandbox.cpus, self._host_cpus)  # no more than the host has
         return ContainerRequest(
             image=image, network=sandbox.network, memory_mb=sandbox.memory_mb, cpus=round(cpus, 2)
         )
 
+    # -- internals ------------------------------------------------------------------------
+
     def _acquire(
         self, request: ContainerRequest, task_id: str, deadline: float
-    ) -> tuple[_Box, bool]:
+    ) -> tuple[_Container, bool]:
+        """A container for ``request``: from its pool (True) or started now (False)."""
         pool = self._pools.get(request)
         box = pool.acquire(accept=lambda b: b.expires_at >= deadline) if pool else None
-        with self._lock:
-            if box is not None:
-                self.hits += 1
-            else:
-                self.misses += 1
         if box is not None:
             self._threads().submit(self._rename, box, task_id)
             return box, True
@@ -281,8 +351,8 @@ class DockerProvider:
 
     def _start_box(
         self, request: ContainerRequest, task_id: str, expires_at: float, pooled: bool
-    ) -> _Box:
-        api = self._api()
+    ) -> _Container:
+        api = self._engine.api()
         if request.network:
             self._ensure_network()
         name = _container_name(task_id, pooled)
@@ -313,56 +383,26 @@ class DockerProvider:
                 )
             )
             api.start(container_id)
-            runner = RunnerClient(channel, grace_s=self.exec_grace_s)
-            runner.wait_ready(self.start_timeout_s)
+            client = SessionClient(channel, grace_s=self.exec_grace_s)
+            client.wait_ready(self.start_timeout_s)
         except (docker.errors.DockerException, RunnerLost, OSError) as e:
             if channel is not None:
                 channel.close()
-            self._remove(container_id)
+            self._engine.remove(container_id)
             raise SandboxError(f"could not start a sandbox container: {e}") from e
         except BaseException:
             if channel is not None:
                 channel.close()
-            self._remove(container_id)
+            self._engine.remove(container_id)
             raise
         log.debug("sandbox.started", container=name, task_id=task_id, pooled=pooled)
-        return _Box(container_id, name, request, channel, runner, expires_at, pooled)
+        return _Container(self._engine, container_id, name, request, channel, client, expires_at)
 
-    def _dispose(self, box: _Box) -> None:
-        """Remove the container (killing it) and close our end. Idempotent, never raises."""
-        if not box.removed:
-            box.removed = True
-            self._remove(box.id)
-        box.channel.close()
-
-    def _remove(self, container_id: str) -> None:
-        try:
-            self._api().remove_container(container_id, force=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError as e:
-            if e.status_code != 409:  # 409: a removal is already in progress
-                log.warning("sandbox.remove_failed", container=container_id, error=str(e))
-        except Exception as e:  # the reaper is the backstop
-            log.warning("sandbox.remove_failed", container=container_id, error=repr(e))
-
-    def _state(self, box: _Box, wait_exit_s: float) -> dict[str, Any]:
-        """The container's ``State``, waiting up to ``wait_exit_s`` for it to stop."""
-        deadline = time.monotonic() + wait_exit_s
-        while True:
-            try:
-                state: dict[str, Any] = self._api().inspect_container(box.id)["State"]
-            except docker.errors.DockerException:
-                return {}
-            if not state.get("Running") or time.monotonic() >= deadline:
-                return state
-            time.sleep(0.05)
-
-    def _rename(self, box: _Box, task_id: str) -> None:
+    def _rename(self, box: _Container, task_id: str) -> None:
         """Name a pooled container after the task it now serves (labels are immutable)."""
         try:
             new_name = _container_name(task_id, False)
-            self._api().rename(box.id, new_name)
+            self._engine.api().rename(box.id, new_name)
             box.name = new_name
         except Exception as e:  # cosmetic: the container works without it
             log.debug("sandbox.rename_failed", container=box.id, error=repr(e))
@@ -371,7 +411,7 @@ class DockerProvider:
         with self._lock:
             if self._network_ready:
                 return
-            api = self._api()
+            api = self._engine.api()
             name = self.hardening.network_name
             try:
                 if not api.networks(names=[name]):
@@ -385,212 +425,46 @@ class DockerProvider:
                 raise SandboxError(f"could not create the sandbox network {name!r}: {e}") from e
             self._network_ready = True
 
-    def _api(self) -> docker.APIClient:
-        if self._api_client is None:
-            if isinstance(self._client, docker.DockerClient):
-                self._api_client = self._client.api
-            elif isinstance(self._client, docker.APIClient):
-                self._api_client = self._client
-            elif self._base_url is not None:
-                self._api_client = docker.APIClient(base_url=self._base_url)
-            else:
-                self._api_client = docker.APIClient(**docker.utils.kwargs_from_env())
-        return self._api_client
-
     def _threads(self) -> ThreadPoolExecutor:
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self._max_threads, "docker-sandbox")
             return self._executor
 
-    def _pool_list(self) -> list[WarmPool[_Box]]:
+    def _pool_list(self) -> list[WarmPool[_Container]]:
         with self._lock:
             return list(self._pools.values())
 
 
-class DockerSandbox:
-    """One task's session in a container (``agent.sandbox.Sandbox``).
+class DockerSandbox(Session):
+    """One task's session in a container (``session.Session``): after a loss, the next
+    ``execute`` runs in a fresh container (``relaunch``) with the task re-applied."""
 
-    ``execute`` calls are serialised. After the container was lost (killed at a timeout,
-    out of memory, died) the next ``execute`` transparently starts a fresh one with the
-    task's files and setup_code re-applied. ``close`` is idempotent and thread-safe; an
-    ``execute`` in flight then returns promptly with ``state_lost=True``.
-    """
+    backend = "docker"
 
     def __init__(
-        self, provider: DockerProvider, spec: TaskSpec, task_id: str, box: _Box, deadline: float
+        self,
+        spec: TaskSpec,
+        task_id: str,
+        box: _Container,
+        relaunch: Callable[[], _Container],
+        setup_timeout_s: float = DEFAULT_SETUP_TIMEOUT_S,
     ) -> None:
-        self._provider = provider
-        self._spec = spec
-        self.task_id = task_id
-        self._deadline = deadline
-        self._box: _Box | None = box
-        self._exec_lock = threading.Lock()
-        self._box_lock = threading.Lock()
-        self._closed = False
-        self.pool_hit = False
-        self.acquire_s = 0.0
-        self.restarts = 0
+        super().__init__(spec, task_id, box, setup_timeout_s=setup_timeout_s)
+        self._relaunch = relaunch
 
     @property
     def container_id(self) -> str | None:
         """The current container's id (``None`` between a loss and the next execute)."""
         box = self._box
-        return box.id if box is not None else None
+        return box.id if isinstance(box, _Container) else None
 
-    def prepare(self) -> None:
-        """Write the task's files and run its setup_code in the current container."""
-        with self._exec_lock:
-            box = self._box
-            if box is None:
-                raise SandboxError("the sandbox is closed")
-            self._apply(box)
-
-    def execute(self, code: str, timeout_s: float, max_output_chars: int) -> ExecResult:
-        with self._exec_lock:
-            if self._closed:
-                return _closed_result()
-            box = self._box
-            if box is None:
-                try:
-                    box = self._restart()
-                except SetupError as e:
-                    return ExecResult(
-                        error=str(e),
-                        state_lost=True,
-                        note="The sandbox was restarted but the task's setup code failed.",
-                    )
-                if box is None:
-                    return _closed_result()
-            started = time.perf_counter()
-            try:
-                return box.runner.execute(code, timeout_s, max_output_chars)
-            except RunnerLost as e:
-                duration = time.perf_counter() - started
-                note = self._lost(box, e, timeout_s)
-                return ExecResult(
-                    timed_out=isinstance(e, RunnerDeadline),
-                    state_lost=True,
-                    note=note,
-                    duration_s=round(duration, 6),
-                )
-
-    def close(self) -> None:
-        with self._box_lock:
-            if self._closed:
-                return
-            self._closed = True
-            box, self._box = self._box, None
-        if box is None:
-            return
-        # Removing the container ends the attach stream, so an execute in flight sees EOF
-        # and returns; it closes the channel itself. Otherwise close it here.
-        box.removed = True
-        self._provider._remove(box.id)
-        if self._exec_lock.acquire(blocking=False):
-            try:
-                box.channel.close()
-            finally:
-                self._exec_lock.release()
-        log.debug("sandbox.closed", container=box.name, task_id=self.task_id)
-
-    # -- internals ------------------------------------------------------------------------
-
-    def _apply(self, box: _Box) -> None:
-        try:
-            for f in self._spec.files:
-                box.runner.put_file(f.path, f.content())
-        except ValueError as e:
-            raise SetupError(f"files: {e}") from e
-        except RunnerLost as e:
-            raise SetupError(f"files: the sandbox died while writing them: {e}") from e
-        code = self._spec.setup_code
-        if not code:
-            return
-        timeout_s = max(self.setup_timeout_s, self._spec.limits.exec_timeout_s)
-        try:
-            result = box.runner.execute(code, timeout_s, self._spec.limits.max_output_chars)
-        except RunnerLost as e:
-            raise SetupError(f"setup_code: {self._lost(box, e, timeout_s)}") from e
-        if result.error is not None or result.timed_out:
-            raise SetupError(f"setup_code failed:\n{result.error or 'timed out'}")
-
-    @property
-    def setup_timeout_s(self) -> float:
-        return self._provider.setup_timeout_s
-
-    def _restart(self) -> _Box | None:
-        provider = self._provider
-        request = provider.request_for(self._spec.sandbox)
-        deadline = max(self._deadline, time.time() + provider.expiry_grace_s)
-        box, _ = provider._acquire(request, self.task_id, deadline)
-        with self._box_lock:
-            if self._closed:
-                closed = True
-            else:
-                closed = False
-                self._box = box
-        if closed:
-            provider._dispose(box)
-            return None
-        self.restarts += 1
-        try:
-            self._apply(box)
-        except SetupError:
-            with self._box_lock:
-                if self._box is box:
-                    self._box = None
-            provider._dispose(box)
-            raise
-        log.info("sandbox.restarted", container=box.name, task_id=self.task_id)
-        return box
-
-    def _lost(self, box: _Box, error: RunnerLost, timeout_s: float) -> str:
-        """Dispose of a container whose runner can't go on; say why, for the model."""
-        with self._box_lock:
-            if self._box is box:
-                self._box = None
-            closed = self._closed
-        provider = self._provider
-        if closed:
-            provider._dispose(box)
-            return "The sandbox was closed while the code ran."
-        state: dict[str, Any] = {}
-        if not isinstance(error, RunnerDeadline | RunnerProtocolError):
-            state = provider._state(box, wait_exit_s=2.0)
-        provider._dispose(box)
-        after = (
-            "Variables and imports from earlier steps are gone; the next execution runs in a "
-            "fresh session with the task's files and setup code re-applied."
-        )
-        if isinstance(error, RunnerDeadline):
-            why = (
-                f"The code did not stop at its {timeout_s:g} s time limit, "
-                "so the sandbox was killed."
-            )
-        elif state.get("OOMKilled") or state.get("ExitCode") == EXIT_OUT_OF_MEMORY:
-            why = (
-                f"The code ran out of memory (limit {box.request.memory_mb} MB) "
-                "and the sandbox was killed."
-            )
-        elif isinstance(error, RunnerProtocolError):
-            why = "The sandbox's runner stopped answering properly and was killed."
-        else:
-            code = state.get("ExitCode")
-            why = "The sandbox process exited" + (f" (exit code {code})." if code else ".")
-        log.info(
-            "sandbox.lost",
-            container=box.name,
-            task_id=self.task_id,
-            reason=type(error).__name__,
-            oom=bool(state.get("OOMKilled")),
-            stderr=bytes(box.channel.stderr_tail[-500:]).decode("utf-8", "replace"),
-        )
-        return f"{why} {after}"
+    def _launch(self) -> _Container:
+        return self._relaunch()
 
 
-def _closed_result() -> ExecResult:
-    return ExecResult(state_lost=True, note="The sandbox was closed.")
+def _discard(box: _Container) -> None:
+    box.stop(0)
 
 
 def _container_name(task_id: str, pooled: bool) -> str:

@@ -31,23 +31,15 @@ from typing import Generic, TypeVar
 
 import structlog
 
+from agent.sandbox import PoolStats
+
+__all__ = ["PoolStats", "WarmPool"]
+
 T = TypeVar("T")
 
 log = structlog.get_logger(__name__)
 
 _MAX_BACKOFF_S = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStats:
-    hits: int
-    misses: int
-    idle: int  # ready items waiting
-    starting: int  # items being created now
-    target: int
-    created: int
-    destroyed: int  # expired, surplus, unhealthy or left at close
-    failures: int  # create() raised
 
 
 @dataclass(slots=True)

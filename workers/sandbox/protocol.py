@@ -3,10 +3,10 @@
 The in-sandbox runner (``sandbox_images/python/runner.py``) speaks length-prefixed JSON:
 each frame is a 4-byte big-endian unsigned length followed by that many bytes of UTF-8
 JSON. A backend (bubblewrap, Docker, ...) only has to supply a ``Channel``: something that
-moves bytes to the runner's stdin and from its stdout. ``RunnerClient`` does the rest::
+moves bytes to the runner's stdin and from its stdout. ``SessionClient`` does the rest::
 
     channel = PipeChannel.for_process(proc)       # or a Docker attach socket, ...
-    client = RunnerClient(channel)
+    client = SessionClient(channel)
     client.wait_ready(timeout_s=10)                # -> the runner's hello frame
     client.put_file("data/input.csv", b"...")
     result = client.execute("x = 1\\nx + 1", timeout_s=30, max_output_chars=2000)
@@ -21,7 +21,7 @@ deadline the code would not stop, and the backend must kill the sandbox. Errors:
           +-- RunnerExited       the channel hit EOF (the runner died or was killed)
           +-- RunnerProtocolError  the runner sent something that is not a valid frame
 
-``RunnerClient`` is not thread-safe: a backend serialises calls (one execution at a time)
+``SessionClient`` is not thread-safe: a backend serialises calls (one execution at a time)
 and, to abort one from another thread, kills the runner so the pending ``recv`` sees EOF.
 """
 
@@ -44,7 +44,7 @@ from agent.text import replace_unencodable
 
 HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024
-DEFAULT_GRACE_S = 1.5
+DEFAULT_GRACE_S = 1.5  # past a cell's timeout_s, how long the host waits before it kills the runner
 _RECV_CHUNK = 1 << 20
 
 
@@ -132,7 +132,7 @@ class FrameDecoder:
         return messages
 
 
-class RunnerClient:
+class SessionClient:
     """Speaks the runner protocol over a ``Channel``. Does no I/O until called."""
 
     def __init__(

@@ -1,0 +1,165 @@
+"""``actfleet bench scale``: intake rate, status-poll latency and Redis bytes per queued task,
+through the real API on its own Redis, with no workers (only the API and Redis work).
+
+For each batch size N (``sizes``), on an emptied Redis: one ``POST /v1/batches`` of N
+typical task specs (``typical_spec``), timed from the first byte sent to the answer
+(``intake_tasks_per_s`` = N / that time); then ``polls`` sequential ``GET
+/v1/batches/{id}`` (p50/p95 in ms); then Redis memory per queued task, two ways:
+
+* ``bytes_per_task``: ``MEMORY USAGE`` of the keys one task creates (its record, its event
+  stream; sampled over ``SAMPLE`` tasks), plus its share of the keys the tasks share (the
+  tenant index, the queued index, the batch's task list, the broker queue with the task's
+  message), each share the key's size divided by N;
+* ``used_memory_per_task``: the growth of ``INFO memory`` ``used_memory`` divided by N (it
+  also counts Redis' own bookkeeping per key, and allocator slack).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from actfleet.benchfleet import percentile
+from actfleet.stack import LocalStack
+from store.apikeys import create_key
+from store.keys import TASK_QUEUE, Keys
+
+DEFAULT_SIZES = (1_000, 10_000, 100_000)
+DEFAULT_POLLS = 20
+SAMPLE = 200  # tasks whose own keys are measured
+KEY_PREFIX = "af"
+
+
+def typical_spec(i: int) -> dict[str, Any]:
+    """One line of the bench's batch: what an evaluation run sends (a prompt, an id, a turn
+    limit and an answer to grade against)."""
+    return {
+        "prompt": f"Task {i}: compute {i} * 7 and answer with the number only.",
+        "custom_id": f"task-{i:07d}",
+        "limits": {"max_turns": 4},
+        "expected": {"answer": str(i * 7), "grader": "numeric"},
+    }
+
+
+def batch_lines(n: int, spec: Callable[[int], dict[str, Any]] = typical_spec) -> Iterator[bytes]:
+    for i in range(n):
+        yield json.dumps(spec(i), separators=(",", ":")).encode() + b"\n"
+
+
+def p50_p95_ms(seconds: Sequence[float]) -> dict[str, float | None]:
+    """p50 and p95 of ``seconds``, in milliseconds (None without samples)."""
+    if not seconds:
+        return {"p50": None, "p95": None}
+    return {
+        "p50": round(percentile(list(seconds), 0.5) * 1000, 2),
+        "p95": round(percentile(list(seconds), 0.95) * 1000, 2),
+    }
+
+
+def rate(n: int, seconds: float) -> float:
+    """Tasks per second (0 when no time was measured)."""
+    return round(n / seconds, 1) if seconds > 0 else 0.0
+
+
+def bytes_per_task(own: Iterable[Sequence[int]], shared: Iterable[int], n: int) -> float:
+    """Mean bytes of the keys a task owns (one sequence of key sizes per sampled task)
+    plus each shared key's size split over the ``n`` tasks that share it."""
+    sampled = [sum(sizes) for sizes in own]
+    if not sampled or n < 1:
+        return 0.0
+    return round(sum(sampled) / len(sampled) + sum(shared) / n, 1)
+
+
+def run_scale_bench(
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    *,
+    polls: int = DEFAULT_POLLS,
+    env: dict[str, str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Start Redis and the API (no workers), then measure each size; see the module doc."""
+    if not sizes or min(sizes) < 1 or polls < 1:
+        raise ValueError("sizes must be >= 1 and polls >= 1")
+    say = progress or (lambda _msg: None)
+    largest = max(sizes)
+    stack_env = {
+        "ACTFLEET_LOG_LEVEL": "WARNING",
+        "ACTFLEET_KEY_PREFIX": KEY_PREFIX,
+        "ACTFLEET_MAX_BATCH_TASKS": str(largest),
+        "ACTFLEET_MAX_ACTIVE_PER_TENANT": str(largest),
+        "ACTFLEET_MAX_REQUEST_BYTES": str(max(64 << 20, largest * 1024)),
+        **(env or {}),
+    }
+    keys = Keys(KEY_PREFIX)
+    out: dict[str, Any] = {"sizes": {}}
+    with (
+        tempfile.TemporaryDirectory(prefix="actfleet-bench-scale-") as tmp,
+        LocalStack(workers=0, env=stack_env, state_dir=Path(tmp)) as stack,
+    ):
+        assert stack.redis_url is not None
+        r = redis.Redis.from_url(stack.redis_url)
+        try:
+            for n in sizes:
+                say(f"batch of {n} tasks")
+                out["sizes"][str(n)] = _one_size(stack.api_url, r, keys, n, polls)
+        finally:
+            r.close()
+    return out
+
+
+def _one_size(api_url: str, r: redis.Redis, keys: Keys, n: int, polls: int) -> dict[str, Any]:
+    r.flushall()
+    api_key, _ = create_key(r, keys, "bench", "bench scale")
+    before = int(r.info("memory")["used_memory"])
+    body = b"".join(batch_lines(n))
+    with httpx.Client(
+        base_url=api_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=600
+    ) as http:
+        t0 = time.perf_counter()
+        resp = http.post(
+            "/v1/batches", content=body, headers={"Content-Type": "application/x-ndjson"}
+        )
+        intake_s = time.perf_counter() - t0
+        if resp.status_code != 202:
+            raise RuntimeError(f"the API refused the batch: {resp.status_code} {resp.text[:500]}")
+        batch_id = resp.json()["id"]
+        poll_s = []
+        for _ in range(polls):
+            t = time.perf_counter()
+            status = http.get(f"/v1/batches/{batch_id}")
+            poll_s.append(time.perf_counter() - t)
+            status.raise_for_status()
+    after = int(r.info("memory")["used_memory"])
+    ids = [i.decode() for i in r.lrange(keys.batch_tasks(batch_id), 0, -1)]  # type: ignore[union-attr]
+    sample = random.Random(n).sample(ids, min(SAMPLE, len(ids)))
+    pipe = r.pipeline(transaction=False)
+    for task_id in sample:
+        pipe.memory_usage(keys.task(task_id), samples=0)
+        pipe.memory_usage(keys.events(task_id), samples=0)
+    sizes = [int(v or 0) for v in pipe.execute()]
+    own = [sizes[i : i + 2] for i in range(0, len(sizes), 2)]
+    shared_keys = [
+        keys.tenant_tasks("bench"),
+        *(keys.queued(s) for s in keys.shard_ids),
+        *(keys.batch_counts(batch_id, s) for s in keys.shard_ids),
+        keys.batch_tasks(batch_id),
+        TASK_QUEUE,
+    ]
+    shared = [int(r.memory_usage(k, samples=0) or 0) for k in shared_keys]
+    return {
+        "tasks": n,
+        "body_bytes": len(body),
+        "intake_s": round(intake_s, 3),
+        "intake_tasks_per_s": rate(n, intake_s),
+        "status_poll_ms": p50_p95_ms(poll_s),
+        "bytes_per_task": bytes_per_task(own, shared, n),
+        "used_memory_per_task": round((after - before) / n, 1),
+    }
