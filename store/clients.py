@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
-from redis.cluster import RedisCluster
+from redis.cluster import ClusterPipeline, RedisCluster
 
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
@@ -66,3 +66,14 @@ async def aload_scripts(client: Any, sources: Iterable[str]) -> None:
     if is_cluster(client):
         for source in sources:
             await client.script_load(source)
+
+
+def queue_script(script: Any, pipe: Any, keys: list[str], args: list[Any]) -> None:
+    """Queue ``script`` (a registered ``Script``) in the sync pipeline ``pipe``. A cluster's
+    pipeline refuses its ``evalsha`` method (redis-py blocks it) but routes the EVALSHA
+    command by its keys, so there it is sent as a command; the script must be loaded on
+    every master first (``load_scripts``). One Redis's pipeline loads it on demand."""
+    if isinstance(pipe, ClusterPipeline):
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+    else:
+        script(keys=keys, args=args, client=pipe)

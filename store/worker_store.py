@@ -30,7 +30,7 @@ from agent.events import Event
 from agent.models import Result
 from agent.text import text_of
 from store import scripts
-from store.clients import is_cluster, load_scripts
+from store.clients import is_cluster, load_scripts, queue_script
 from store.intake import MATERIALIZE
 from store.keys import DEFAULT_RETENTION, LEASE_TTL_S, STREAM_MAXLEN, Keys, Retention
 from store.patience import patiently
@@ -217,10 +217,12 @@ class WorkerStore:
             # The stream starts with the task's task.queued event (store.intake), in the
             # same round trip; it is idempotent, so a retry after a lost reply is harmless.
             pipe = self.r.pipeline(transaction=False)
-            self._materialize(keys=[k.task(task_id), k.events(task_id)], client=pipe)
-            self._claim(
-                keys=names,
-                args=[
+            queue_script(self._materialize, pipe, [k.task(task_id), k.events(task_id)], [])
+            queue_script(
+                self._claim,
+                pipe,
+                names,
+                [
                     worker_id,
                     repr(now),
                     self._lease_ms(),
@@ -232,7 +234,6 @@ class WorkerStore:
                     batch,
                     *started,
                 ],
-                client=pipe,
             )
             return pipe.execute()[1]
 
@@ -265,10 +266,11 @@ class WorkerStore:
             pipe = self.r.pipeline(transaction=False)
             expiry = self._expiry_ms()
             for task_id, owner, attempt in items:
-                self._renew(
-                    keys=[k.task(task_id), k.lease(task_id), k.running(k.shard(task_id))],
-                    args=[owner, self._lease_ms(), expiry, task_id, attempt],
-                    client=pipe,
+                queue_script(
+                    self._renew,
+                    pipe,
+                    [k.task(task_id), k.lease(task_id), k.running(k.shard(task_id))],
+                    [owner, self._lease_ms(), expiry, task_id, attempt],
                 )
             return pipe.execute()
 
@@ -371,8 +373,8 @@ class WorkerStore:
 
         def op() -> Any:
             pipe = self.r.pipeline(transaction=False)
-            self._finish(keys=keys_, args=args, client=pipe)
-            self._forget_checkpoint(keys=[self.keys.task(record.id)], client=pipe)
+            queue_script(self._finish, pipe, keys_, args)
+            queue_script(self._forget_checkpoint, pipe, [self.keys.task(record.id)], [])
             return pipe.execute()[0]
 
         out = self._pipelined(op)
