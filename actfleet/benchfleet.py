@@ -203,8 +203,12 @@ def run_fleet_bench(
 
     latencies, overheads, llm_extra, loop_extra = [], [], [], []
     statuses: dict[str, int] = {}
+    failures: dict[str, int] = {}  # failure class -> count, for the tasks that did not complete
     for rec in records:
         statuses[rec.status.value] = statuses.get(rec.status.value, 0) + 1
+        if rec.result is not None and rec.result.failure_class is not None:
+            key = f"{rec.result.failure_class.value}: {(rec.result.error or '')[:80]}"
+            failures[key] = failures.get(key, 0) + 1
         if rec.finished_at is None or rec.result is None:
             continue
         latencies.append(rec.finished_at - rec.created_at)
@@ -231,6 +235,7 @@ def run_fleet_bench(
         "warm_pool": warm_pool,
         "backend": settings.sandbox,
         "statuses": statuses,
+        "failures": failures,
         "submit_s": round(submit_s, 3),
         "wall_s": round(wall_s, 3),
         "ideal_s": round(ideal_s, 3),

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -481,3 +482,44 @@ def test_a_starting_worker_keeps_the_cgroups_a_sibling_just_made() -> None:
         assert not any((base / name).exists() for base in first.bases.values())
     finally:
         first.remove(name)
+
+
+def test_runners_start_a_few_at_a_time_whatever_the_wave(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a wave of tasks that all want a cold sandbox at once, more than the launch slots
+    from workers.sandbox import bwrap
+
+    inside, most = 0, 0
+    lock = threading.Lock()
+    launch_now = bwrap.BwrapSandbox._launch_now
+
+    def counted(self: BwrapSandbox) -> object:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        try:
+            return launch_now(self)
+        finally:
+            with lock:
+                inside -= 1
+
+    monkeypatch.setattr(bwrap.BwrapSandbox, "_launch_now", counted)
+    provider = BwrapProvider()
+    wave = bwrap.LAUNCH_SLOTS * 3
+    outputs: list[str] = []
+
+    def task(i: int) -> None:
+        # (each in its own thread, start to close: a runner dies with the thread that made it)
+        with provider.start(make_spec(), f"t{i}") as sb:
+            out = sb.execute("print(1)", 10, 100).stdout.strip()
+        with lock:
+            outputs.append(out)
+
+    threads = [threading.Thread(target=task, args=(i,)) for i in range(wave)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    # Then every one of them started and ran, never more than the slots starting at once
+    assert outputs == ["1"] * wave
+    assert 1 <= most <= bwrap.LAUNCH_SLOTS
