@@ -148,7 +148,8 @@ def _one_size(api_url: str, r: redis.Redis, keys: Keys, n: int, polls: int) -> d
     own = [sizes[i : i + 2] for i in range(0, len(sizes), 2)]
     shared_keys = [
         keys.tenant_tasks("bench"),
-        keys.queued,
+        *(keys.queued(s) for s in keys.shard_ids),
+        *(keys.batch_counts(batch_id, s) for s in keys.shard_ids),
         keys.batch_tasks(batch_id),
         TASK_QUEUE,
     ]

@@ -1,8 +1,10 @@
 """The FastAPI app factory: ``create_app(settings)``; run it with uvicorn.
 
 Construction does no I/O: the Redis clients, the store and the enqueuer are built in
-the lifespan and hung on ``app.state`` (settings, keys, redis, stream_redis, store,
-batches, enqueuer, intake, memory, metrics), which is what routes use. ``stream_redis`` serves the event
+the lifespan and hung on ``app.state`` (settings, keys, redis, stream_redis, broker,
+store, batches, enqueuer, intake, memory, metrics), which is what routes use. ``broker``
+is the task queue's Redis (``ACTFLEET_BROKER_URL``), the same client as ``redis`` unless
+it is set. ``stream_redis`` serves the event
 streams' blocking reads, whose socket timeout must outlast a heartbeat interval; every
 other command keeps the short one of ``redis``.
 """
@@ -47,14 +49,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise ActfleetError("ACTFLEET_REDIS_URL is not set: the API needs Redis")
         client = connect(settings.redis_url)
         streams = connect(settings.redis_url, block_s=settings.sse_heartbeat_s)
+        broker_url = settings.broker_url
+        separate = broker_url is not None and broker_url != settings.redis_url
+        broker = connect(broker_url) if broker_url is not None and separate else client
         retention = Retention(settings.record_retention_s, settings.stream_retention_s)
         store = ApiStore(client, app.state.keys, retention)
         app.state.redis = client
         app.state.stream_redis = streams
+        app.state.broker = broker
         app.state.store = store
         app.state.batches = BatchStore(store)
-        app.state.enqueuer = Enqueuer(client)
-        app.state.intake = Intake(client, app.state.keys)
+        app.state.enqueuer = Enqueuer(broker)
+        app.state.intake = Intake(client, app.state.keys, broker=broker, retention=retention)
         app.state.memory = MemoryGuard(
             client, settings.redis_memory_high_fraction, settings.redis_full_retry_after_s
         )
@@ -63,6 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await client.aclose()
             await streams.aclose()
+            if broker is not client:
+                await broker.aclose()
 
     app = FastAPI(
         title="actfleet",
@@ -101,7 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         broker consumer (those do not make the API unready: their own health does)."""
         state = request.app.state
         try:
-            fleet = await fleet_health(state.redis, state.keys)
+            fleet = await fleet_health(state.redis, state.keys, state.broker)
             memory = await state.memory.state()
         except Exception as e:  # any failure to reach Redis means "not ready"
             return JSONResponse({"status": "unavailable", "redis": repr(e)}, 503)
@@ -119,7 +127,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         fleet-wide task counts read from Redis."""
         state = request.app.state
         return Response(
-            await render(metrics, state.redis, state.keys), media_type=CONTENT_TYPE_LATEST
+            await render(metrics, state.redis, state.keys, state.broker),
+            media_type=CONTENT_TYPE_LATEST,
         )
 
     return app

@@ -30,13 +30,16 @@ class Enqueuer:
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
 
-    async def enqueue(self, task_ids: Sequence[str], enqueued_ms: int) -> None:
-        """Queue ``task_ids`` in order, all or none (one MULTI/EXEC for every chunk);
-        ``enqueued_ms`` is their score in the queued index (``ApiStore.write_tasks``)."""
+    async def enqueue(
+        self, task_ids: Sequence[str], enqueued_ms: int, batch_id: str | None = None
+    ) -> None:
+        """Queue ``task_ids`` (of ``batch_id``, if given) in order, all or none (one
+        MULTI/EXEC for every chunk); ``enqueued_ms`` is their score in the queued index
+        (``store.intake``)."""
         if not task_ids:
             return
         pipe = self.client.pipeline(transaction=True)
-        for queue, messages in run_task_pushes(task_ids, enqueued_ms):
+        for queue, messages in run_task_pushes(task_ids, enqueued_ms, batch_id):
             pipe.lpush(queue, *messages)
         try:
             await pipe.execute()
@@ -44,18 +47,24 @@ class Enqueuer:
             raise EnqueueError(f"the broker refused the task messages: {e!r}") from e
 
 
-async def fleet_health(client: aioredis.Redis, keys: Keys) -> dict[str, Any]:
-    """The task queue's depth (reading it proves the broker list is reachable) and the
-    workers that sent a heartbeat within ``WORKER_TTL_S``, with those whose status says
-    their broker consumer is dead. Raises Redis errors."""
+async def fleet_health(
+    client: aioredis.Redis, keys: Keys, broker: aioredis.Redis | None = None
+) -> dict[str, Any]:
+    """The task queue's depth on ``broker`` (default: ``client``; reading it proves the
+    broker list is reachable) and the workers that sent a heartbeat within
+    ``WORKER_TTL_S``, with those whose status says their broker consumer is dead. Raises
+    Redis errors."""
     now = time.time()
+    depth = await (broker or client).llen(TASK_QUEUE)
+    await client.ping()  # on its own: a cluster's pipeline takes keyed commands only
     pipe = client.pipeline(transaction=False)
-    pipe.ping()
-    pipe.llen(TASK_QUEUE)
     pipe.zremrangebyscore(keys.workers, "-inf", now - WORKER_TTL_S)
     pipe.zrange(keys.workers, 0, -1)
-    _, depth, _, workers = await pipe.execute()
-    raw = await client.mget([keys.worker(text_of(w)) for w in workers]) if workers else []
+    _, workers = await pipe.execute()
+    pipe = client.pipeline(transaction=False)  # not MGET: the keys may be on many nodes
+    for w in workers:
+        pipe.get(keys.worker(text_of(w)))
+    raw = await pipe.execute() if workers else []
     alive = {text_of(w): json.loads(v) for w, v in zip(workers, raw, strict=True) if v}
     stalled = sorted(w for w, status in alive.items() if status.get("consumer") == "stalled")
     return {

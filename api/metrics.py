@@ -6,8 +6,9 @@ Three sources, one page:
 * with ``PROMETHEUS_MULTIPROC_DIR`` set, every process writing to that directory (API
   workers and Celery workers on this machine), through the multiprocess collector;
 * fleet-wide numbers read from Redis at scrape time, true whichever machine the workers run
-  on: ``actfleet_fleet_tasks_finished_total{status}`` (the counts FINISH keeps in
-  ``{p}:stats:finished``), ``actfleet_fleet_tasks_running`` and ``actfleet_fleet_queue_depth``.
+  on: ``actfleet_fleet_tasks_finished_total{status}`` (the counts FINISH keeps in each
+  shard's ``{p}:{s}:stats:finished``, summed), ``actfleet_fleet_tasks_running`` and
+  ``actfleet_fleet_queue_depth``.
 """
 
 from __future__ import annotations
@@ -80,21 +81,26 @@ class _Fleet:
         )
 
 
-async def render(metrics: ApiMetrics, client: Any, keys: Keys) -> bytes:
-    """The ``/metrics`` page: process metrics, then fleet-wide numbers from Redis."""
+async def render(metrics: ApiMetrics, client: Any, keys: Keys, broker: Any = None) -> bytes:
+    """The ``/metrics`` page: process metrics, then fleet-wide numbers from Redis (the
+    queue's depth from ``broker``, default ``client``)."""
     page = generate_latest(metrics.exposition_registry())
     try:
+        queued = await (broker or client).llen(TASK_QUEUE)
         pipe = client.pipeline(transaction=False)
-        pipe.hgetall(keys.finished_counts)
-        pipe.zcard(keys.running)
-        pipe.llen(TASK_QUEUE)
-        finished, running, queued = await pipe.execute()
+        for shard in keys.shard_ids:
+            pipe.hgetall(keys.finished_counts(shard))
+            pipe.zcard(keys.running(shard))
+        per_shard = await pipe.execute()
     except Exception:  # Redis down: still serve the process metrics (readyz reports it)
         return page
+    finished: dict[str, int] = {}
+    for counts in per_shard[::2]:
+        for k, v in counts.items():
+            finished[text_of(k)] = finished.get(text_of(k), 0) + int(v)
+    running = sum(int(n) for n in per_shard[1::2])
     fleet = CollectorRegistry()
-    fleet.register(
-        _Fleet({text_of(k): int(v) for k, v in finished.items()}, int(running), int(queued))
-    )
+    fleet.register(_Fleet(finished, running, int(queued)))
     return page + generate_latest(fleet)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from typing import Any, Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,7 +26,14 @@ class Settings(BaseSettings):
 
     # shared
     redis_url: str | None = Field(
-        None, description="Redis for queue, records and streams; `actfleet up` starts one if unset"
+        None,
+        description="Redis for queue, records and streams; `actfleet up` starts one if unset; "
+        "`redis+cluster://host:port` names a Redis Cluster (then set ACTFLEET_BROKER_URL)",
+    )
+    broker_url: str | None = Field(
+        None,
+        description="Redis for the task queue (the Celery broker), when it is not "
+        "ACTFLEET_REDIS_URL's: records and streams then live on one Redis, messages on this one",
     )
     key_prefix: str = "af"
     model: str = Field("actfleet-fake", description="model used when a task names none")
@@ -169,6 +177,11 @@ class Settings(BaseSettings):
         return v
 
     @property
+    def broker(self) -> str | None:
+        """Where the task queue lives: ``broker_url``, else ``redis_url``."""
+        return self.broker_url or self.redis_url
+
+    @property
     def allowlist(self) -> Allowlist:
         """``webhook_allowlist``, parsed."""
         return Allowlist.parse(self.webhook_allowlist)
@@ -197,6 +210,12 @@ class Settings(BaseSettings):
     def _consistent(self) -> Self:
         """Refuse settings that contradict each other, at start-up, saying which."""
         problems = []
+        cluster = urlsplit(self.redis_url or "").scheme.endswith("+cluster")  # store.clients
+        if cluster and not self.broker_url:
+            problems.append(
+                "ACTFLEET_REDIS_URL names a Redis Cluster, which cannot hold the task queue: "
+                "set ACTFLEET_BROKER_URL to a plain Redis for it"
+            )
         if self.max_batch_tasks > self.max_active_per_tenant:
             problems.append(
                 f"ACTFLEET_MAX_BATCH_TASKS ({self.max_batch_tasks}) is above "

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a fresh machine lacks, installed idempotently:
-#   Debian packages (redis-server, bubblewrap, chromium for the HTML report's browser test,
+#   Debian packages (redis-server, redis-tools' redis-cli for the cluster test, bubblewrap,
+#   chromium for the HTML report's browser test,
 #   and for the Docker backend docker.io and debootstrap), a virtualenv at .venv with actfleet and its dev tools, and, unless
 #   ACTFLEET_SETUP_DOCKER=0, a running Docker engine with the sandbox image built.
 set -euo pipefail
@@ -11,7 +12,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 need=()
 # Playwright drives Debian's chromium (never `playwright install`: it downloads a browser).
-for pair in redis-server:redis-server bwrap:bubblewrap chromium:chromium; do
+for pair in redis-server:redis-server redis-cli:redis-tools bwrap:bubblewrap chromium:chromium; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -25,12 +25,12 @@ from agent.errors import ActfleetError
 from agent.loop import finished_event
 from agent.models import FailureClass, Result, Status, TaskSpec
 from agent.text import text_of
+from store.clients import aload_scripts, async_client
 from store.intake import MATERIALIZE
 from store.keys import DEFAULT_RETENTION, Keys, Retention
 from store.records import RecordError, TaskRecord, new_task_id
 from store.scripts import FINISH, finish_call
 
-WRITE_CHUNK = 500  # tasks per MULTI/EXEC when submitting
 SOCKET_TIMEOUT_S = 5.0  # a command that gets no reply for this long fails
 STREAM_READ_MARGIN_S = 10.0  # a blocking read's socket waits this much past its block time
 
@@ -43,9 +43,10 @@ def connect(url: str, *, block_s: float = 0.0) -> aioredis.Redis:
     on each of them would fail. Only connection errors are retried, not timeouts (a
     command that timed out may have run). ``block_s``: the longest blocking read this
     client does (``XREAD BLOCK``); its socket timeout must outlast it, or redis-py
-    aborts the read as a timeout while Redis is merely waiting for data.
+    aborts the read as a timeout while Redis is merely waiting for data. A cluster URL
+    (``store.clients``) gives a cluster client.
     """
-    return aioredis.Redis.from_url(
+    return async_client(
         url,
         decode_responses=True,
         socket_timeout=max(SOCKET_TIMEOUT_S, block_s + STREAM_READ_MARGIN_S),
@@ -58,14 +59,18 @@ def connect(url: str, *, block_s: float = 0.0) -> aioredis.Redis:
     )
 
 
-# RESERVE_SLOTS: take n slots of a tenant's active-task budget, or none.
-# KEYS: 1 tenant active counter. ARGV: 1 n, 2 limit.
-# Returns {1, new count} on success, {0, current count} when n more would pass the limit.
+# RESERVE_SLOTS: take n slots of a tenant's active-task budget, or none. A tenant's
+# unfinished tasks are the slots it reserved minus its tasks that finished (counted per
+# shard by FINISH, summed by the caller just before: a sum read a moment early is too
+# small, so the check errs on the side of refusing, never lets a tenant past its limit).
+# KEYS: 1 tenant reserved counter. ARGV: 1 n, 2 limit, 3 finished (the shards' sum).
+# Returns {1, unfinished now} on success, {0, unfinished} when n more would pass the limit.
 RESERVE_SLOTS = """
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(ARGV[3])
 local n = tonumber(ARGV[1])
+if cur < 0 then cur = 0 end
 if cur + n > tonumber(ARGV[2]) then return {0, cur} end
-return {1, redis.call('INCRBY', KEYS[1], n)}
+return {1, redis.call('INCRBY', KEYS[1], n) - tonumber(ARGV[3])}
 """
 
 # RETURN_SLOTS: give back n reserved slots (never below zero). KEYS: 1 counter. ARGV: 1 n.
@@ -130,15 +135,29 @@ class ApiStore:
         self._request_cancel = client.register_script(REQUEST_CANCEL)
         self._finish = client.register_script(FINISH)
         self._materialize = client.register_script(MATERIALIZE)
+        self._loaded = False  # are the pipelined scripts loaded (only a cluster needs it)
 
     # -- submit -------------------------------------------------------------------------
 
     async def reserve(self, tenant: str, n: int, limit: int) -> None:
+        finished = await self._finished(tenant)
         ok, count = await self._reserve_slots(
-            keys=[self.keys.tenant_active(tenant)], args=[n, limit]
+            keys=[self.keys.tenant_active(tenant)], args=[n, limit, finished]
         )
         if not int(ok):
             raise TenantLimitError(int(count), n, limit)
+
+    async def active(self, tenant: str) -> int:
+        """The tenant's unfinished tasks (reserved slots less finished tasks)."""
+        finished = await self._finished(tenant)
+        reserved = await self.client.get(self.keys.tenant_active(tenant))
+        return max(0, int(reserved or 0) - finished)
+
+    async def _finished(self, tenant: str) -> int:
+        pipe = self.client.pipeline(transaction=False)
+        for shard in self.keys.shard_ids:
+            pipe.get(self.keys.tenant_finished(tenant, shard))
+        return sum(int(v or 0) for v in await pipe.execute())
 
     async def release(self, tenant: str, n: int) -> None:
         if n > 0:
@@ -228,8 +247,15 @@ class ApiStore:
             await self.finish_cancelled(rec.id, rec.tenant, rec.batch_id, rec.attempt)
         return await self.get_task(tenant, task_id)
 
+    async def _pipelined_scripts(self) -> None:
+        """Scripts sent in a pipeline must be loaded on a cluster's masters first."""
+        if not self._loaded:
+            await aload_scripts(self.client, (REQUEST_CANCEL, FINISH, MATERIALIZE))
+            self._loaded = True
+
     async def request_cancel_many(self, task_ids: Sequence[str]) -> list[str | None]:
         """Flag every non-terminal task; return each task's status before the call."""
+        await self._pipelined_scripts()
         pipe = self.client.pipeline(transaction=False)
         for task_id in task_ids:
             await self._request_cancel(keys=[self.keys.task(task_id)], client=pipe)
@@ -241,6 +267,7 @@ class ApiStore:
         """Finish a queued task as cancelled; False if a worker took it first (the worker
         then sees ``cancel_requested`` and stops)."""
         keys, args = self.finish_cancelled_call(task_id, tenant, batch_id, attempt)
+        await self._pipelined_scripts()
         pipe = self.client.pipeline(transaction=False)
         await self._materialize(
             keys=[self.keys.task(task_id), self.keys.events(task_id)], client=pipe
@@ -250,6 +277,7 @@ class ApiStore:
         return not isinstance(out, int)
 
     async def finish_cancelled_many(self, tasks: Sequence[tuple[str, str, str | None, int]]) -> int:
+        await self._pipelined_scripts()
         pipe = self.client.pipeline(transaction=False)
         for t in tasks:
             keys, args = self.finish_cancelled_call(*t)

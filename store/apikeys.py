@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from agent.errors import ActfleetError
 from agent.text import text_of
 from store import webhook_secrets
+from store.clients import is_cluster
 from store.keys import Keys
 
 KEY_PREFIX = "af_"
@@ -78,7 +79,7 @@ def issue_key(client: redis.Redis, keys: Keys, tenant: str, name: str = "") -> I
     key = new_key()
     info = ApiKeyInfo(hash_key(key), tenant, name, time.time())
     secret = webhook_secrets.new_secret()
-    pipe = client.pipeline(transaction=True)
+    pipe = client.pipeline(transaction=not is_cluster(client))  # one slot each: not on a cluster
     pipe.hset(
         keys.apikey(info.key_hash),
         mapping={"tenant": tenant, "name": name, "created_at": repr(info.created_at)},
@@ -128,7 +129,7 @@ def revoke_key(client: redis.Redis, keys: Keys, key_or_hash: str) -> ApiKeyInfo:
     found = [i for i in list_keys(client, keys) if candidates and i.key_hash == candidates[0]]
     if not found:
         raise ApiKeyError(f"no such key: {key_or_hash!r}")
-    pipe = client.pipeline(transaction=True)
+    pipe = client.pipeline(transaction=not is_cluster(client))  # one slot each: not on a cluster
     pipe.delete(keys.apikey(found[0].key_hash))
     pipe.zrem(keys.apikeys, found[0].key_hash)
     pipe.execute()

@@ -1,18 +1,18 @@
 """Batches on the API's asyncio client: the record, status counts, results, cancel.
 
 A batch is ``{p}:batch:{id}`` (hash: id, tenant, total, created_at, cancel_requested, and
-for a batch with a webhook: webhook_url; FINISH adds correct and finished_at),
-``{p}:batch:{id}:tasks`` (the task ids in input order) and ``{p}:batch:{id}:counts``
-(terminal status -> count, bumped by FINISH). Stats are computed from the task records
-themselves, read with pipelined HMGETs: a finished task never changes, so its summary is
-cached (``SummaryCache``) and a poll of a large batch only reads the tasks still moving.
+for a batch with a webhook: webhook_url; FINISH adds finished_at when it schedules
+batch.finished), ``{p}:batch:{id}:tasks`` (the task ids in input order) and
+``{p}:batch:{id}:counts``: the counters (``store.keys``) that every status transition of
+one of its tasks moves in the same script (``store.scripts``). A status poll reads those
+two hashes, whatever the batch's size; results and exports read the task records a page
+at a time. ``tally`` computes the same counters from the records, for checks.
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,43 +57,14 @@ class BatchRecord:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Summary:
-    """What batch stats need from one finished task."""
-
-    status: str
-    correct: bool | None
-    turns: int
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class SummaryCache:
-    """Summaries of finished tasks by id, least recently used evicted first."""
-
-    def __init__(self, max_items: int = 200_000) -> None:
-        self.max_items = max_items
-        self._items: OrderedDict[str, Summary] = OrderedDict()
-
-    def get(self, task_id: str) -> Summary | None:
-        s = self._items.get(task_id)
-        if s is not None:
-            self._items.move_to_end(task_id)
-        return s
-
-    def put(self, task_id: str, s: Summary) -> None:
-        self._items[task_id] = s
-        self._items.move_to_end(task_id)
-        while len(self._items) > self.max_items:
-            self._items.popitem(last=False)
+COUNTERS = ("finished", "turns", "prompt_tokens", "completion_tokens", "correct", "succeeded")
 
 
 class BatchStore:
-    def __init__(self, tasks: ApiStore, cache: SummaryCache | None = None) -> None:
+    def __init__(self, tasks: ApiStore) -> None:
         self.tasks = tasks
         self.client = tasks.client
         self.keys = tasks.keys
-        self.cache = cache or SummaryCache()
 
     async def get(self, tenant: str, batch_id: str) -> BatchRecord | None:
         h = await self.client.hgetall(self.keys.batch(batch_id))
@@ -114,30 +85,20 @@ class BatchStore:
             yield [text_of(i) for i in chunk]
             start += len(chunk)
 
+    async def counters(self, batch_id: str) -> dict[str, int]:
+        """The batch's counters (``store.keys``), summed over the shards."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard in self.keys.shard_ids:
+            pipe.hgetall(self.keys.batch_counts(batch_id, shard))
+        return sum_counters(await pipe.execute())
+
     async def stats(self, batch: BatchRecord) -> dict[str, Any]:
-        counts = {s.value: 0 for s in Status}
-        turns = prompt = completion = finished = good = 0
-        async for ids in self.ids(batch.id):
-            pending = [i for i in ids if self.cache.get(i) is None]
-            pipe = self.client.pipeline(transaction=False)
-            for task_id in pending:
-                pipe.hmget(self.keys.task(task_id), ["status", "result"])
-            for task_id, (status, result) in zip(pending, await pipe.execute(), strict=True):
-                if status is not None and text_of(status) in TERMINAL_STATUSES and result:
-                    self.cache.put(task_id, _summary(text_of(status), json.loads(result)))
-                elif status is not None:
-                    counts[text_of(status)] = counts.get(text_of(status), 0) + 1
-            for task_id in ids:
-                s = self.cache.get(task_id)
-                if s is None:
-                    continue
-                counts[s.status] = counts.get(s.status, 0) + 1
-                finished += 1
-                turns += s.turns
-                prompt += s.prompt_tokens
-                completion += s.completion_tokens
-                if s.status == Status.COMPLETED and s.correct is not False:
-                    good += 1
+        """The batch's status, from its counters: one read per shard whatever its size."""
+        c = await self.counters(batch.id)
+        counts = {s.value: max(0, c.get(s.value, 0)) for s in Status}
+        finished = c.get("finished", 0)
+        turns, good = c.get("turns", 0), c.get("succeeded", 0)
+        prompt, completion = c.get("prompt_tokens", 0), c.get("completion_tokens", 0)
         done = finished >= batch.total
         if batch.cancel_requested:
             state = "cancelled" if done else "cancelling"
@@ -200,15 +161,33 @@ class BatchStore:
         return {"cancelled": cancelled, "stopping": requested, "already_finished": already}
 
 
-def _summary(status: str, result: dict[str, Any]) -> Summary:
-    usage = result.get("usage") or {}
-    return Summary(
-        status=status,
-        correct=result.get("correct"),
-        turns=int(result.get("turns") or 0),
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-    )
+def sum_counters(hashes: Iterable[dict[Any, Any]]) -> dict[str, int]:
+    """Counters read from each shard's counts hash, added up (flags excluded)."""
+    out: dict[str, int] = {}
+    for h in hashes:
+        for k, v in h.items():
+            name = text_of(k)
+            if name != "webhook":
+                out[name] = out.get(name, 0) + int(v)
+    return out
+
+
+def tally(records: Iterable[tuple[str, dict[str, Any] | None]]) -> dict[str, int]:
+    """The counters a batch's transitions keep (``store.keys``), recounted from its tasks'
+    (status, result) pairs: what the counts hash must hold once no task is moving."""
+    out = {s.value: 0 for s in Status} | dict.fromkeys(COUNTERS, 0)
+    for status, result in records:
+        out[status] += 1
+        if status not in TERMINAL_STATUSES or result is None:
+            continue
+        usage = result.get("usage") or {}
+        out["finished"] += 1
+        out["turns"] += int(result.get("turns") or 0)
+        out["prompt_tokens"] += int(usage.get("prompt_tokens") or 0)
+        out["completion_tokens"] += int(usage.get("completion_tokens") or 0)
+        out["correct"] += result.get("correct") is True
+        out["succeeded"] += status == Status.COMPLETED and result.get("correct") is not False
+    return out
 
 
 def _result_line(

@@ -94,16 +94,15 @@ def make_celery(
     return app
 
 
-def enqueue(app: Celery, task_id: str, enqueued_ms: int) -> None:
+def enqueue(app: Celery, task_id: str, enqueued_ms: int, batch_id: str | None = None) -> None:
     """Push a ``run_task`` message for ``task_id``; ``enqueued_ms`` (unix ms) is the push
     time recorded in the queued index (``store.keys``), carried so that the worker that
-    takes the message can tell how far the FIFO queue has moved."""
-    app.send_task(
-        keys.RUN_TASK,
-        args=[task_id],
-        kwargs={"enqueued_ms": enqueued_ms},
-        queue=keys.TASK_QUEUE,
-    )
+    takes the message can tell how far the FIFO queue has moved. ``batch_id``: the task's
+    batch, which spares the claim a round trip (``WorkerStore.claim``)."""
+    kwargs: dict[str, Any] = {"enqueued_ms": enqueued_ms}
+    if batch_id:
+        kwargs["batch_id"] = batch_id
+    app.send_task(keys.RUN_TASK, args=[task_id], kwargs=kwargs, queue=keys.TASK_QUEUE)
 
 
 # -- bulk enqueue ---------------------------------------------------------------------------
@@ -137,11 +136,14 @@ _MESSAGE = (
 )
 
 
-def run_task_message(task_id: str, enqueued_ms: int) -> str:
-    """The broker message that ``enqueue(app, task_id, enqueued_ms)`` would push, with only
-    the fields a worker reads."""
+def run_task_message(task_id: str, enqueued_ms: int, batch_id: str | None = None) -> str:
+    """The broker message that ``enqueue(app, task_id, enqueued_ms, batch_id)`` would push,
+    with only the fields a worker reads."""
     message_id = str(uuid.uuid4())
-    body = orjson.dumps([[task_id], {"enqueued_ms": enqueued_ms}, {}])
+    kwargs: dict[str, Any] = {"enqueued_ms": enqueued_ms}
+    if batch_id:
+        kwargs["batch_id"] = batch_id
+    body = orjson.dumps([[task_id], kwargs, {}])
     return _MESSAGE.format(
         body=base64.b64encode(body).decode(),
         task=keys.RUN_TASK,
@@ -151,12 +153,15 @@ def run_task_message(task_id: str, enqueued_ms: int) -> str:
     )
 
 
-def run_task_pushes(task_ids: Sequence[str], enqueued_ms: int) -> list[tuple[str, list[str]]]:
-    """``(queue, messages)`` LPUSH arguments that enqueue ``task_ids`` in order.
+def run_task_pushes(
+    task_ids: Sequence[str], enqueued_ms: int, batch_id: str | None = None
+) -> list[tuple[str, list[str]]]:
+    """``(queue, messages)`` LPUSH arguments that enqueue ``task_ids`` (of ``batch_id``, if
+    given) in order.
 
     kombu's Redis consumers pop from the list's tail, and LPUSH pushes its arguments onto
     the head one by one, so the first id given is the first one a worker takes."""
-    messages = [run_task_message(t, enqueued_ms) for t in task_ids]
+    messages = [run_task_message(t, enqueued_ms, batch_id) for t in task_ids]
     return [
         (keys.TASK_QUEUE, messages[start : start + BULK_CHUNK])
         for start in range(0, len(messages), BULK_CHUNK)

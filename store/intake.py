@@ -16,8 +16,18 @@ Two steps, so that no failure half way leaves part of a submission visible or ru
    before it starts, never half way.
 
 A failure during ``stage`` (Redis full, gone) is undone by ``discard`` where Redis still
-answers, and by the TTL where it does not. The broker is the store's own Redis here; that
-is what lets the commit include the messages.
+answers, and by the TTL where it does not.
+
+Keys are shard-tagged (``store.keys``): a submission's records, the queued indexes and its
+batch's counters fall in many shards. On one Redis whose broker queue is on that Redis
+too, the commit above is still one script over every key (a single Redis does not enforce
+slots; every key is passed in KEYS). On a Redis Cluster, or with the queue on its own Redis
+(``ACTFLEET_BROKER_URL``), no one script can reach them all, so ``commit`` runs one script
+per shard (each within its shard's slot: the records' PERSIST, the shard's queued index
+and batch counters), then writes the tenant index, the batch record and, last, pushes the
+broker messages in one MULTI/EXEC on the broker. A failure reported on the way undoes the
+shards already committed (``UNCOMMIT_SHARD``) and everything after them, so nothing is
+visible or runs; deploy/README.md says what holds if the API itself dies half way.
 """
 
 from __future__ import annotations
@@ -33,8 +43,9 @@ from redis.exceptions import RedisError
 
 from agent.errors import ActfleetError
 from agent.events import Event, EventType
-from store.celery_app import run_task_message
-from store.keys import TASK_QUEUE, Keys
+from store.celery_app import BULK_CHUNK, run_task_message
+from store.clients import aload_scripts, is_cluster
+from store.keys import DEFAULT_RETENTION, TASK_QUEUE, Keys, Retention
 from store.records import TaskRecord
 
 INTAKE_TTL_S = 3600  # staged keys of a submission that never committed vanish after this
@@ -63,36 +74,110 @@ redis.call('EXPIRE', KEYS[1], ttl)
 return total
 """
 
-# COMMIT: make a staged submission real, atomically.
-# KEYS: 1 ids list, 2 staged messages list, 3 broker queue, 4 queued index, 5 tenant index,
-#       6 batch hash (a batch) or the ids list again (single tasks), then every task's
-#       record hash
+# COMMIT: make a staged submission real, atomically (one Redis, broker on it).
+# KEYS: 1 ids list, 2 staged messages list, 3 broker queue, 4 tenant index, 5 batch hash (a
+#       batch) or the ids list again (single tasks), then per shard the submission's tasks
+#       fall in (ARGV 8 of them): its queued index and its batch counts hash (the queued
+#       index again for single tasks), then every task's record hash
 # ARGV: 1 tasks expected, 2 queued-index score (push time, unix ms), 3 tenant-index score
-#       (created_at), 4 ids-list ttl_s (0: delete it), 5 move chunk, then the batch hash
-#       as [field, value, ...] (none for single tasks)
+#       (created_at), 4 ids-list ttl_s (0: delete it), 5 move chunk, 6 batch keys' ttl_s,
+#       7 "1" when the batch has a webhook, 8 shards m, then per shard: its number and its
+#       tasks, then the batch hash as [field, value, ...] (none for single tasks)
+# A record's shard is read from its key's hash tag (store.keys: {p}:{s}:task:{id}).
 # Returns: 1 committed; 0 the staged keys are incomplete (expired): nothing was written.
 COMMIT = """#!lua
 local n = tonumber(ARGV[1])
 if redis.call('LLEN', KEYS[1]) ~= n or redis.call('LLEN', KEYS[2]) ~= n then return 0 end
-for i = 7, #KEYS do redis.call('PERSIST', KEYS[i]) end
-local step = tonumber(ARGV[5])
-for s = 0, n - 1, step do
-  local ids = redis.call('LRANGE', KEYS[1], s, s + step - 1)
-  local queued, tenant = {}, {}
-  for j, id in ipairs(ids) do
-    queued[2 * j - 1], queued[2 * j] = ARGV[2], id
-    tenant[2 * j - 1], tenant[2 * j] = ARGV[3], id
+local m = tonumber(ARGV[8])
+local first = 6 + 2 * m
+local batch = #ARGV > 8 + 2 * m
+local at = {}
+for j = 1, m do
+  at[ARGV[7 + 2 * j]] = 4 + 2 * j
+  if batch then
+    local counts = KEYS[5 + 2 * j]
+    redis.call('HINCRBY', counts, 'queued', ARGV[8 + 2 * j])
+    redis.call('HINCRBY', counts, 'total', ARGV[8 + 2 * j])
+    if ARGV[7] == '1' then redis.call('HSET', counts, 'webhook', '1') end
+    redis.call('EXPIRE', counts, ARGV[6])
   end
-  redis.call('ZADD', KEYS[4], unpack(queued))
-  redis.call('ZADD', KEYS[5], unpack(tenant))
+end
+local step = tonumber(ARGV[5])
+for s = first, #KEYS, step do
+  local queued, tenant = {}, {}
+  for i = s, math.min(s + step - 1, #KEYS) do
+    local key = KEYS[i]
+    redis.call('PERSIST', key)
+    local shard, id = string.match(key, ':{(%d+)}:task:(.+)$')
+    local q = queued[shard]
+    if not q then q = {}; queued[shard] = q end
+    q[#q + 1] = ARGV[2]
+    q[#q + 1] = id
+    tenant[#tenant + 1] = ARGV[3]
+    tenant[#tenant + 1] = id
+  end
+  for shard, q in pairs(queued) do redis.call('ZADD', KEYS[at[shard]], unpack(q)) end
+  redis.call('ZADD', KEYS[4], unpack(tenant))
+end
+for s = 0, n - 1, step do
   redis.call('LPUSH', KEYS[3], unpack(redis.call('LRANGE', KEYS[2], s, s + step - 1)))
 end
 redis.call('DEL', KEYS[2])
-if #ARGV > 5 then
-  redis.call('HSET', KEYS[6], unpack(ARGV, 6))
-  redis.call('EXPIRE', KEYS[6], ARGV[4])
+if batch then
+  redis.call('HSET', KEYS[5], unpack(ARGV, 9 + 2 * m))
+  redis.call('EXPIRE', KEYS[5], ARGV[6])
 end
 if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) else redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+# STAGE_RECORDS: STAGE for one shard's records alone (a cluster, or the broker elsewhere:
+# the ids are staged with plain commands, the messages are built at commit).
+# KEYS: the records (one shard). ARGV: 1 ttl_s, then per record its [field, value, ...] JSON.
+STAGE_RECORDS = """#!lua
+for i = 1, #KEYS do
+  redis.call('HSET', KEYS[i], unpack(cjson.decode(ARGV[i + 1])))
+  redis.call('EXPIRE', KEYS[i], ARGV[1])
+end
+return #KEYS
+"""
+
+# COMMIT_SHARD: COMMIT's part in one shard (every key in the shard's slot).
+# KEYS: 1 the shard's queued index, 2 the batch's counts hash in the shard (or the queued
+#       index again for single tasks), then the shard's task records
+# ARGV: 1 queued-index score, 2 batch keys' ttl_s, 3 "1" a batch, 4 "1" it has a webhook
+# Returns: 1 committed; 0 a staged record was gone (expired): nothing was written.
+COMMIT_SHARD = """#!lua
+for i = 3, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then return 0 end
+end
+local q = {}
+for i = 3, #KEYS do
+  redis.call('PERSIST', KEYS[i])
+  q[#q + 1] = ARGV[1]
+  q[#q + 1] = string.match(KEYS[i], ':task:(.+)$')
+end
+redis.call('ZADD', KEYS[1], unpack(q))
+if ARGV[3] == '1' then
+  redis.call('HINCRBY', KEYS[2], 'queued', #KEYS - 2)
+  redis.call('HINCRBY', KEYS[2], 'total', #KEYS - 2)
+  if ARGV[4] == '1' then redis.call('HSET', KEYS[2], 'webhook', '1') end
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return 1
+"""
+
+# UNCOMMIT_SHARD: undo COMMIT_SHARD (and STAGE_RECORDS): the records go, and their entries
+# in the shard's queued index and batch counts. Allowed while Redis is out of memory: it
+# is how a refused submission takes back what it wrote. A batch's counts in the shard are
+# its own (a batch id is new), so they go whole.
+# KEYS: as COMMIT_SHARD's. ARGV: 1 "1" a batch. Returns 1.
+UNCOMMIT_SHARD = """#!lua flags=allow-oom
+local ids = {}
+for i = 3, #KEYS do ids[#ids + 1] = string.match(KEYS[i], ':task:(.+)$') end
+redis.call('ZREM', KEYS[1], unpack(ids))
+if ARGV[1] == '1' then redis.call('DEL', KEYS[2]) end
+redis.call('DEL', unpack(KEYS, 3))
 return 1
 """
 
@@ -136,19 +221,38 @@ class Submission:
 
 
 class Intake:
-    """Stages and commits submissions on the API's asyncio client. No I/O until used."""
+    """Stages and commits submissions on the API's asyncio client (``broker``: the task
+    queue's Redis, default the same). No I/O until used."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        *,
+        broker: aioredis.Redis | None = None,
+        retention: Retention = DEFAULT_RETENTION,
+    ) -> None:
         self.client = client
         self.keys = keys
+        self.broker = broker or client
+        self.retention = retention
+        # one atomic script needs every key, the queue's too, on one Redis
+        self.per_shard = is_cluster(client) or self.broker is not client
         self._stage = client.register_script(STAGE)
         self._commit = client.register_script(COMMIT)
+        self._stage_records = client.register_script(STAGE_RECORDS)
+        self._commit_shard = client.register_script(COMMIT_SHARD)
+        self._uncommit_shard = client.register_script(UNCOMMIT_SHARD)
+        self._loaded = not is_cluster(client)
 
     async def stage(self, sub: Submission, queued_ms: int) -> None:
         """Write every record, id and message of ``sub``, invisible and expiring.
 
         Chunks go out in order, one at a time, but the next chunk is encoded while Redis
         runs the last one."""
+        if self.per_shard:
+            await self._stage_per_shard(sub)
+            return
         messages_key = self.keys.intake_messages(sub.intake_id)
         pending: asyncio.Future[Any] | None = None
         try:
@@ -172,39 +276,149 @@ class Intake:
         args: list[Any] = [INTAKE_TTL_S]
         for rec in sub.records[start : start + STAGE_CHUNK]:
             names.append(k.task(rec.id))
-            fields = rec.to_hash()
-            fields[QUEUED_FIELD] = orjson.dumps(queued_event(rec).to_dict()).decode()
             args += [
-                orjson.dumps([x for kv in fields.items() for x in kv]),
+                _record_json(rec),
                 rec.id,
-                run_task_message(rec.id, queued_ms),
+                run_task_message(rec.id, queued_ms, rec.batch_id),
             ]
         return names, args
 
     async def commit(self, sub: Submission, queued_ms: int) -> None:
         """Make ``sub`` visible and runnable at once; ``IntakeExpired`` if it cannot."""
+        if self.per_shard:
+            await self._commit_per_shard(sub, queued_ms)
+            return
         k = self.keys
         first = sub.records[0]
+        shards = _by_shard(k, sub.records)
         names = [
             sub.ids_key,
             k.intake_messages(sub.intake_id),
             TASK_QUEUE,
-            k.queued,
             k.tenant_tasks(first.tenant),
             sub.batch[0] if sub.batch else sub.ids_key,
         ]
-        names += [k.task(rec.id) for rec in sub.records]
         args: list[str | int] = [
             len(sub.records),
             queued_ms,
             repr(first.created_at),
             sub.ids_ttl_s,
             MOVE_CHUNK,
+            self.retention.batch_s,
+            "1" if sub.batch and sub.batch[1].get("webhook_url") else "0",
+            len(shards),
         ]
+        for shard, recs in shards.items():
+            names += [k.queued(shard), self._counts_key(sub, shard)]
+            args += [shard, len(recs)]
+        names += [k.task(rec.id) for rec in sub.records]
         if sub.batch:
             args += [x for kv in sub.batch[1].items() for x in kv]
         if not int(await self._commit(keys=names, args=args)):
             raise IntakeExpired(f"the staged tasks of {sub.intake_id} expired before commit")
+
+    # -- a cluster, or the broker on its own Redis: one script per shard -------------------
+
+    def _counts_key(self, sub: Submission, shard: int) -> str:
+        first = sub.records[0]
+        if sub.batch and first.batch_id:
+            return self.keys.batch_counts(first.batch_id, shard)
+        return self.keys.queued(shard)
+
+    def _shard_keys(self, sub: Submission, shard: int, recs: Sequence[TaskRecord]) -> list[str]:
+        return [
+            self.keys.queued(shard),
+            self._counts_key(sub, shard),
+            *(self.keys.task(r.id) for r in recs),
+        ]
+
+    async def _load(self) -> None:
+        if not self._loaded:
+            await aload_scripts(self.client, (STAGE_RECORDS, COMMIT_SHARD, UNCOMMIT_SHARD))
+            self._loaded = True
+
+    async def _stage_per_shard(self, sub: Submission) -> None:
+        await self._load()
+        for _, recs in _by_shard(self.keys, sub.records).items():
+            for start in range(0, len(recs), STAGE_CHUNK):
+                chunk = recs[start : start + STAGE_CHUNK]
+                await self._stage_records(
+                    keys=[self.keys.task(r.id) for r in chunk],
+                    args=[INTAKE_TTL_S, *(_record_json(r) for r in chunk)],
+                )
+        ids = [r.id for r in sub.records]
+        for start in range(0, len(ids), MOVE_CHUNK):
+            await self.client.rpush(sub.ids_key, *ids[start : start + MOVE_CHUNK])
+        await self.client.expire(sub.ids_key, INTAKE_TTL_S)
+
+    async def _commit_per_shard(self, sub: Submission, queued_ms: int) -> None:
+        await self._load()
+        k = self.keys
+        first = sub.records[0]
+        is_batch = "1" if sub.batch else "0"
+        webhook = "1" if sub.batch and sub.batch[1].get("webhook_url") else "0"
+        shards = _by_shard(k, sub.records)
+        committed: list[int] = []
+        try:
+            for shard, recs in shards.items():
+                for start in range(0, len(recs), MOVE_CHUNK):
+                    chunk = recs[start : start + MOVE_CHUNK]
+                    if not committed or committed[-1] != shard:
+                        committed.append(shard)
+                    ok = await self._commit_shard(
+                        keys=self._shard_keys(sub, shard, chunk),
+                        args=[queued_ms, self.retention.batch_s, is_batch, webhook],
+                    )
+                    if not int(ok):
+                        raise IntakeExpired(
+                            f"the staged tasks of {sub.intake_id} expired before commit"
+                        )
+            ids = [r.id for r in sub.records]
+            tenant = k.tenant_tasks(first.tenant)
+            for start in range(0, len(ids), MOVE_CHUNK):
+                score = first.created_at
+                await self.client.zadd(
+                    tenant, dict.fromkeys(ids[start : start + MOVE_CHUNK], score)
+                )
+            if sub.batch:
+                await self.client.hset(sub.batch[0], mapping=sub.batch[1])  # type: ignore[arg-type]
+                await self.client.expire(sub.batch[0], self.retention.batch_s)
+            # last: the messages, all or none (one MULTI/EXEC on the broker)
+            pipe = self.broker.pipeline(transaction=True)
+            for start in range(0, len(sub.records), BULK_CHUNK):
+                pipe.lpush(
+                    TASK_QUEUE,
+                    *(
+                        run_task_message(r.id, queued_ms, r.batch_id)
+                        for r in sub.records[start : start + BULK_CHUNK]
+                    ),
+                )
+            await pipe.execute()
+        except BaseException:
+            await self._uncommit(sub, committed)
+            raise
+        if sub.ids_ttl_s > 0:
+            await self.client.expire(sub.ids_key, sub.ids_ttl_s)
+        else:
+            await self.client.delete(sub.ids_key)
+
+    async def _uncommit(self, sub: Submission, shards: Sequence[int]) -> None:
+        """Take back what ``_commit_per_shard`` wrote in ``shards`` and after them."""
+        k = self.keys
+        by_shard = _by_shard(k, sub.records)
+        ids = [r.id for r in sub.records]
+        tenant = k.tenant_tasks(sub.records[0].tenant)
+        for start in range(0, len(ids), MOVE_CHUNK):
+            await self.client.zrem(tenant, *ids[start : start + MOVE_CHUNK])
+        if sub.batch:
+            await self.client.delete(sub.batch[0])
+        for shard in shards:
+            recs = by_shard[shard]
+            for start in range(0, len(recs), MOVE_CHUNK):
+                await self._uncommit_shard(
+                    keys=self._shard_keys(sub, shard, recs[start : start + MOVE_CHUNK]),
+                    args=["1" if sub.batch else "0"],
+                )
 
     async def committed(self, sub: Submission) -> bool | None:
         """Did ``sub`` commit (after a commit call whose reply was lost)? None when Redis
@@ -217,6 +431,8 @@ class Intake:
             staged, ttl = await pipe.execute()
         except RedisError:
             return None
+        if self.per_shard:  # a failed commit undid itself: its records are gone
+            return False if int(ttl) != -1 else None
         return not staged and int(ttl) == -1
 
     async def discard(self, sub: Submission) -> None:
@@ -225,9 +441,26 @@ class Intake:
         names = [sub.ids_key, k.intake_messages(sub.intake_id)]
         names += [k.task(rec.id) for rec in sub.records]
         pipe = self.client.pipeline(transaction=False)
-        for start in range(0, len(names), MOVE_CHUNK):
-            pipe.delete(*names[start : start + MOVE_CHUNK])
+        if is_cluster(self.client):  # a cluster pipeline deletes one key per command
+            for name in names:
+                pipe.delete(name)
+        else:
+            for start in range(0, len(names), MOVE_CHUNK):
+                pipe.delete(*names[start : start + MOVE_CHUNK])
         await pipe.execute()
+
+
+def _record_json(rec: TaskRecord) -> bytes:
+    fields = rec.to_hash()
+    fields[QUEUED_FIELD] = orjson.dumps(queued_event(rec).to_dict()).decode()
+    return orjson.dumps([x for kv in fields.items() for x in kv])
+
+
+def _by_shard(keys: Keys, records: Sequence[TaskRecord]) -> dict[int, list[TaskRecord]]:
+    out: dict[int, list[TaskRecord]] = {}
+    for rec in records:
+        out.setdefault(keys.shard(rec.id), []).append(rec)
+    return out
 
 
 def queued_ms(rec: TaskRecord) -> int:

@@ -4,6 +4,15 @@ A write by a worker is *fenced*: it only lands while ``{p}:lease:{id}`` still ho
 worker's ``"{worker_id}/{attempt}"``. A worker that lost its lease (it stalled, another
 attempt took over) has its writes dropped instead of corrupting the record.
 
+Every key a script touches is in the shard of the task it acts on (``store.keys``), so a
+script touches one hash slot, as a Redis Cluster requires.
+
+Batch counters: every script that changes the status of a task of a batch also moves it
+between the fields of its batch's counts in its shard (``store.keys``), in the same step,
+so the counts are exact whatever happens to the worker, and a batch's status is read from
+that one hash whatever the batch's size. A script learns of the batch by the counts key
+its caller passes (optional; absent for a task outside any batch).
+
 Register with ``client.register_script(SOURCE)`` on a sync or an asyncio client alike.
 """
 
@@ -16,18 +25,23 @@ from agent.models import Result
 from store.keys import DEFAULT_RETENTION, STREAM_MAXLEN, WEBHOOK_FIRST_DELAY_S, Keys, Retention
 
 # FINISH: move a task to a terminal status exactly once.
-# KEYS: 1 task hash, 2 lease, 3 running zset, 4 events stream, 5 tenant active counter,
-#       6 fleet-wide finished counts hash, 7 webhook outbox zset, 8 batch counts hash and
-#       9 batch hash (optional: only when the task belongs to a batch). Build the call with
-#       finish_call.
+# KEYS (all in the task's shard): 1 task hash, 2 lease, 3 running zset, 4 events stream,
+#       5 the tenant's finished counter, 6 finished counts hash, 7 webhook outbox zset,
+#       8 batch counts hash and 9 finished batches zset (optional: only when the task
+#       belongs to a batch). Build the call with finish_call.
 # ARGV: 1 owner ("worker/attempt"; "" = unfenced, allowed only while the task is queued,
 #       which is how the API cancels a task no worker has taken), 2 status, 3 result JSON,
 #       4 finished_at, 5 terminal event JSON, 6 stream maxlen, 7 stream ttl_s,
 #       8 record ttl_s, 9 task id, 10 webhook first delay_s, 11 the task's last step event
-#       JSON ("" = none: it was appended by STEP already), 12 that step's seq, 13 "1" when
-#       the result is graded correct
-# A batch with a webhook gets its batch.finished due once: when the finished counts add
-# up to its total, which happens exactly once because each task finishes once.
+#       JSON ("" = none: it was appended by STEP already), 12 that step's seq, 13 the grade
+#       ("1" correct, "0" wrong, "" not graded), 14 turns, 15 prompt tokens,
+#       16 completion tokens, 17 batch id
+# The batch counts (store.keys) move the task from the status it had to the
+# terminal one and add its turns, tokens and grade, in the same step as the status.
+# A batch with a webhook whose tasks in this shard have all finished (the finished count
+# reaches the shard's total, once, because each task finishes once) goes into the shard's
+# finished batches, from which the workers schedule its batch.finished once every shard's
+# count adds up (store.webhooks.BATCH_DUE).
 # The last step (the reply that answered) rides along with the result, appended first and
 # idempotent on its seq as STEP is: one round trip fewer at the end of every task.
 # Returns: the terminal event's stream id; 0 if already terminal; -1 if fenced out;
@@ -56,22 +70,25 @@ redis.call('EXPIRE', KEYS[4], ARGV[7])
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[9])
-if redis.call('DECR', KEYS[5]) < 0 then redis.call('SET', KEYS[5], 0) end
+redis.call('INCR', KEYS[5])
 redis.call('HINCRBY', KEYS[6], ARGV[2], 1)
 if redis.call('HEXISTS', KEYS[1], 'webhook_url') == 1 then
   redis.call('ZADD', KEYS[7], tonumber(ARGV[4]) + tonumber(ARGV[10]), ARGV[9])
 end
-if KEYS[8] then redis.call('HINCRBY', KEYS[8], ARGV[2], 1) end
-if KEYS[9] then
-  if ARGV[13] == '1' then redis.call('HINCRBY', KEYS[9], 'correct', 1) end
-  if redis.call('HEXISTS', KEYS[9], 'webhook_url') == 1 then
-    local done = 0
-    for _, n in ipairs(redis.call('HVALS', KEYS[8])) do done = done + tonumber(n) end
-    if done >= tonumber(redis.call('HGET', KEYS[9], 'total') or '0')
-       and redis.call('HSETNX', KEYS[9], 'finished_at', ARGV[4]) == 1 then
-      redis.call('ZADD', KEYS[7], tonumber(ARGV[4]) + tonumber(ARGV[10]),
-                 redis.call('HGET', KEYS[9], 'id'))
-    end
+if KEYS[8] then
+  redis.call('HINCRBY', KEYS[8], st, -1)
+  redis.call('HINCRBY', KEYS[8], ARGV[2], 1)
+  local done = redis.call('HINCRBY', KEYS[8], 'finished', 1)
+  redis.call('HINCRBY', KEYS[8], 'turns', ARGV[14])
+  redis.call('HINCRBY', KEYS[8], 'prompt_tokens', ARGV[15])
+  redis.call('HINCRBY', KEYS[8], 'completion_tokens', ARGV[16])
+  if ARGV[13] == '1' then redis.call('HINCRBY', KEYS[8], 'correct', 1) end
+  if ARGV[2] == 'completed' and ARGV[13] ~= '0' then
+    redis.call('HINCRBY', KEYS[8], 'succeeded', 1)
+  end
+  if redis.call('HGET', KEYS[8], 'webhook') == '1'
+     and done >= tonumber(redis.call('HGET', KEYS[8], 'total') or '0') then
+    redis.call('ZADD', KEYS[9], ARGV[4], ARGV[17])
   end
 end
 return id
@@ -94,17 +111,18 @@ def finish_call(
 ) -> tuple[list[str], list[str | int | float]]:
     """The KEYS and ARGV of ``FINISH`` for one task; ``last_step`` (event, seq) is
     appended before the terminal event when STEP has not written it."""
+    shard = keys.shard(task_id)
     names = [
         keys.task(task_id),
         keys.lease(task_id),
-        keys.running,
+        keys.running(shard),
         keys.events(task_id),
-        keys.tenant_active(tenant),
-        keys.finished_counts,
-        keys.webhook_outbox,
+        keys.tenant_finished(tenant, shard),
+        keys.finished_counts(shard),
+        keys.webhook_outbox(shard),
     ]
     if batch_id:
-        names += [keys.batch_counts(batch_id), keys.batch(batch_id)]
+        names += [keys.batch_counts(batch_id, shard), keys.batches_done(shard)]
     args: list[str | int | float] = [
         owner,
         result.status.value,
@@ -118,7 +136,11 @@ def finish_call(
         WEBHOOK_FIRST_DELAY_S,
         last_step[0].to_json() if last_step else "",
         last_step[1] if last_step else 0,
-        "1" if result.correct is True else "0",
+        "" if result.correct is None else "1" if result.correct else "0",
+        result.turns,
+        result.usage.prompt_tokens,
+        result.usage.completion_tokens,
+        batch_id or "",
     ]
     return names, args
 
@@ -134,16 +156,24 @@ def finish_call(
 # the worker, whether it resumes), so a task's start costs one round trip. A delivery also
 # moves the queue's taken mark to its message's push time (ARGV[8]; 0 = not known), and a
 # claimed task leaves the queued index.
-# KEYS: 1 task hash, 2 lease, 3 running zset, 4 events stream, 5 queued zset, 6 taken mark
+# A claim of a queued task moves it from "queued" to "running" in its batch's counts. The
+# caller does not know the task's batch before the claim: it passes the one its message
+# names (ARGV[9], and its counts key as KEYS[7]); when that is not the record's batch
+# (an old message, one that named none) nothing is written and the reply names the
+# record's batch, for the caller to claim again with the right key.
+# KEYS: 1 task hash, 2 lease, 3 running zset, 4 events stream, 5 queued zset, 6 taken mark,
+#       7 batch counts hash (only when ARGV[9] names a batch)
 # ARGV: 1 worker id, 2 now (unix s), 3 lease ttl ms, 4 lease expiry (unix ms), 5 task id,
 #       6 max attempts (0: append no event), 7 stream maxlen, 8 message push time (unix ms),
-#       9-12 the task.started event's JSON, written by Event.to_json and cut where the turn
-#       and the attempt go (only the script knows them): 9 before the turn, 10 between the
-#       turn and the attempt, 11 after the attempt for a fresh start, 12 after it for a
-#       resumed one (see started_parts)
+#       9 the batch id the message names ("" = none), 10-13 the task.started event's
+#       JSON, written by Event.to_json and cut where the turn and the attempt go (only the
+#       script knows them): 10 before the turn, 11 between the turn and the attempt, 12
+#       after the attempt for a fresh start, 13 after it for a resumed one (see
+#       started_parts)
 # Returns: {attempt, checkpoint or "", seq (after the started event), started_at, the record
 #          after the claim (HGETALL)} on success; {0, reason} when the delivery must be
-#          dropped (reason: "missing", "terminal", "duplicate").
+#          dropped (reason: "missing", "terminal", "duplicate"); {-1, batch id} when
+#          ARGV[9] is not the task's batch.
 CLAIM = """
 local pushed = tonumber(ARGV[8])
 if pushed > 0 and pushed > tonumber(redis.call('GET', KEYS[6]) or '0') then
@@ -159,6 +189,12 @@ if st ~= 'queued' and st ~= 'running' then
   return {0, 'terminal'}
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {0, 'duplicate'} end
+local batch = redis.call('HGET', KEYS[1], 'batch_id') or ''
+if batch ~= ARGV[9] then return {-1, batch} end
+if st == 'queued' and KEYS[7] then
+  redis.call('HINCRBY', KEYS[7], 'queued', -1)
+  redis.call('HINCRBY', KEYS[7], 'running', 1)
+end
 redis.call('ZREM', KEYS[5], ARGV[5])
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 redis.call('SET', KEYS[2], ARGV[1] .. '/' .. attempt, 'PX', ARGV[3])
@@ -173,9 +209,9 @@ local cp = redis.call('HGET', KEYS[1], 'checkpoint') or ''
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
 local handbacks = tonumber(redis.call('HGET', KEYS[1], 'handbacks') or '0')
 if attempt - handbacks <= tonumber(ARGV[6]) then
-  local turn, rest = 0, ARGV[11]
-  if cp ~= '' then turn, rest = cjson.decode(cp)['turn'] or 0, ARGV[12] end
-  local event = ARGV[9] .. string.format('%d', turn) .. ARGV[10] .. attempt .. rest
+  local turn, rest = 0, ARGV[12]
+  if cp ~= '' then turn, rest = cjson.decode(cp)['turn'] or 0, ARGV[13] end
+  local event = ARGV[10] .. string.format('%d', turn) .. ARGV[11] .. attempt .. rest
   seq = seq + 1
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'e', event)
   redis.call('HSET', KEYS[1], 'seq', seq)
@@ -256,11 +292,15 @@ return id
 # RELEASE_FOR_RETRY: give a task back without finishing it (an infrastructure fault to retry after a
 # backoff, or a worker shutting down). The task stays in the running index with expiry
 # ARGV[2], so if the retry message is lost with its worker the sweeper re-enqueues it.
-# KEYS: 1 task hash, 2 lease, 3 running zset
+# KEYS: 1 task hash, 2 lease, 3 running zset, 4 batch counts hash (optional)
 # ARGV: 1 owner, 2 reclaim-after (unix ms), 3 task id
 # Returns: 1 released; 0 fenced out.
 RELEASE_FOR_RETRY = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if KEYS[4] and redis.call('HGET', KEYS[1], 'status') == 'running' then
+  redis.call('HINCRBY', KEYS[4], 'running', -1)
+  redis.call('HINCRBY', KEYS[4], 'queued', 1)
+end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'status', 'queued', 'released_by', ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
@@ -272,11 +312,15 @@ return 1
 # push time ARGV[3] (the caller pushes the message), and counted in "handbacks". An
 # attempt handed back is not a failure: the attempt budget (max_attempts) counts
 # attempt - handbacks, so a rolling restart never exhausts a task.
-# KEYS: 1 task hash, 2 lease, 3 running zset, 4 queued zset
+# KEYS: 1 task hash, 2 lease, 3 running zset, 4 queued zset, 5 batch counts hash (optional)
 # ARGV: 1 owner, 2 task id, 3 now (unix ms)
 # Returns: 1 handed back; 0 fenced out (finished meanwhile, or no longer this owner's).
 HANDBACK = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if KEYS[5] and redis.call('HGET', KEYS[1], 'status') == 'running' then
+  redis.call('HINCRBY', KEYS[5], 'running', -1)
+  redis.call('HINCRBY', KEYS[5], 'queued', 1)
+end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'status', 'queued', 'released_by', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'handbacks', 1)
@@ -286,7 +330,7 @@ return 1
 """
 
 # SWEEP: deal with one task whose lease expired (its worker died or stalled).
-# KEYS: 1 task hash, 2 lease, 3 running zset, 4 queued zset
+# KEYS: 1 task hash, 2 lease, 3 running zset, 4 queued zset, 5 batch counts hash (optional)
 # ARGV: 1 expired before (unix ms), 2 max attempts (of attempt - handbacks, see HANDBACK),
 #       3 task id, 4 sweeper id, 5 lease ttl ms,
 #       6 now (unix ms): the new message's push time, its score in the queued index
@@ -308,6 +352,10 @@ local handbacks = tonumber(redis.call('HGET', KEYS[1], 'handbacks') or '0')
 if attempt - handbacks >= tonumber(ARGV[2]) then
   redis.call('SET', KEYS[2], ARGV[4] .. '/' .. attempt, 'PX', ARGV[5])
   return 'exhausted'
+end
+if KEYS[5] and st == 'running' then
+  redis.call('HINCRBY', KEYS[5], 'running', -1)
+  redis.call('HINCRBY', KEYS[5], 'queued', 1)
 end
 redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('ZADD', KEYS[4], ARGV[6], ARGV[3])

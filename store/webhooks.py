@@ -1,8 +1,11 @@
 """The webhook outbox: the durable schedule of every delivery, in Redis (see ``store.keys``).
 
 No delivery lives only in a process's memory. ``FINISH`` puts a finished task with a
-webhook (and a batch with one, when its last task finishes) into ``{p}:webhooks:due`` with
-the time its first attempt is due. Every worker's delivery loop asks for due entries and
+webhook into its shard's ``{p}:{s}:webhooks:due`` with the time its first attempt is due;
+for a batch with one, it notes in ``{p}:{s}:batches:done`` that the batch's tasks in that
+shard have all finished, and ``due`` (every worker's loop) schedules the batch's
+``batch.finished`` in the batch's shard once the shards' counts add up to its total
+(``BATCH_DUE``, once). Every worker's delivery loop asks for due entries and
 ``claim``s each: one Lua script that checks it is still due, counts the attempt, records a
 lease token ``"{worker}/{attempt}"`` and moves the entry ``lease_s`` ahead, so two workers
 never send the same attempt and a worker that dies mid-attempt leaves the entry due again
@@ -29,8 +32,17 @@ from typing import Any, TypeVar
 import redis
 import redis.asyncio as aioredis
 
+from agent.models import TERMINAL_STATUSES
 from agent.text import text_of
-from store.keys import DEFAULT_RETENTION, WEBHOOK_ATTEMPTS_KEPT, WEBHOOK_LEASE_S, Keys, Retention
+from store.batches import sum_counters
+from store.keys import (
+    DEFAULT_RETENTION,
+    WEBHOOK_ATTEMPTS_KEPT,
+    WEBHOOK_FIRST_DELAY_S,
+    WEBHOOK_LEASE_S,
+    Keys,
+    Retention,
+)
 from store.patience import patiently
 
 T = TypeVar("T")
@@ -106,6 +118,19 @@ return 1
 """
 
 
+# BATCH_DUE: schedule a batch's batch.finished once, when all its tasks have finished.
+# KEYS (the batch's shard): 1 batch hash, 2 due zset
+# ARGV: 1 its tasks finished (summed over the shards), 2 now, 3 first delay_s, 4 batch id
+# Returns 1 when it was scheduled now; 0 otherwise (not all finished, no webhook, done).
+BATCH_DUE = """
+if redis.call('HEXISTS', KEYS[1], 'webhook_url') == 0 then return 0 end
+if tonumber(ARGV[1]) < tonumber(redis.call('HGET', KEYS[1], 'total') or '0') then return 0 end
+if redis.call('HSETNX', KEYS[1], 'finished_at', ARGV[2]) == 0 then return 0 end
+redis.call('ZADD', KEYS[2], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[4])
+return 1
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class DeliveryLease:
     """One claimed attempt of one delivery."""
@@ -155,11 +180,47 @@ class WebhookOutbox:
         self.clock = clock
         self._claim = client.register_script(CLAIM)
         self._settle = client.register_script(SETTLE)
+        self._batch_due = client.register_script(BATCH_DUE)
 
     def due(self, limit: int) -> list[str]:
-        """Ids of deliveries whose next attempt is due now, soonest first."""
-        ids = self.r.zrangebyscore(self.keys.webhook_outbox, "-inf", self.clock(), 0, limit)
-        return [text_of(i) for i in ids]
+        """Ids of deliveries whose next attempt is due now, soonest first (at most
+        ``limit``), after scheduling the batches that finished (``schedule_batches``)."""
+        self.schedule_batches()
+        now = self.clock()
+        pipe = self.r.pipeline(transaction=False)
+        for shard in self.keys.shard_ids:
+            pipe.zrangebyscore(self.keys.webhook_outbox(shard), "-inf", now, 0, limit, True)
+        entries = sorted((float(t), text_of(i)) for found in pipe.execute() for i, t in found)
+        return [i for _, i in entries[:limit]]
+
+    def schedule_batches(self) -> int:
+        """Schedule the batch.finished of each batch whose tasks all finished; how many."""
+        k = self.keys
+        pipe = self.r.pipeline(transaction=False)
+        for shard in k.shard_ids:
+            pipe.zrange(k.batches_done(shard), 0, -1)
+        noted = [
+            (shard, text_of(b))
+            for shard, ids in zip(k.shard_ids, pipe.execute(), strict=True)
+            for b in ids
+        ]
+        scheduled = 0
+        for shard, batch_id in noted:
+            _, counts = self.batch_counts(batch_id)
+            scheduled += int(
+                self._batch_due(
+                    keys=[k.batch(batch_id), k.webhook_outbox(k.shard(batch_id))],
+                    args=[
+                        counts.get("finished", 0),
+                        repr(self.clock()),
+                        WEBHOOK_FIRST_DELAY_S,
+                        batch_id,
+                    ],
+                )
+            )
+            # after BATCH_DUE: a worker lost in between leaves the note, the next one retries
+            self.r.zrem(k.batches_done(shard), batch_id)
+        return scheduled
 
     def claim(self, subject_id: str, worker_id: str, window_s: float) -> DeliveryLease | None:
         """Take the next attempt of ``subject_id``'s delivery, or None when another worker
@@ -167,7 +228,7 @@ class WebhookOutbox:
         k = self.keys
         out = self._claim(
             keys=[
-                k.webhook_outbox,
+                k.webhook_outbox(k.shard(subject_id)),
                 k.webhook(subject_id),
                 k.webhook_attempts(subject_id),
                 subject_key(k, subject_id),
@@ -217,10 +278,10 @@ class WebhookOutbox:
         out = self._patient(
             lambda: self._settle(
                 keys=[
-                    k.webhook_outbox,
+                    k.webhook_outbox(k.shard(lease.subject_id)),
                     k.webhook(lease.subject_id),
                     k.webhook_attempts(lease.subject_id),
-                    k.webhooks_disabled(lease.tenant),
+                    k.webhooks_disabled(lease.tenant, k.shard(lease.subject_id)),
                 ],
                 args=[
                     lease.subject_id,
@@ -239,19 +300,30 @@ class WebhookOutbox:
 
     def disabled_since(self, tenant: str, url: str) -> float | None:
         """When ``url`` answered 410 Gone for ``tenant`` (None: it is not disabled)."""
-        v = self.r.hget(self.keys.webhooks_disabled(tenant), url)
-        return float(text_of(v)) if v else None
+        pipe = self.r.pipeline(transaction=False)
+        for shard in self.keys.shard_ids:
+            pipe.hget(self.keys.webhooks_disabled(tenant, shard), url)
+        found = [float(text_of(v)) for v in pipe.execute() if v]
+        return min(found) if found else None
 
     def batch(self, batch_id: str) -> tuple[dict[str, str], dict[str, int]]:
-        """A batch's record and its finished counts per status (for batch.finished)."""
+        """A batch's record (with ``correct``: how many were graded correct) and its
+        finished counts per terminal status (for batch.finished)."""
+        batch, counters = self.batch_counts(batch_id)
+        if batch:
+            batch["correct"] = str(counters.get("correct", 0))
+        terminal = {s.value for s in TERMINAL_STATUSES}
+        return batch, {k: n for k, n in counters.items() if k in terminal and n}
+
+    def batch_counts(self, batch_id: str) -> tuple[dict[str, str], dict[str, int]]:
+        """A batch's record and its counters, summed over the shards."""
+        k = self.keys
         pipe = self.r.pipeline(transaction=False)
-        pipe.hgetall(self.keys.batch(batch_id))
-        pipe.hgetall(self.keys.batch_counts(batch_id))
-        h, counts = pipe.execute()
-        return (
-            {text_of(a): text_of(b) for a, b in h.items()},
-            {text_of(a): int(b) for a, b in counts.items()},
-        )
+        pipe.hgetall(k.batch(batch_id))
+        for shard in k.shard_ids:
+            pipe.hgetall(k.batch_counts(batch_id, shard))
+        h, *raw = pipe.execute()
+        return {text_of(a): text_of(b) for a, b in h.items()}, sum_counters(raw)
 
     def _patient(self, op: Callable[[], T]) -> T:
         return patiently(op, self.patience_s)
@@ -264,7 +336,7 @@ async def delivery_view(client: aioredis.Redis, keys: Keys, subject_id: str) -> 
     pipe = client.pipeline(transaction=False)
     pipe.hgetall(keys.webhook(subject_id))
     pipe.lrange(keys.webhook_attempts(subject_id), 0, -1)
-    pipe.zscore(keys.webhook_outbox, subject_id)
+    pipe.zscore(keys.webhook_outbox(keys.shard(subject_id)), subject_id)
     h, attempts, due = await pipe.execute()
     d = {text_of(a): text_of(b) for a, b in (h or {}).items()}
     state = d.get("state") or ("scheduled" if due is not None else "waiting")
@@ -288,10 +360,20 @@ async def disabled_endpoints(
     """Which of ``urls`` answered 410 Gone for ``tenant``, and when."""
     if not urls:
         return {}
-    values = await client.hmget(keys.webhooks_disabled(tenant), urls)
-    return {u: float(text_of(v)) for u, v in zip(urls, values, strict=True) if v}
+    pipe = client.pipeline(transaction=False)
+    for shard in keys.shard_ids:
+        pipe.hmget(keys.webhooks_disabled(tenant, shard), urls)
+    out: dict[str, float] = {}
+    for values in await pipe.execute():
+        for u, v in zip(urls, values, strict=True):
+            if v:
+                out[u] = min(out.get(u, float("inf")), float(text_of(v)))
+    return out
 
 
 def enable_endpoint(client: redis.Redis, keys: Keys, tenant: str, url: str) -> bool:
     """Let ``url`` receive the tenant's webhooks again; False if it was not disabled."""
-    return bool(client.hdel(keys.webhooks_disabled(tenant), url))
+    pipe = client.pipeline(transaction=False)
+    for shard in keys.shard_ids:
+        pipe.hdel(keys.webhooks_disabled(tenant, shard), url)
+    return any(pipe.execute())

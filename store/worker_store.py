@@ -30,6 +30,7 @@ from agent.events import Event
 from agent.models import Result
 from agent.text import text_of
 from store import scripts
+from store.clients import is_cluster, load_scripts, queue_script
 from store.intake import MATERIALIZE
 from store.keys import DEFAULT_RETENTION, LEASE_TTL_S, STREAM_MAXLEN, Keys, Retention
 from store.patience import patiently
@@ -48,6 +49,9 @@ local st = redis.call('HGET', KEYS[1], 'status')
 if not st or st == 'queued' or st == 'running' then return 0 end
 return redis.call('HDEL', KEYS[1], 'checkpoint')
 """
+
+
+_PIPELINED = (scripts.RENEW, MATERIALIZE, scripts.CLAIM, scripts.FINISH, FORGET_CHECKPOINT)
 
 
 class Appended(Enum):
@@ -113,9 +117,11 @@ class WorkerStore:
         stream_maxlen: int = STREAM_MAXLEN,
         patience_s: float = 120.0,
         clock: Callable[[], float] = time.time,
+        broker: redis.Redis | None = None,
         retention: Retention = DEFAULT_RETENTION,
     ) -> None:
         self.r = client
+        self.broker = broker or client  # where the task queue's lists are
         self.retention = retention
         self.keys = keys
         self.lease_ttl_s = lease_ttl_s
@@ -132,8 +138,23 @@ class WorkerStore:
         self._handback = client.register_script(scripts.HANDBACK)
         self._materialize = client.register_script(MATERIALIZE)
         self._forget_checkpoint = client.register_script(FORGET_CHECKPOINT)
+        # Scripts sent in a pipeline (RENEW, the claim's MATERIALIZE + CLAIM) must be
+        # loaded already on a cluster: they are loaded on every master before first use.
+        self._loaded = not is_cluster(client)
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _pipelined(self, op: Callable[[], T]) -> T:
+        """``_patient(op)`` for an ``op`` that sends scripts in a pipeline: on a cluster
+        they are loaded on every master first (and again after a master forgot them)."""
+        if not self._loaded:
+            self._patient(lambda: load_scripts(self.r, _PIPELINED))
+            self._loaded = True
+        try:
+            return self._patient(op)
+        except redis.exceptions.NoScriptError:
+            self._loaded = False  # a master restarted: load them again on the next call
+            raise
 
     def _patient(self, op: Callable[[], T]) -> T:
         """Run ``op``, retrying while Redis is unreachable, for up to ``patience_s``."""
@@ -162,33 +183,46 @@ class WorkerStore:
     # -- transitions ---------------------------------------------------------------------
 
     def claim(
-        self, task_id: str, worker_id: str, max_attempts: int = 0, enqueued_ms: int | None = None
+        self,
+        task_id: str,
+        worker_id: str,
+        max_attempts: int = 0,
+        enqueued_ms: int | None = None,
+        batch_id: str | None = None,
     ) -> Claim | Dropped:
         """Take the lease for a delivery of ``task_id`` (attempt + 1), or say why not.
 
         An attempt within ``max_attempts`` also gets its ``task.started`` event appended
         (``Claim.seq`` counts it); one beyond gets none, to be finished as exhausted.
         ``enqueued_ms``: when the delivered message was pushed (it moves the queue's taken
-        mark, see ``requeue_lost``); None when the message does not say."""
+        mark, see ``requeue_lost``); None when the message does not say. ``batch_id``: the
+        batch the message names; a wrong or missing one costs a second round trip (the
+        script names the right one), never a wrong count."""
         k = self.keys
         now = self.clock()
+        shard = k.shard(task_id)
         started = scripts.started_parts(worker_id, now)
 
-        def op() -> Any:
+        def op(batch: str) -> Any:
+            names = [
+                k.task(task_id),
+                k.lease(task_id),
+                k.running(shard),
+                k.events(task_id),
+                k.queued(shard),
+                k.queue_taken(shard),
+            ]
+            if batch:
+                names.append(k.batch_counts(batch, shard))
             # The stream starts with the task's task.queued event (store.intake), in the
             # same round trip; it is idempotent, so a retry after a lost reply is harmless.
             pipe = self.r.pipeline(transaction=False)
-            self._materialize(keys=[k.task(task_id), k.events(task_id)], client=pipe)
-            self._claim(
-                keys=[
-                    k.task(task_id),
-                    k.lease(task_id),
-                    k.running,
-                    k.events(task_id),
-                    k.queued,
-                    k.queue_taken,
-                ],
-                args=[
+            queue_script(self._materialize, pipe, [k.task(task_id), k.events(task_id)], [])
+            queue_script(
+                self._claim,
+                pipe,
+                names,
+                [
                     worker_id,
                     repr(now),
                     self._lease_ms(),
@@ -197,13 +231,16 @@ class WorkerStore:
                     max_attempts,
                     self.stream_maxlen,
                     int(enqueued_ms or 0),
+                    batch,
                     *started,
                 ],
-                client=pipe,
             )
             return pipe.execute()[1]
 
-        out = self._patient(op)
+        out = self._pipelined(lambda: op(batch_id or ""))
+        if int(out[0]) == -1:  # the record's batch is not the message's: claim with it
+            record_batch = text_of(out[1])
+            out = self._pipelined(lambda: op(record_batch))
         if int(out[0]) == 0:
             return Dropped(text_of(out[1]))
         attempt = int(out[0])
@@ -229,14 +266,15 @@ class WorkerStore:
             pipe = self.r.pipeline(transaction=False)
             expiry = self._expiry_ms()
             for task_id, owner, attempt in items:
-                self._renew(
-                    keys=[k.task(task_id), k.lease(task_id), k.running],
-                    args=[owner, self._lease_ms(), expiry, task_id, attempt],
-                    client=pipe,
+                queue_script(
+                    self._renew,
+                    pipe,
+                    [k.task(task_id), k.lease(task_id), k.running(k.shard(task_id))],
+                    [owner, self._lease_ms(), expiry, task_id, attempt],
                 )
             return pipe.execute()
 
-        replies = self._patient(op)
+        replies = self._pipelined(op)
         return {
             task_id: LeaseState(
                 held=int(rep[0]) == 1,
@@ -266,30 +304,37 @@ class WorkerStore:
             return Appended.FENCED
         return Appended.GAP if out == 0 else Appended.OK
 
-    def release(self, task_id: str, owner: str, reclaim_after_s: float) -> bool:
+    def release(
+        self, task_id: str, owner: str, reclaim_after_s: float, batch_id: str | None = None
+    ) -> bool:
         """Hand the task back unfinished; the sweeper re-enqueues it after
-        ``reclaim_after_s`` (plus the sweep grace) unless a new delivery claims it first."""
+        ``reclaim_after_s`` (plus the sweep grace) unless a new delivery claims it first.
+        ``batch_id``: the task's batch (its record's), whose counts move with it."""
         k = self.keys
         at_ms = int((self.clock() + reclaim_after_s) * 1000)
+        shard = k.shard(task_id)
+        names = [k.task(task_id), k.lease(task_id), k.running(shard)]
+        if batch_id:
+            names.append(k.batch_counts(batch_id, shard))
         out = self._patient(
-            lambda: self._release_for_retry(
-                keys=[k.task(task_id), k.lease(task_id), k.running], args=[owner, at_ms, task_id]
-            )
+            lambda: self._release_for_retry(keys=names, args=[owner, at_ms, task_id])
         )
         return int(out) == 1
 
-    def hand_back(self, task_id: str, owner: str) -> int | None:
+    def hand_back(self, task_id: str, owner: str, batch_id: str | None = None) -> int | None:
         """Give an unfinished task back to the queue at its checkpoint, without using an
         attempt (a worker that stops). Returns the push time (unix ms) the caller's new
-        message must carry, or None if ``owner`` is fenced out. Raises Redis errors."""
+        message must carry, or None if ``owner`` is fenced out. Raises Redis errors.
+        ``batch_id``: the task's batch (its record's), whose counts move with it."""
         k = self.keys
         now_ms = int(self.clock() * 1000)
+        shard = k.shard(task_id)
+        names = [k.task(task_id), k.lease(task_id), k.running(shard), k.queued(shard)]
+        if batch_id:
+            names.append(k.batch_counts(batch_id, shard))
         # Not patient: a worker that stops while Redis is down must not wait out the
         # patience for each task; their leases expire and a sweeper requeues them.
-        out = self._handback(
-            keys=[k.task(task_id), k.lease(task_id), k.running, k.queued],
-            args=[owner, task_id, now_ms],
-        )
+        out = self._handback(keys=names, args=[owner, task_id, now_ms])
         return now_ms if int(out) == 1 else None
 
     def worker_alive(self, worker_id: str) -> bool:
@@ -328,11 +373,11 @@ class WorkerStore:
 
         def op() -> Any:
             pipe = self.r.pipeline(transaction=False)
-            self._finish(keys=keys_, args=args, client=pipe)
-            self._forget_checkpoint(keys=[self.keys.task(record.id)], client=pipe)
+            queue_script(self._finish, pipe, keys_, args)
+            queue_script(self._forget_checkpoint, pipe, [self.keys.task(record.id)], [])
             return pipe.execute()[0]
 
-        out = self._patient(op)
+        out = self._pipelined(op)
         if isinstance(out, bytes | str):
             return text_of(out)
         if out == -3:
@@ -345,22 +390,25 @@ class WorkerStore:
         """Find tasks whose lease expired more than ``grace_s`` ago (the grace lets a live
         worker take its lease back after a Redis restart first). Each is either handed
         back to the queue or, when it used up ``max_attempts``, given to the sweeper to
-        finish as ``error``/``worker_lost``."""
+        finish as ``error``/``worker_lost``. At most ``limit`` per shard per call."""
         k = self.keys
         now = self.clock()
         expired_ms = int((now - grace_s) * 1000)
         now_ms = int(now * 1000)
-        ids = self._patient(
-            lambda: self.r.zrangebyscore(k.running, "-inf", expired_ms, start=0, num=limit)
-        )
+        ids = self._each_shard(lambda s: (k.running(s), expired_ms), limit)
         requeue: list[str] = []
         exhausted: list[tuple[str, str]] = []
+        batches = self._batch_ids([text_of(i) for i in ids])  # a task's batch never changes
         for raw in ids:
             task_id = text_of(raw)
 
             def op(t: str = task_id) -> Any:
+                shard = k.shard(t)
+                names = [k.task(t), k.lease(t), k.running(shard), k.queued(shard)]
+                if batches.get(t):
+                    names.append(k.batch_counts(batches[t], shard))
                 return self._sweep(
-                    keys=[k.task(t), k.lease(t), k.running, k.queued],
+                    keys=names,
                     args=[expired_ms, max_attempts, t, sweeper_id, self._lease_ms(), now_ms],
                 )
 
@@ -372,6 +420,34 @@ class WorkerStore:
                 if owner:
                     exhausted.append((task_id, owner))
         return SweepOutcome(tuple(requeue), tuple(exhausted), now_ms)
+
+    def _each_shard(self, index: Callable[[int], tuple[str, int]], limit: int) -> list[Any]:
+        """The ids scored up to a cutoff in one index per shard (``index(shard)`` gives its
+        name and cutoff), at most ``limit`` of each, in one round trip."""
+
+        def op() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            for shard in self.keys.shard_ids:
+                name, cutoff = index(shard)
+                pipe.zrangebyscore(name, "-inf", cutoff, start=0, num=limit)
+            return pipe.execute()
+
+        return [i for ids in self._patient(op) for i in ids]
+
+    def _batch_ids(self, task_ids: list[str]) -> dict[str, str]:
+        """Each task's batch id ("" for none), in one round trip."""
+        if not task_ids:
+            return {}
+
+        def op() -> list[Any]:
+            pipe = self.r.pipeline(transaction=False)
+            for t in task_ids:
+                pipe.hget(self.keys.task(t), "batch_id")
+            return pipe.execute()
+
+        return {
+            t: text_of(b) if b else "" for t, b in zip(task_ids, self._patient(op), strict=True)
+        }
 
     def requeue_lost(
         self, grace_s: float, queues: Iterable[str], queue_was_empty: bool, limit: int = 100
@@ -393,29 +469,30 @@ class WorkerStore:
         names = list(queues)
         now_ms = int(self.clock() * 1000)
 
-        def look() -> list[Any]:
-            pipe = self.r.pipeline(transaction=False)
-            for name in names:
-                pipe.llen(name)
-            pipe.get(k.queue_taken)
+        def look(client: redis.Redis, op: Callable[[Any], Any], over: Iterable[Any]) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for item in over:
+                op(pipe)(item)
             return pipe.execute()
 
-        out = self._patient(look)
-        empty = sum(int(n) for n in out[:-1]) == 0
+        lengths = self._patient(lambda: look(self.broker, lambda p: p.llen, names))
+        marks = self._patient(
+            lambda: look(self.r, lambda p: p.get, [k.queue_taken(s) for s in k.shard_ids])
+        )
+        empty = sum(int(n) for n in lengths) == 0
+        taken = max(int(v or 0) for v in marks)  # the queue's mark: the latest shard's
         if empty and queue_was_empty:
             cutoff = now_ms - int(grace_s * 1000)
         else:
-            cutoff = min(now_ms, int(out[-1] or 0)) - int(grace_s * 1000)
-        ids = self._patient(
-            lambda: self.r.zrangebyscore(k.queued, "-inf", cutoff, start=0, num=limit)
-        )
+            cutoff = min(now_ms, taken) - int(grace_s * 1000)
+        ids = self._each_shard(lambda s: (k.queued(s), cutoff), limit)
         requeue = []
         for raw in ids:
             task_id = text_of(raw)
 
             def op(t: str = task_id) -> Any:
                 return self._requeue_lost(
-                    keys=[k.task(t), k.lease(t), k.queued], args=[t, cutoff, now_ms]
+                    keys=[k.task(t), k.lease(t), k.queued(k.shard(t))], args=[t, cutoff, now_ms]
                 )
 
             if text_of(self._patient(op)) == "requeue":

@@ -193,21 +193,34 @@ class _Task:
 class MemoryTaskStore:
     """``workers.attempts.AttemptStore`` in memory, with the rules of ``store.scripts``'
     CLAIM, STEP, RELEASE_FOR_RETRY and FINISH (tests/integration/test_worker_store.py holds
-    the real ones to them). ``calls`` counts every call: each is one Redis round trip in
-    production. Faults a test can cause: ``steal`` (another attempt took the lease),
+    the real ones to them), with the batch counters they keep (``counts``: batch id ->
+    counter name -> value, as ``{p}:{s}:batch:{id}:counts`` summed over the shards).
+    ``calls`` counts every call: each is one Redis round trip in production (a claim whose
+    message names the wrong batch costs two, as CLAIM's -1 reply does). Faults a test can cause: ``steal`` (another attempt took the lease),
     ``vanish`` (the lease expired and nobody took it), ``lose_events`` (Redis lost its
     last writes in a crash)."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.tasks: dict[str, _Task] = {}
         self.calls: Counter[str] = Counter()
+        self.counts: dict[str, Counter[str]] = {}
         self.clock = clock  # wall clock: the loop's time limits compare with it
 
     # -- test helpers --------------------------------------------------------------------
 
     def add(self, record: TaskRecord) -> TaskRecord:
         self.tasks[record.id] = _Task(record)
+        if record.batch_id:
+            c = self.counts.setdefault(record.batch_id, Counter())
+            c[record.status.value] += 1
+            c["total"] += 1
         return record
+
+    def _move(self, record: TaskRecord, before: Status, after: Status) -> None:
+        if record.batch_id:
+            c = self.counts.setdefault(record.batch_id, Counter())
+            c[before.value] -= 1
+            c[after.value] += 1
 
     def task(self, task_id: str) -> _Task:
         return self.tasks[task_id]
@@ -229,7 +242,12 @@ class MemoryTaskStore:
     # -- AttemptStore --------------------------------------------------------------------
 
     def claim(
-        self, task_id: str, worker_id: str, max_attempts: int = 0, enqueued_ms: int | None = None
+        self,
+        task_id: str,
+        worker_id: str,
+        max_attempts: int = 0,
+        enqueued_ms: int | None = None,
+        batch_id: str | None = None,
     ) -> Claim | Dropped:
         self.calls["claim"] += 1
         t = self.tasks.get(task_id)
@@ -239,6 +257,10 @@ class MemoryTaskStore:
             return Dropped("terminal")
         if t.lease is not None:
             return Dropped("duplicate")
+        if (batch_id or None) != t.record.batch_id:
+            self.calls["claim"] += 1  # CLAIM names the record's batch; the caller claims again
+        if t.record.status is Status.QUEUED:
+            self._move(t.record, Status.QUEUED, Status.RUNNING)
         attempt = t.record.attempt + 1
         started_at = t.record.started_at if t.record.started_at is not None else self.clock()
         t.record = replace(t.record, attempt=attempt, status=Status.RUNNING, started_at=started_at)
@@ -268,11 +290,15 @@ class MemoryTaskStore:
             t.checkpoint = checkpoint
         return Appended.OK
 
-    def release(self, task_id: str, owner: str, reclaim_after_s: float) -> bool:
+    def release(
+        self, task_id: str, owner: str, reclaim_after_s: float, batch_id: str | None = None
+    ) -> bool:
         self.calls["release"] += 1
         t = self.tasks[task_id]
         if t.lease != owner:
             return False
+        if t.record.status is Status.RUNNING and batch_id:
+            self._move(t.record, Status.RUNNING, Status.QUEUED)
         t.lease = None
         t.record = replace(t.record, status=Status.QUEUED)
         t.released_by, t.reclaim_after_s = owner, reclaim_after_s
@@ -297,6 +323,15 @@ class MemoryTaskStore:
             if t.seq < seq:
                 t.events.append(step)
                 t.seq = seq
+        self._move(t.record, t.record.status, result.status)
+        if t.record.batch_id:
+            c = self.counts[t.record.batch_id]
+            c["finished"] += 1
+            c["turns"] += result.turns
+            c["prompt_tokens"] += result.usage.prompt_tokens
+            c["completion_tokens"] += result.usage.completion_tokens
+            c["correct"] += result.correct is True
+            c["succeeded"] += result.status is Status.COMPLETED and result.correct is not False
         t.record = replace(t.record, status=result.status, result=result, finished_at=self.clock())
         t.events.append(event)  # the terminal event takes no seq: nothing follows it
         t.lease = None

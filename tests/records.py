@@ -15,14 +15,19 @@ def new_record(spec: TaskSpec, tenant: str = "t_test", **kw: Any) -> TaskRecord:
 
 
 def create(store: WorkerStore, record: TaskRecord) -> None:
-    """Store a new queued record with its tenant and queued index entries, as the API's
-    submission does (``store.api_store.ApiStore.write_tasks``), on the worker store's client."""
+    """Store a new queued record with its tenant and queued index entries and its batch's
+    counts, as the API's submission does (``store.intake``), on the worker store's client
+    (one Redis or a cluster: no transaction across shards)."""
     k = store.keys
-    pipe = store.r.pipeline(transaction=True)
+    shard = k.shard(record.id)
+    pipe = store.r.pipeline(transaction=False)
     pipe.hset(k.task(record.id), mapping=dict(record.to_hash()))  # type: ignore[arg-type]
     pipe.zadd(k.tenant_tasks(record.tenant), {record.id: record.created_at})
-    pipe.zadd(k.queued, {record.id: int(record.created_at * 1000)})
+    pipe.zadd(k.queued(shard), {record.id: int(record.created_at * 1000)})
     pipe.incr(k.tenant_active(record.tenant))
     if record.batch_id:
+        counts = k.batch_counts(record.batch_id, shard)
         pipe.rpush(k.batch_tasks(record.batch_id), record.id)
+        pipe.hincrby(counts, record.status.value, 1)
+        pipe.hincrby(counts, "total", 1)
     pipe.execute()

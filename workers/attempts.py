@@ -79,14 +79,21 @@ class AttemptStore(Protocol):
     their contracts are its methods'). Per turn an attempt makes one: ``append``."""
 
     def claim(
-        self, task_id: str, worker_id: str, max_attempts: int = 0, enqueued_ms: int | None = None
+        self,
+        task_id: str,
+        worker_id: str,
+        max_attempts: int = 0,
+        enqueued_ms: int | None = None,
+        batch_id: str | None = None,
     ) -> Claim | Dropped: ...
 
     def append(
         self, task_id: str, owner: str, event: Event, seq: int, checkpoint: str | None = None
     ) -> Appended: ...
 
-    def release(self, task_id: str, owner: str, reclaim_after_s: float) -> bool: ...
+    def release(
+        self, task_id: str, owner: str, reclaim_after_s: float, batch_id: str | None = None
+    ) -> bool: ...
 
     def finish(
         self,
@@ -139,17 +146,22 @@ class Attempts:
         # an infrastructure fault's retries: 2x the delay each time, up to the cap
         self.backoff = Backoff(settings.retry_backoff_s, settings.retry_backoff_max_s, Jitter.NONE)
 
-    def run(self, task_id: str, enqueued_ms: int | None = None) -> Done | RetryAfter:
-        """Run one delivery of ``task_id``, whose message was pushed at ``enqueued_ms``."""
+    def run(
+        self, task_id: str, enqueued_ms: int | None = None, batch_id: str | None = None
+    ) -> Done | RetryAfter:
+        """Run one delivery of ``task_id``, whose message was pushed at ``enqueued_ms`` and
+        names ``batch_id`` (see ``WorkerStore.claim``)."""
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(task_id=task_id, worker=self.worker_id)
-        claim = self.store.claim(task_id, self.worker_id, self.settings.max_attempts, enqueued_ms)
+        claim = self.store.claim(
+            task_id, self.worker_id, self.settings.max_attempts, enqueued_ms, batch_id
+        )
         if isinstance(claim, Dropped):
             log.info("delivery.dropped", reason=claim.reason)
             metrics.DELIVERIES_DROPPED.labels(claim.reason).inc()
             return Done(f"dropped:{claim.reason}")
         structlog.contextvars.bind_contextvars(attempt=claim.attempt)
-        lease = Lease(task_id, claim.owner, claim.attempt)
+        lease = Lease(task_id, claim.owner, claim.attempt, claim.record.batch_id)
         if claim.record.cancel_requested:
             lease.cancelled.set()
         self.heartbeat.add(lease)
@@ -163,7 +175,7 @@ class Attempts:
             return self._fenced(claim)
         except Regressed:
             log.warning("task.state_regressed")
-            if not self.store.release(task_id, claim.owner, LEASE_TTL_S):
+            if not self.store.release(task_id, claim.owner, LEASE_TTL_S, claim.record.batch_id):
                 return self._fenced(claim)
             return RetryAfter(0.5, "state_regressed")
         finally:
@@ -314,7 +326,9 @@ class Attempts:
                 ),
             ),
         )
-        if not self.store.release(claim.record.id, claim.owner, delay + LEASE_TTL_S):
+        if not self.store.release(
+            claim.record.id, claim.owner, delay + LEASE_TTL_S, claim.record.batch_id
+        ):
             raise Fenced
         log.warning("task.retrying", failure=fc.value, delay_s=delay, error=repr(e))
         metrics.TASKS_RETRIED.labels(fc.value).inc()

@@ -16,11 +16,13 @@ from celery import Celery, Task
 from store import keys
 from workers.attempts import Done, RetryAfter
 
-Attempt = Callable[[str, int | None], Done | RetryAfter]  # (task id, enqueued_ms) -> outcome
+# (task id, enqueued_ms, batch id the message names) -> outcome
+Attempt = Callable[[str, int | None, str | None], Done | RetryAfter]
 
 
 def register_tasks(app: Celery, attempt: Attempt) -> None:
-    """Register ``run_task`` on ``app``; each delivery runs ``attempt(task_id, enqueued_ms)``."""
+    """Register ``run_task`` on ``app``; each delivery runs
+    ``attempt(task_id, enqueued_ms, batch_id)``."""
 
     @app.task(
         name=keys.RUN_TASK,
@@ -30,8 +32,10 @@ def register_tasks(app: Celery, attempt: Attempt) -> None:
         max_retries=None,
         ignore_result=True,
     )
-    def run_task(self: Task, task_id: str, enqueued_ms: int | None = None) -> str:
-        outcome = attempt(task_id, enqueued_ms)
+    def run_task(
+        self: Task, task_id: str, enqueued_ms: int | None = None, batch_id: str | None = None
+    ) -> str:
+        outcome = attempt(task_id, enqueued_ms, batch_id)
         if isinstance(outcome, RetryAfter):
             raise self.retry(countdown=outcome.delay_s)
         return outcome.reason

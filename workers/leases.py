@@ -35,6 +35,7 @@ class Lease:
     task_id: str
     owner: str  # "{worker_id}/{attempt}"
     attempt: int
+    batch_id: str | None = None  # the task's batch, whose counts move when it is handed back
     cancelled: threading.Event = field(default_factory=threading.Event)
     lost: threading.Event = field(default_factory=threading.Event)
     handed_back: threading.Event = field(default_factory=threading.Event)  # worker stopping
@@ -126,7 +127,7 @@ class Heartbeat:
             elif state.cancel_requested and not lease.cancelled.is_set():
                 log.info("task.cancel_seen", task_id=lease.task_id)
                 lease.stop(lease.cancelled)
-        pipe = self.store.r.pipeline(transaction=False)
+        pipe = self.store.broker.pipeline(transaction=False)
         for name in metrics.queue_names(keys.TASK_QUEUE):
             pipe.llen(name)
         depths = [int(n) for n in pipe.execute()]

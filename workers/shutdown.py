@@ -83,7 +83,7 @@ class Drain:
     def hand_back(self, lease: Lease) -> None:
         lease.handed_back.set()  # first: the task's thread then takes its fencing as intended
         try:
-            pushed = self.store.hand_back(lease.task_id, lease.owner)
+            pushed = self.store.hand_back(lease.task_id, lease.owner, lease.batch_id)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             # Its lease expires and a sweeper requeues it, as for a worker that died.
             log.error("task.hand_back_failed", task_id=lease.task_id, error=repr(e))

@@ -1,7 +1,7 @@
 """The delivery loop each worker runs: claim due webhooks from the outbox, send, settle.
 
-``WebhookDeliverer`` polls ``{p}:webhooks:due`` every ``poll_s`` (or at once when woken by
-a finishing task), claims up to as many due deliveries as it has free senders, and sends
+``WebhookDeliverer`` polls the shards' ``{p}:{s}:webhooks:due`` every ``poll_s`` (or at
+once when woken by a finishing task), claims up to as many due deliveries as it has free senders, and sends
 each on a small thread pool. Every attempt is signed with the tenant's current secrets,
 vetted against the destination policy again (resolve once, connect to what was checked),
 recorded in the outbox, and counted in ``actfleet_webhook_deliveries_total{outcome}``.

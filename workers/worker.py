@@ -38,6 +38,7 @@ from config.heap import freeze_startup_heap
 from config.settings import Settings
 from store import keys
 from store.celery_app import DEFAULT_REDIS_URL, enqueue, make_celery
+from store.clients import sync_client
 from store.keys import GATE_LEASE_TTL_S, Keys, Retention
 from store.webhooks import WebhookOutbox
 from store.worker_store import WorkerStore
@@ -59,7 +60,8 @@ log = structlog.get_logger(__name__)
 
 
 def redis_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
+    """The worker's client for ``url``: one Redis, or a cluster (``store.clients``)."""
+    return sync_client(
         url,
         socket_timeout=30,
         socket_connect_timeout=5,
@@ -81,6 +83,7 @@ class WorkerRuntime:
             redis_client(settings.redis_url or DEFAULT_REDIS_URL),
             Keys(settings.key_prefix),
             patience_s=settings.redis_patience_s,
+            broker=redis_client(settings.broker_url) if settings.broker_url else None,
             retention=Retention(settings.record_retention_s, settings.stream_retention_s),
         )
         self.consumer = ConsumerWatch(settings.worker_consumer_stall_s, on_stall=self._stalled)
@@ -251,12 +254,15 @@ class WorkerRuntime:
 
 def make_worker_app(settings: Settings) -> tuple[Celery, WorkerRuntime]:
     app = make_celery(
-        settings.redis_url,
+        settings.broker,
         concurrency=settings.worker_concurrency,
         time_limit_s=settings.task_time_limit_s,
     )
     runtime = WorkerRuntime(settings, app)
-    register_tasks(app, lambda task_id, enqueued_ms: runtime.attempts.run(task_id, enqueued_ms))
+    register_tasks(
+        app,
+        lambda task_id, enqueued_ms, batch_id: runtime.attempts.run(task_id, enqueued_ms, batch_id),
+    )
 
     def on_ready(sender: object = None, **_: object) -> None:
         if getattr(sender, "app", None) is app:

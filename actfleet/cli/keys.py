@@ -19,6 +19,7 @@ import redis
 from actfleet.cli import CLIError
 from config.settings import Settings
 from store.apikeys import ApiKeyError, check_tenant, issue_key, list_keys, revoke_key
+from store.clients import sync_client
 from store.keys import Keys
 from store.webhook_secrets import rotate
 from store.webhooks import enable_endpoint
@@ -71,7 +72,7 @@ def _client() -> tuple[redis.Redis, Keys]:
     settings = Settings()
     if not settings.redis_url:
         raise CLIError("set ACTFLEET_REDIS_URL to the Redis the API uses")
-    return redis.Redis.from_url(settings.redis_url), Keys(settings.key_prefix)
+    return sync_client(settings.redis_url), Keys(settings.key_prefix)
 
 
 def _translate(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

@@ -77,9 +77,20 @@ class Fleet:
         headers = {"Authorization": f"Bearer {self.key_for(tenant)}"} if tenant else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=30, **kw)
 
+    def active(self, tenant: str) -> int:
+        """The tenant's unfinished tasks: slots reserved less tasks finished (per shard)."""
+        k = self.keys
+        finished = sum(int(self.redis.get(k.tenant_finished(tenant, s)) or 0) for s in k.shard_ids)
+        return int(self.redis.get(k.tenant_active(tenant)) or 0) - finished
+
     # -- the worker's role ------------------------------------------------------------
 
     def start_task(self, task_id: str, owner: str = "w1/1") -> str:
+        status, batch_id = self.redis.hmget(self.keys.task(task_id), ["status", "batch_id"])
+        if batch_id and status == b"queued":  # as CLAIM does
+            counts = self.keys.batch_counts(batch_id.decode(), self.keys.shard(task_id))
+            self.redis.hincrby(counts, "queued", -1)
+            self.redis.hincrby(counts, "running", 1)
         self.redis.eval(MATERIALIZE, 2, self.keys.task(task_id), self.keys.events(task_id))
         self.redis.set(self.keys.lease(task_id), owner)
         self.redis.hset(

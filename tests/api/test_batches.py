@@ -34,7 +34,7 @@ def test_a_batch_with_bad_lines_is_rejected_whole_with_every_bad_line_named(flee
     assert "is also used on line 1" in by_line[5][0]
     assert "not valid JSON" in by_line[6][0]
     assert fleet.redis.llen(TASK_QUEUE) == 0
-    assert fleet.redis.keys("t:task:*") == []
+    assert fleet.redis.keys("t:{*}:task:*") == []
 
 
 def test_invalid_specs_alone_get_422_and_an_empty_batch_says_so(fleet: Fleet) -> None:
@@ -173,7 +173,7 @@ def test_cancelling_a_batch_keeps_what_finished_and_stops_the_rest(fleet: Fleet)
     assert status["status"] == "cancelled"
     assert status["counts"]["completed"] == 1 and status["counts"]["cancelled"] == 3
     assert fleet.redis.hget(fleet.keys.task(ids[0]), "cancel_requested") != b"1"
-    assert fleet.redis.get(fleet.keys.tenant_active("acme")) == b"0"
+    assert fleet.active("acme") == 0
 
 
 def test_another_tenant_gets_404_for_a_batch(fleet: Fleet) -> None:

@@ -34,10 +34,11 @@ def squeeze(r: redis.Redis, headroom_bytes: int) -> None:
 def nothing_of(fleet: Fleet, tenant: str = "acme") -> None:
     """No trace of any submission: no record, stream, message, index entry or slot."""
     r, k = fleet.redis, fleet.keys
-    assert r.keys("t:task:*") == [] and r.keys("t:events:*") == []
-    assert r.keys("t:batch:*") == [] and r.keys("t:intake:*") == []
+    assert r.keys("t:*task:*") == [] and r.keys("t:*events:*") == []
+    assert r.keys("t:*batch:*") == [] and r.keys("t:*intake:*") == []
     assert r.llen(TASK_QUEUE) == 0
-    assert r.zcard(k.queued) == 0 and r.zcard(k.tenant_tasks(tenant)) == 0
+    assert sum(int(r.zcard(k.queued(s))) for s in k.shard_ids) == 0
+    assert r.zcard(k.tenant_tasks(tenant)) == 0
     assert int(r.get(k.tenant_active(tenant)) or 0) == 0
 
 
@@ -117,9 +118,10 @@ def test_a_submission_whose_api_died_before_commit_is_invisible_and_expires(
     r, k = redis.Redis.from_url(redis_url), Keys("t")
     # then no worker, sweeper or reader can find it: no message, no index entry, no batch
     assert r.llen(TASK_QUEUE) == 0
-    assert r.zcard(k.queued) == 0 and r.zcard(k.tenant_tasks("acme")) == 0
+    assert sum(int(r.zcard(k.queued(s))) for s in k.shard_ids) == 0
+    assert r.zcard(k.tenant_tasks("acme")) == 0
     assert not r.exists(k.batch("batch_dead"))
-    assert r.keys("t:events:*") == []
+    assert r.keys("t:*events:*") == []
     # and every key it wrote goes away by itself
     staged = [k.batch_tasks("batch_dead"), k.intake_messages("batch_dead")]
     staged += [k.task(rec.id) for rec in sub.records]
@@ -136,7 +138,8 @@ def test_a_committed_batch_is_whole_and_kept(fleet: Fleet) -> None:
     k, red = fleet.keys, fleet.redis
     ids = [i.decode() for i in red.lrange(k.batch_tasks(r.json()["id"]), 0, -1)]
     assert len(ids) == 2500 and red.llen(TASK_QUEUE) == 2500
-    assert red.zcard(k.queued) == 2500 and red.zcard(k.tenant_tasks("acme")) == 2500
+    assert sum(int(red.zcard(k.queued(s))) for s in k.shard_ids) == 2500
+    assert red.zcard(k.tenant_tasks("acme")) == 2500
     assert red.keys("t:intake:*") == []
     # records of queued tasks do not expire (their streams begin when they start)
     pipe = red.pipeline(transaction=False)
@@ -201,7 +204,13 @@ def test_a_typical_queued_task_costs_at_most_3_kb_of_redis(fleet: Fleet) -> None
     ]
     shared = [
         int(red.memory_usage(name, samples=0) or 0)
-        for name in (k.tenant_tasks("acme"), k.queued, k.batch_tasks(r.json()["id"]), TASK_QUEUE)
+        for name in (
+            k.tenant_tasks("acme"),
+            *(k.queued(s) for s in k.shard_ids),
+            *(k.batch_counts(r.json()["id"], s) for s in k.shard_ids),
+            k.batch_tasks(r.json()["id"]),
+            TASK_QUEUE,
+        )
     ]
     assert bytes_per_task(own, shared, n) <= 3 * 1024
 
@@ -216,3 +225,92 @@ def test_a_batch_line_nested_past_the_limit_is_refused_naming_it(fleet: Fleet) -
     [error] = r.json()["detail"]["errors"]
     assert error["line"] == 2 and "nested deeper than 32 levels" in error["problems"][0]
     nothing_of(fleet)
+
+
+def _batch_submission(redis_url: str, n: int, batch_id: str, webhook: bool) -> Submission:
+    from api.bodies import parse_batch, spec_rules
+    from tests.api.conftest import fleet_settings
+
+    keys = Keys("t")
+    store = ApiStore(connect(redis_url), keys)
+    specs = parse_batch(typical_batch(n), 5000, spec_rules(fleet_settings(redis_url)))
+    records = store.new_records("acme", specs, batch_id)
+    fields = {"id": batch_id, "tenant": "acme", "total": str(n)}
+    if webhook:
+        fields["webhook_url"] = "http://127.0.0.1:9/hook"
+    return Submission(
+        batch_id, records, keys.batch_tasks(batch_id), 3600, batch=(keys.batch(batch_id), fields)
+    )
+
+
+def _counts(r: redis.Redis, k: Keys, batch_id: str) -> dict[str, int]:
+    from store.batches import sum_counters
+
+    return sum_counters(r.hgetall(k.batch_counts(batch_id, s)) for s in k.shard_ids)
+
+
+def test_the_commit_counts_a_batch_per_shard_on_one_redis_and_per_shard_with_its_own_broker(
+    redis_url: str,
+) -> None:
+    # given the same batch of 1,200 tasks committed by the single script (broker on the
+    # store's Redis) and, as on a cluster, one script per shard (broker on its own client)
+    r, k = redis.Redis.from_url(redis_url), Keys("t")
+
+    async def run(batch_id: str, own_broker: bool) -> Submission:
+        client = connect(redis_url)
+        broker = connect(redis_url) if own_broker else None
+        intake = Intake(client, k, broker=broker)
+        assert intake.per_shard is own_broker
+        sub = _batch_submission(redis_url, 1200, batch_id, webhook=True)
+        await intake.stage(sub, 7)
+        await intake.commit(sub, 7)
+        await client.aclose()
+        return sub
+
+    for batch_id, own in (("batch_one", False), ("batch_sharded", True)):
+        sub = asyncio.run(run(batch_id, own))
+        # then its counters say every task is queued, summed over the shards it fell in
+        counts = _counts(r, k, batch_id)
+        assert counts["queued"] == counts["total"] == 1200
+        shards = {k.shard(rec.id) for rec in sub.records}
+        assert len(shards) == k.shards
+        for s in shards:
+            assert r.hget(k.batch_counts(batch_id, s), "webhook") == b"1"
+            assert r.ttl(k.batch_counts(batch_id, s)) > 0
+        # and every task is in its own shard's queued index, its record kept
+        assert all(r.zscore(k.queued(k.shard(t.id)), t.id) == 7 for t in sub.records)
+        assert {r.ttl(k.task(t.id)) for t in sub.records[::100]} == {-1}
+        assert r.exists(k.batch(batch_id)) and r.llen(k.batch_tasks(batch_id)) == 1200
+    # and the messages name their batch, in input order, both ways
+    messages = [json.loads(m) for m in r.lrange(TASK_QUEUE, 0, -1)]
+    import base64
+
+    bodies = [json.loads(base64.b64decode(m["body"])) for m in reversed(messages)]
+    assert [b[1]["batch_id"] for b in bodies] == ["batch_one"] * 1200 + ["batch_sharded"] * 1200
+    assert r.keys("t:*intake:*") == []
+
+
+def test_a_per_shard_commit_whose_broker_push_fails_leaves_nothing(redis_url: str) -> None:
+    # given the queue on a Redis that does not answer, and a batch committed shard by shard
+    r, k = redis.Redis.from_url(redis_url), Keys("t")
+
+    async def run() -> Submission:
+        client = connect(redis_url)
+        intake = Intake(client, k, broker=connect("redis://127.0.0.1:1/0"))
+        sub = _batch_submission(redis_url, 600, "batch_lost", webhook=False)
+        await intake.stage(sub, 7)
+        try:
+            await intake.commit(sub, 7)
+        except redis.RedisError:
+            assert await intake.committed(sub) is False
+            await intake.discard(sub)
+        else:
+            raise AssertionError("the commit went through without its broker")
+        await client.aclose()
+        return sub
+
+    asyncio.run(run())
+    # then every shard it had committed was taken back: no record, index entry or count
+    assert r.keys("t:*task:*") == [] and r.keys("t:*batch:*") == []
+    assert sum(int(r.zcard(k.queued(s))) for s in k.shard_ids) == 0
+    assert r.zcard(k.tenant_tasks("acme")) == 0 and r.llen(TASK_QUEUE) == 0

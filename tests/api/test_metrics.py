@@ -12,7 +12,9 @@ def test_metrics_show_requests_by_route_and_finished_tasks_by_status(fleet: Flee
         task_id = c.post("/v1/tasks", json=spec()).json()["id"]
         c.get(f"/v1/tasks/{task_id}")
         c.get("/v1/tasks/task_nope")
-    fleet.redis.hset(fleet.keys.finished_counts, mapping={"completed": 3, "failed": 1})
+    # (kept per shard, summed on the page)
+    fleet.redis.hset(fleet.keys.finished_counts(0), mapping={"completed": 2, "failed": 1})
+    fleet.redis.hset(fleet.keys.finished_counts(5), mapping={"completed": 1})
     # when Prometheus scrapes
     with fleet.client(None) as c:
         page = c.get("/metrics").text
@@ -32,5 +34,5 @@ def test_finish_counts_finished_tasks_fleet_wide(fleet: Fleet) -> None:
     with fleet.client() as c:
         task_id = c.post("/v1/tasks", json=spec()).json()["id"]
         c.post(f"/v1/tasks/{task_id}/cancel")
-    counts = fleet.redis.hgetall(fleet.keys.finished_counts)
+    counts = fleet.redis.hgetall(fleet.keys.finished_counts(fleet.keys.shard(task_id)))
     assert counts == {Status.CANCELLED.value.encode(): b"1"}

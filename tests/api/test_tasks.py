@@ -31,7 +31,7 @@ def test_submit_stores_the_task_queues_it_and_records_the_queued_event(fleet: Fl
     event = json.loads(fleet.redis.hget(fleet.keys.task(task_id), "queued_event"))  # type: ignore[arg-type]
     assert event["type"] == "task.queued" and event["data"]["task_id"] == task_id
     assert not fleet.redis.exists(fleet.keys.events(task_id))
-    assert fleet.redis.get(fleet.keys.tenant_active("acme")) == b"1"
+    assert fleet.active("acme") == 1
 
 
 def test_requests_without_a_valid_key_get_401_saying_how_to_authenticate(fleet: Fleet) -> None:
@@ -157,7 +157,7 @@ def test_cancelling_a_queued_task_finishes_it_at_once_with_a_terminal_event(flee
     events = [json.loads(f[b"e"]) for _, f in fleet.redis.xrange(fleet.keys.events(task_id))]
     assert [e["type"] for e in events] == ["task.queued", "task.finished"]
     assert events[-1]["data"]["status"] == "cancelled"
-    assert fleet.redis.get(fleet.keys.tenant_active("acme")) == b"0"
+    assert fleet.active("acme") == 0
 
 
 def test_cancelling_a_running_task_flags_it_for_its_worker(fleet: Fleet) -> None:

@@ -44,7 +44,11 @@ def batch_ids(fleet: Fleet, batch_id: str) -> list[str]:
 
 
 def due(fleet: Fleet) -> list[str]:
-    return [i.decode() for i in fleet.redis.zrange(fleet.keys.webhook_outbox, 0, -1)]
+    """Every entry of the shards' outboxes, once the workers' loop scheduled the batches
+    that finished (``WebhookOutbox.schedule_batches``, run here in the workers' stead)."""
+    WebhookOutbox(fleet.redis, fleet.keys).schedule_batches()
+    k = fleet.keys
+    return [i.decode() for s in k.shard_ids for i in fleet.redis.zrange(k.webhook_outbox(s), 0, -1)]
 
 
 @pytest.fixture
@@ -75,7 +79,7 @@ def test_every_loopback_spelling_is_refused_with_422_and_never_contacted(
     assert batch.json()["detail"]["errors"][0]["line"] == 2
     assert param.status_code == 422 and "webhook_url: " in param.json()["detail"]["message"]
     assert listener.connections == 0
-    assert fleet.redis.keys("t:task:*") == []  # nothing was accepted
+    assert fleet.redis.keys("t:{*}:task:*") == []  # nothing was accepted
 
 
 @pytest.mark.parametrize(("url", "rule"), NON_GLOBAL)
@@ -156,7 +160,7 @@ def test_a_tenant_without_a_signing_secret_cannot_ask_for_webhooks(make_fleet: A
 def test_a_disabled_endpoint_is_refused_until_the_operator_enables_it(make_fleet: Any) -> None:
     fleet = make_fleet(webhook_allowlist="127.0.0.1/32")
     url = "http://127.0.0.1:9/gone"
-    fleet.redis.hset(fleet.keys.webhooks_disabled("acme"), url, "1700000000")
+    fleet.redis.hset(fleet.keys.webhooks_disabled("acme", 3), url, "1700000000")
     with fleet.client() as c:
         r = c.post("/v1/tasks", json=spec(webhook={"url": url}))
         assert r.status_code == 422
@@ -218,11 +222,17 @@ def test_batch_finished_is_due_once_even_when_the_batch_is_cancelled_midway(
         assert batch_id not in due(fleet)
         fleet.finish(ids[2], status=Status.CANCELLED)
         fleet.finish(ids[2], status=Status.CANCELLED)  # a repeated finish changes nothing
+        assert due(fleet).count(batch_id) == 1
         view = c.get(f"/v1/batches/{batch_id}/webhook").json()
     assert due(fleet).count(batch_id) == 1
     assert view["state"] == "scheduled" and view["event"] == "batch.finished"
     batch = fleet.redis.hgetall(fleet.keys.batch(batch_id))
-    assert batch[b"correct"] == b"1" and b"finished_at" in batch
+    assert b"finished_at" in batch
+    k = fleet.keys
+    assert (
+        sum(int(fleet.redis.hget(k.batch_counts(batch_id, s), "correct") or 0) for s in k.shard_ids)
+        == 1
+    )
 
 
 def test_a_batch_without_a_webhook_has_no_record_and_is_never_due(fleet: Fleet) -> None:

@@ -185,7 +185,7 @@ class Fleet:
     def leases_of(self, pid: int) -> list[str]:
         """Task ids whose lease a worker process holds now."""
         out = []
-        for key in self.store.r.scan_iter("af:lease:*"):
+        for key in self.store.r.scan_iter("af:{*}:lease:*"):
             owner = self.store.r.get(key)
             if owner is not None and f"-{pid}-" in owner.decode():
                 out.append(key.decode().rsplit(":", 1)[1])
@@ -196,7 +196,7 @@ class Fleet:
         deadline = time.monotonic() + timeout_s
         while True:
             held = self.leases_of(pid)
-            seqs = {t: int(self.store.r.hget(f"af:task:{t}", "seq") or 0) for t in held}
+            seqs = {t: int(self.store.r.hget(self.store.keys.task(t), "seq") or 0) for t in held}
             if sum(1 for s in seqs.values() if s >= 3) >= n:
                 return held
             assert time.monotonic() < deadline, f"worker {pid} never got mid-task: {seqs}"
@@ -268,6 +268,6 @@ def assert_each_ran_exactly_once(fleet: Fleet, ids: list[str]) -> None:
         assert events[-1].type is EventType.FINISHED
         # every entry the workers appended (all but task.queued and task.finished) took
         # its own sequence number: none twice, none outside the fenced appends
-        seq = int(fleet.store.r.hget(f"af:task:{task_id}", "seq") or 0)
+        seq = int(fleet.store.r.hget(fleet.store.keys.task(task_id), "seq") or 0)
         appended = [e for e in events if e.type not in (EventType.QUEUED, EventType.FINISHED)]
         assert len(appended) == seq, (task_id, seq, [e.type for e in events])

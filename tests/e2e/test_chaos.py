@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pytest
 from agent.events import EventType
 from agent.models import Status
 from store import keys
+from store.batches import sum_counters, tally
 from tests.conftest import RedisServer
 from tests.e2e.fleet import Fleet, assert_each_ran_exactly_once, wait_for
 
@@ -247,7 +249,7 @@ def test_redis_down_longer_than_every_reconnect_window_and_the_fleet_recovers_by
         assert fleet.health(worker).json()["consumer"] == "ok"
     # and the client that followed a task through the outage saw each of its events once
     follower.join(timeout=30)
-    stored = [i.decode() for i, _ in fleet.store.r.xrange(f"af:events:{followed}")]
+    stored = [i.decode() for i, _ in fleet.store.r.xrange(fleet.store.keys.events(followed))]
     assert [line.removeprefix("id: ") for line in lines if line.startswith("id: ")] == stored
 
 
@@ -261,3 +263,49 @@ def follow(fleet: Fleet, task_id: str, lines: list[str]) -> None:
     ):
         for line in resp.iter_lines():
             lines.append(line)
+
+
+def test_batch_counts_equal_a_recount_after_a_worker_is_killed_and_the_batch_cancelled(
+    fleet: Fleet,
+) -> None:
+    # given a batch submitted through the API, two workers on it
+    fleet.start_api()
+    victim = fleet.start_worker(concurrency=4)
+    fleet.start_worker(concurrency=4)
+    lines = [json.dumps({"prompt": f"count #{i}", "expected": {"answer": "3"}}) for i in range(40)]
+    with fleet.api_client() as c:
+        batch_id = c.post("/v1/batches", content="\n".join(lines)).json()["id"]
+        ids = [
+            i.decode() for i in fleet.store.r.lrange(fleet.store.keys.batch_tasks(batch_id), 0, -1)
+        ]
+        seen: list[dict[str, int]] = []
+
+        def status() -> dict[str, object]:
+            out: dict[str, object] = c.get(f"/v1/batches/{batch_id}").json()
+            seen.append(out["counts"])  # type: ignore[arg-type]
+            return out
+
+        # when one worker is SIGKILLed mid-task, and the batch is cancelled mid-way
+        fleet.wait_mid_task(victim.pid, n=2)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=10)
+        wait_for(lambda: int(status()["finished"]) >= 8, 120)  # type: ignore[call-overload]
+        assert c.post(f"/v1/batches/{batch_id}/cancel").status_code == 202
+        fleet.wait_all_terminal(ids, timeout_s=180)
+        final = status()
+
+    # then every poll saw each task in exactly one status, and the counters equal a recount
+    assert all(sum(counts.values()) == 40 for counts in seen), seen
+    rows = []
+    for task_id in ids:
+        rec = fleet.store.get(task_id)
+        assert rec is not None and rec.result is not None
+        rows.append((rec.status.value, rec.result.to_dict()))
+    recount = tally(rows)
+    assert final["counts"] == {s.value: recount[s.value] for s in Status}
+    assert final["finished"] == recount["finished"] == 40 and final["status"] == "cancelled"
+    k = fleet.store.keys
+    stored = sum_counters(fleet.store.r.hgetall(k.batch_counts(batch_id, s)) for s in k.shard_ids)
+    assert stored.pop("total") == 40  # the shards' parts add up to the batch
+    assert {k: n for k, n in stored.items() if n} == {k: n for k, n in recount.items() if n}
+    assert 0 < recount["cancelled"] < 40 and recount["completed"] > 0

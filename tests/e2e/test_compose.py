@@ -151,9 +151,9 @@ class ComposeStack:
         """(task id, owning worker id, events appended so far) of every live lease."""
         script = (
             "local out = {} "
-            "for _, k in ipairs(redis.call('KEYS', 'af:lease:*')) do "
-            "  local id = string.sub(k, 10) "
-            "  local seq = redis.call('HGET', 'af:task:' .. id, 'seq') or '0' "
+            "for _, k in ipairs(redis.call('KEYS', 'af:{*}:lease:*')) do "
+            "  local id = string.match(k, ':lease:(.*)$') "
+            "  local seq = redis.call('HGET', (string.gsub(k, ':lease:', ':task:')), 'seq') or '0' "
             "  table.insert(out, id .. ' ' .. (redis.call('GET', k) or '') .. ' ' .. seq) "
             "end return out"
         )

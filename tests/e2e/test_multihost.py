@@ -223,14 +223,14 @@ class Fleet:
         """task id -> the worker id holding its lease."""
         r = self.store.r
         out = {}
-        for key in r.scan_iter("af:lease:*"):
+        for key in r.scan_iter("af:{*}:lease:*"):
             owner: bytes | None = r.get(key)  # type: ignore[assignment]
             if owner is not None:
                 out[key.decode().rsplit(":", 1)[1]] = owner.decode().rsplit("/", 1)[0]
         return out
 
     def seq(self, task_id: str) -> int:
-        return int(self.store.r.hget(f"af:task:{task_id}", "seq") or 0)
+        return int(self.store.r.hget(self.store.keys.task(task_id), "seq") or 0)
 
     def log_of(self, role: str) -> list[dict[str, Any]]:
         out = []

@@ -20,6 +20,7 @@ from actfleet.client import ApiError, Client
 from actfleet.fakellm import FakeLLMServer, load_script
 from actfleet.stack import LocalStack
 from store.apikeys import create_key, issue_key
+from store.batches import sum_counters
 from store.keys import Keys
 from tests.receivers import Receiver
 
@@ -241,9 +242,9 @@ def test_metrics_count_finished_tasks_by_status(stack: Stack) -> None:
         ids = [c.submit(spec("Compute: 2+2"))["id"] for _ in range(3)]
         for task_id in ids:
             list(c.events(task_id))
-    counts = {
-        k.decode(): int(v) for k, v in stack.redis.hgetall(stack.keys.finished_counts).items()
-    }
+    counts = sum_counters(
+        stack.redis.hgetall(stack.keys.finished_counts(s)) for s in stack.keys.shard_ids
+    )
     assert counts.get("completed", 0) >= 3
     page = httpx.get(f"{stack.stack.api_url}/metrics").text
     for status, n in counts.items():
@@ -272,4 +273,4 @@ def test_a_finished_task_calls_its_webhook_signed_per_standard_webhooks(stack: S
     assert payload["type"] == "task.finished"
     assert payload["data"]["task_id"] == task_id and payload["data"]["status"] == "completed"
     assert record["state"] == "delivered" and record["attempts"][0]["status_code"] == 204
-    assert stack.redis.zcard(stack.keys.webhook_outbox) == 0  # settled
+    assert sum(stack.redis.zcard(stack.keys.webhook_outbox(s)) for s in stack.keys.shard_ids) == 0

@@ -73,7 +73,7 @@ class Hooks:
 
     def leases_of(self, pid: int) -> list[str]:
         out = []
-        for key in self.redis.scan_iter("af:lease:*"):
+        for key in self.redis.scan_iter("af:{*}:lease:*"):
             owner = self.redis.get(key)
             if owner is not None and f"-{pid}-" in owner.decode():
                 out.append(key.decode().rsplit(":", 1)[1])
@@ -162,7 +162,7 @@ def test_retries_after_500_survive_a_worker_kill_and_a_redis_restart(hooks: Hook
     assert record["state"] == "delivered"
     outcomes = [a["outcome"] for a in record["attempts"]]
     assert outcomes[-1] == "delivered" and set(outcomes[:-1]) <= {"retrying", "lost"}
-    assert hooks.redis.zcard(hooks.keys.webhook_outbox) == 0
+    assert sum(hooks.redis.zcard(hooks.keys.webhook_outbox(s)) for s in hooks.keys.shard_ids) == 0
     # and the workers (the killed one's samples included) counted each outcome
     page = hooks.patiently(lambda: httpx.get(f"{stack.api_url}/metrics", timeout=10).text)
     counted = {
@@ -199,7 +199,7 @@ def test_batch_finished_arrives_once_after_a_cancel_mid_batch_and_a_killed_worke
                 sleepy = [
                     t
                     for t in held
-                    if b"sleepy" in (hooks.redis.hget(f"af:task:{t}", "custom_id") or b"")
+                    if b"sleepy" in (hooks.redis.hget(hooks.keys.task(t), "custom_id") or b"")
                 ]
                 if sleepy:
                     victim = proc

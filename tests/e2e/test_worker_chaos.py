@@ -42,7 +42,7 @@ def test_sigkill_of_a_worker_mid_batch_loses_and_repeats_nothing(fleet: Fleet) -
     deadline = time.monotonic() + 60
     while True:
         held = fleet.leases_of(victim.pid)
-        seqs = [int(fleet.store.r.hget(f"af:task:{t}", "seq") or 0) for t in held]
+        seqs = [int(fleet.store.r.hget(fleet.store.keys.task(t), "seq") or 0) for t in held]
         if sum(1 for s in seqs if s >= 3) >= 2:
             break
         assert time.monotonic() < deadline, "the victim never got mid-task"
@@ -106,7 +106,7 @@ def test_a_cancel_request_stops_a_running_execution_within_seconds(fleet: Fleet)
         time.sleep(0.1)
 
     # when the caller asks to cancel it (what POST /v1/tasks/{id}/cancel records)
-    fleet.store.r.hset(f"af:task:{task_id}", "cancel_requested", "1")
+    fleet.store.r.hset(fleet.store.keys.task(task_id), "cancel_requested", "1")
     asked = time.monotonic()
 
     # then it ends as cancelled a few seconds later, with the sandbox stopped

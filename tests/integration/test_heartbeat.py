@@ -74,7 +74,7 @@ def test_a_lease_taken_by_another_attempt_is_lost_and_stopped(redis_url: str) ->
     heartbeat.add(lease)
     # the lease expired and another worker took the task over
     store.end = lambda: (
-        store.r.delete(f"t:lease:{claim.record.id}"),
+        store.r.delete(store.keys.lease(claim.record.id)),
         store.claim(claim.record.id, "w2", max_attempts=3),
     )
 

@@ -28,15 +28,18 @@ def _shape(message: dict) -> dict:
     }
 
 
-def test_bulk_message_says_what_send_task_writes_in_fewer_fields(redis_url: str) -> None:
+@pytest.mark.parametrize("batch_id", [None, "batch_b"])
+def test_bulk_message_says_what_send_task_writes_in_fewer_fields(
+    redis_url: str, batch_id: str | None
+) -> None:
     # given the message Celery itself writes for run_task("task_a", enqueued_ms=...)
     app = make_celery(redis_url)
-    enqueue(app, "task_a", 1712345678901)
+    enqueue(app, "task_a", 1712345678901, batch_id)
     r = redis.Redis.from_url(redis_url)
     celery_message = json.loads(r.rpop(keys.TASK_QUEUE))  # type: ignore[arg-type]
     app.close()
     # when the bulk path builds one for the same task
-    raw = run_task_message("task_a", 1712345678901)
+    raw = run_task_message("task_a", 1712345678901, batch_id)
     ours = json.loads(raw)
     # then every field it has says what Celery's says, but for the per-message ids
     theirs = _shape(celery_message)
@@ -48,7 +51,9 @@ def test_bulk_message_says_what_send_task_writes_in_fewer_fields(redis_url: str)
     assert {"task", "id", "root_id"} <= ours["headers"].keys()
     assert {"delivery_tag", "delivery_info", "body_encoding"} <= ours["properties"].keys()
     args, kwargs, _embed = json.loads(base64.b64decode(ours["body"]))
-    assert (args, kwargs) == (["task_a"], {"enqueued_ms": 1712345678901})
+    assert [args, kwargs] == json.loads(base64.b64decode(celery_message["body"]))[:2]
+    expected = {"enqueued_ms": 1712345678901} | ({"batch_id": batch_id} if batch_id else {})
+    assert kwargs == expected
     # and it is smaller than Celery's by the optional fields it leaves out
     assert len(raw) < 0.7 * len(json.dumps(celery_message))
     # and each message carries its own ids

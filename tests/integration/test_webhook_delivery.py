@@ -62,6 +62,9 @@ class Env:
         spec = TaskSpec(prompt="p", webhook=Webhook(url) if url else None)
         rec = new_record(spec, tenant=TENANT, batch_id=batch_id)
         create(self.store, rec)
+        if batch_id and self.r.hexists(self.keys.batch(batch_id), "webhook_url"):
+            # as the intake flags the counts of a batch with a webhook
+            self.r.hset(self.keys.batch_counts(batch_id, self.keys.shard(rec.id)), "webhook", "1")
         claim = self.store.claim(rec.id, "w0")
         assert isinstance(claim, Claim)
         result = Result(status, answer="4", correct=True, turns=1, attempt=1)
@@ -75,6 +78,7 @@ class Env:
         self.r.hset(self.keys.batch(batch.id), mapping=batch.to_hash())  # type: ignore[arg-type]
         for _ in range(n):
             self.finished_task(None, batch_id=batch.id)
+        self.outbox.schedule_batches()  # what every worker's delivery loop does first
         return batch.id
 
     def deliverer(self, worker: str = "w1", **policy: Any) -> WebhookDeliverer:
@@ -104,7 +108,8 @@ class Env:
         return self.r.hget(self.keys.webhook(subject_id), "state").decode()  # type: ignore[union-attr]
 
     def due(self) -> list[str]:
-        return [i.decode() for i in self.r.zrange(self.keys.webhook_outbox, 0, -1)]
+        k = self.keys
+        return [i.decode() for s in k.shard_ids for i in self.r.zrange(k.webhook_outbox(s), 0, -1)]
 
 
 @pytest.fixture

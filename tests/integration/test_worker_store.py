@@ -157,9 +157,11 @@ def test_a_task_finishes_exactly_once_and_only_by_its_owner(store: WorkerStore) 
     assert rec is not None and rec.status is Status.COMPLETED and rec.result == done()
     finished = [e for e in store.events(task_id) if e.type is EventType.FINISHED]
     assert len(finished) == 1
-    assert store.r.hgetall("t:batch:batch_1:counts") == {b"completed": b"1"}
-    assert store.r.zcard("t:running") == 0
-    assert store.r.ttl(f"t:events:{task_id}") > 0
+    counts_key = store.keys.batch_counts("batch_1", store.keys.shard(task_id))
+    counts = {k: int(v) for k, v in store.r.hgetall(counts_key).items() if v != b"0"}
+    assert counts == {b"completed": 1, b"finished": 1, b"turns": 1, b"succeeded": 1, b"total": 1}
+    assert store.r.zcard(store.keys.running(store.keys.shard(task_id))) == 0
+    assert store.r.ttl(store.keys.events(task_id)) > 0
 
 
 def test_finish_appends_the_last_step_once_and_refuses_a_gap(store: WorkerStore) -> None:
@@ -183,7 +185,7 @@ def test_finish_appends_the_last_step_once_and_refuses_a_gap(store: WorkerStore)
         EventType.LLM_REPLY,
         EventType.FINISHED,
     ]
-    assert store.r.hget(f"t:task:{task_id}", "seq") == b"2"
+    assert store.r.hget(store.keys.task(task_id), "seq") == b"2"
 
 
 def test_heartbeat_renews_leases_and_reports_cancel_requests(
@@ -192,7 +194,7 @@ def test_heartbeat_renews_leases_and_reports_cancel_requests(
     a, b = queued(store), queued(store)
     ca, cb = store.claim(a, "w1"), store.claim(b, "w1")
     assert isinstance(ca, Claim) and isinstance(cb, Claim)
-    store.r.hset(f"t:task:{b}", "cancel_requested", "1")
+    store.r.hset(store.keys.task(b), "cancel_requested", "1")
 
     states = store.renew([(a, ca.owner, 1), (b, cb.owner, 1), (a, "w2/7", 7)])
 
@@ -207,7 +209,7 @@ def test_a_lease_lost_by_a_redis_restart_is_taken_back_by_its_live_owner(
     task_id = queued(store)
     claim = store.claim(task_id, "w1")
     assert isinstance(claim, Claim)
-    store.r.delete(f"t:lease:{task_id}")  # as if the last second of AOF was lost
+    store.r.delete(store.keys.lease(task_id))  # as if the last second of AOF was lost
 
     assert store.renew([(task_id, claim.owner, claim.attempt)])[task_id].held
     assert store.lease_owner(task_id) == claim.owner
@@ -218,7 +220,7 @@ def test_the_sweeper_requeues_a_task_whose_worker_died(store: WorkerStore, clock
     claim = store.claim(task_id, "w1")
     assert isinstance(claim, Claim)
     store.append(task_id, claim.owner, ev(EventType.LLM_REPLY, 1), 1, '{"turn":1}')
-    store.r.delete(f"t:lease:{task_id}")  # the worker died; its lease expired
+    store.r.delete(store.keys.lease(task_id))  # the worker died; its lease expired
 
     assert store.sweep("w2", max_attempts=3).requeue == ()  # within the grace period
     clock.now += 60
@@ -241,7 +243,7 @@ def test_a_task_that_keeps_killing_workers_ends_as_worker_lost(
     task_id = queued(store)
     for n in (1, 2):
         assert isinstance(store.claim(task_id, f"w{n}"), Claim)
-        store.r.delete(f"t:lease:{task_id}")
+        store.r.delete(store.keys.lease(task_id))
         clock.now += 60
         if n < 2:
             assert store.sweep("s", max_attempts=2).requeue == (task_id,)
@@ -287,7 +289,10 @@ def test_a_finished_task_with_a_webhook_is_due_in_the_outbox_at_once(
         assert store.finish(claim.record, claim.owner, done(), ev(EventType.FINISHED, 1))
     # Then only the hooked one is in the outbox, due when it finished (the delivery loop
     # of any worker takes it from there; see tests/integration/test_webhook_delivery.py)
-    due = store.r.zrange(store.keys.webhook_outbox, 0, -1, withscores=True)
+    k = store.keys
+    due = [
+        e for s in k.shard_ids for e in store.r.zrange(k.webhook_outbox(s), 0, -1, withscores=True)
+    ]
     assert due == [(hooked.id.encode(), pytest.approx(clock.now))]
 
 

@@ -351,3 +351,34 @@ def test_each_turn_costs_two_appends_whatever_the_task_length(turns: int) -> Non
     w.add(limits={"max_turns": 10})
     assert w.run() == Done("finished")
     assert w.store.calls == Counter(claim=1, append=2 * (turns - 1), finish=1)
+
+
+def test_a_batch_task_moves_through_its_batch_counts_in_the_calls_it_already_makes() -> None:
+    # given a task of a batch whose sandbox fails once, then starts
+    w = World([CODE, ANSWER])
+    record = TaskRecord(
+        id=TASK, tenant="acme", spec=TaskSpec.from_dict({"prompt": "6*7?"}), batch_id="b1"
+    )
+    w.put(record)
+    w.provider.raises = SandboxError("not yet")
+    # when its message (naming the batch) is delivered, retried, delivered again
+    assert isinstance(w.attempts.run(TASK, None, "b1"), RetryAfter)
+    assert w.store.counts["b1"]["queued"] == 1 and w.store.counts["b1"]["running"] == 0
+    w.provider.raises = None
+    assert w.attempts.run(TASK, None, "b1") == Done("finished")
+    # then the counts say it completed, with its turns, and nothing is left queued or running
+    c = w.store.counts["b1"]
+    assert (c["queued"], c["running"], c["completed"], c["finished"]) == (0, 0, 1, 1)
+    assert c["turns"] == w.record.result.turns  # type: ignore[union-attr]
+    # and each claim was one round trip, because the message named the batch
+    assert w.store.calls["claim"] == 2
+
+
+def test_a_message_that_names_no_batch_costs_the_claim_a_second_round_trip() -> None:
+    w = World([ANSWER])
+    w.put(
+        TaskRecord(id=TASK, tenant="acme", spec=TaskSpec.from_dict({"prompt": "?"}), batch_id="b1")
+    )
+    assert w.attempts.run(TASK) == Done("finished")
+    assert w.store.calls["claim"] == 2
+    assert w.store.counts["b1"]["completed"] == 1
