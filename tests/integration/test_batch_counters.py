@@ -9,36 +9,15 @@ import json
 import time
 from typing import Any
 
-import pytest
-import redis
-
 from agent.events import Event, EventType
 from agent.models import FailureClass, Result, Status, TaskSpec, Usage
 from store.api_store import ApiStore, connect
 from store.batches import sum_counters, tally
-from store.keys import Keys
 from store.worker_store import Claim, Dropped, WorkerStore
+from tests.integration.conftest import Clock
 from tests.records import create, new_record
 
 BATCH = "batch_c"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(redis_url: str, clock: Clock) -> WorkerStore:
-    return WorkerStore(redis.Redis.from_url(redis_url), Keys("t"), lease_ttl_s=30, clock=clock)
 
 
 def queued(store: WorkerStore, n: int = 1) -> list[str]:

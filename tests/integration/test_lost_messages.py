@@ -3,39 +3,16 @@ backlog never does. Real redis-server, real broker messages, a controlled clock.
 
 from __future__ import annotations
 
-import time
-
-import pytest
-import redis
-
 from agent.models import Status, TaskSpec
 from store import keys
 from store.celery_app import run_task_pushes
-from store.keys import Keys
 from store.worker_store import Claim, WorkerStore
+from tests.integration.conftest import Clock
 from tests.records import create, new_record
 from workers.metrics import queue_names
 
 GRACE_S = 60.0
 QUEUES = queue_names(keys.TASK_QUEUE)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(redis_url: str, clock: Clock) -> WorkerStore:
-    return WorkerStore(redis.Redis.from_url(redis_url), Keys("t"), clock=clock)
 
 
 def queued_count(store: WorkerStore) -> int:

@@ -6,31 +6,12 @@ from __future__ import annotations
 import time
 
 import pytest
-import redis
 
 from agent.events import Event, EventType
 from agent.models import FailureClass, Result, Status, TaskSpec
-from store.keys import Keys
 from store.worker_store import Appended, Claim, Dropped, EventsBehind, WorkerStore
+from tests.integration.conftest import Clock
 from tests.records import create, new_record
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def store(redis_url: str, clock: Clock) -> WorkerStore:
-    return WorkerStore(redis.Redis.from_url(redis_url), Keys("t"), lease_ttl_s=30, clock=clock)
 
 
 def queued(store: WorkerStore, **kw: object) -> str:
