@@ -17,8 +17,10 @@ Pure: the random draw is an argument (``rand``, uniform in ``[0, 1)``), so tests
 
 from __future__ import annotations
 
+import email.utils
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -72,3 +74,28 @@ class Backoff:
         now (the caller's deadline: give up rather than retry after it)."""
         delay = self.delay_s(retry, retry_after_s=retry_after_s, rand=rand)
         return delay if delay <= remaining_s else None
+
+
+def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds the server asked us to wait, from ``retry-after-ms`` or ``retry-after``
+    (delta seconds or an HTTP date); ``None`` when absent or unreadable."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    ms = lowered.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(float(ms) / 1000.0, 0.0)
+        except ValueError:
+            pass
+    value = lowered.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    now = time.time() if now is None else now
+    return max(when.timestamp() - now, 0.0)

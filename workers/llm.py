@@ -19,19 +19,18 @@ and a request whose deadline passes while it waits (for a slot or for the server
 
 from __future__ import annotations
 
-import email.utils
 import json
 import math
 import os
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Literal
 
 import openai
 
-from agent.backoff import Backoff, Jitter
+from agent.backoff import Backoff, Jitter, parse_retry_after
 from agent.errors import LLMError, LLMRejected
 from agent.llm import LLMReply, LLMRequest
 from agent.text import replace_unencodable
@@ -44,31 +43,6 @@ OnResponse = Callable[[str, float, int, int], None]
 PLACEHOLDER_API_KEY = "sk-none"  # local servers ignore the key, but the SDK insists on one
 RETRYABLE_STATUSES = frozenset({408, 429})
 Transport = Literal["wire", "sdk"]
-
-
-def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """Seconds the server asked us to wait, from ``retry-after-ms`` or ``retry-after``
-    (delta seconds or an HTTP date); ``None`` when absent or unreadable."""
-    lowered = {k.lower(): v for k, v in headers.items()}
-    ms = lowered.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return max(float(ms) / 1000.0, 0.0)
-        except ValueError:
-            pass
-    value = lowered.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    now = time.time() if now is None else now
-    return max(when.timestamp() - now, 0.0)
 
 
 class ServerAnswer(Exception):

@@ -222,9 +222,11 @@ class WebhookDeliverer:
         record.update(
             status_code=sent.status_code, address=sent.address, latency_ms=_ms(sent.latency_s)
         )
+        if sent.retry_after_s is not None:
+            record["retry_after_s"] = sent.retry_after_s
         outcome = webhooks.outcome_of(sent.status_code)
         if outcome is Outcome.RETRY:
-            return self._retry_or_give_up(lease, record, endpoint)
+            return self._retry_or_give_up(lease, record, endpoint, sent.retry_after_s)
         if outcome is Outcome.FAILED and 300 <= sent.status_code < 400:
             record["error"] = "redirects are not followed: point the webhook at the final URL"
         return self._final(lease, record, outcome, endpoint)
@@ -237,7 +239,11 @@ class WebhookDeliverer:
         return webhooks.task_payload(task, now) if task is not None else None
 
     def _retry_or_give_up(
-        self, lease: DeliveryLease, record: dict[str, Any], endpoint: str
+        self,
+        lease: DeliveryLease,
+        record: dict[str, Any],
+        endpoint: str,
+        retry_after_s: float | None = None,
     ) -> Outcome:
         now = time.time()
         at = webhooks.retry_at(
@@ -247,6 +253,7 @@ class WebhookDeliverer:
             base_s=self.policy.backoff_base_s,
             max_s=self.policy.backoff_max_s,
             rand=self.rand,
+            retry_after_s=retry_after_s,
         )
         if at is None:
             return self._final(lease, record, Outcome.GIVEN_UP, endpoint)

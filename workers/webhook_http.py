@@ -26,6 +26,7 @@ from typing import Any
 
 import httpcore
 
+from agent.backoff import parse_retry_after
 from agent.destinations import Allowlist, Destination, IPAddress, check_addresses, check_url
 from agent.errors import ActfleetError
 
@@ -44,6 +45,7 @@ class Sent:
     status_code: int
     address: str  # the IP the request went to
     latency_s: float
+    retry_after_s: float | None = None  # the receiver's Retry-After, when it sent one
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +175,13 @@ def _post_to(
             extensions={"timeout": timeouts.extension()},
         ) as response,
     ):
-        return Sent(response.status, str(address), time.monotonic() - started)
+        answered = {k.decode("latin-1"): v.decode("latin-1") for k, v in response.headers}
+        return Sent(
+            response.status,
+            str(address),
+            time.monotonic() - started,
+            parse_retry_after(answered),
+        )
 
 
 def _describe(e: Exception, dest: Destination, address: IPAddress) -> str:

@@ -137,12 +137,16 @@ def retry_at(
     base_s: float,
     max_s: float,
     rand: Callable[[], float],
+    retry_after_s: float | None = None,
 ) -> float | None:
     """When to try again after failed attempt number ``attempt`` (1-based): the backoff's
     ceiling (base, 2*base, 4*base, ... capped at ``max_s``) with equal jitter, so that
-    deliveries that failed together do not return together; None once that is past
-    ``deadline`` (give up)."""
-    delay = Backoff(base_s, max_s, Jitter.EQUAL).delay_within_s(attempt, deadline - now, rand=rand)
+    deliveries that failed together do not return together; the receiver's
+    ``Retry-After`` instead when it sent one (a 429 or 503 that says when), capped at
+    ``max_s`` too; None once that is past ``deadline`` (give up)."""
+    delay = Backoff(base_s, max_s, Jitter.EQUAL).delay_within_s(
+        attempt, deadline - now, retry_after_s=retry_after_s, rand=rand
+    )
     return None if delay is None else now + delay
 
 

@@ -175,6 +175,23 @@ def test_retries_follow_500s_with_the_same_id_until_delivered(env: Env) -> None:
     assert all(g >= 0.025 for g in gaps)  # backoff: at least half the base delay between tries
 
 
+def test_a_receiver_that_says_when_to_come_back_is_retried_then(env: Env) -> None:
+    # Given a receiver that is busy and says so: 503 with Retry-After: 2
+    receiver = Receiver(answers=[lambda: (503, {"Retry-After": "2"})])
+    try:
+        task_id = env.finished_task(receiver.url())
+        env.deliverer().start()  # whose own backoff would come back after 25-50 ms
+        receiver.wait_for(2, timeout_s=20)
+    finally:
+        receiver.close()
+    # Then the second attempt came when the receiver asked, not at the backoff's pace
+    first, second = receiver.received[:2]
+    assert second.at - first.at >= 2.0
+    attempts = env.attempts(task_id)
+    assert attempts[0]["retry_after_s"] == 2.0
+    assert [a["outcome"] for a in attempts[:2]] == ["retrying", "delivered"]
+
+
 def test_a_delivery_is_given_up_when_its_window_ends(env: Env) -> None:
     receiver = Receiver(default=500)
     try:

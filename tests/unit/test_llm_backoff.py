@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.llm import parse_retry_after
+from agent.backoff import parse_retry_after
 
 
 @pytest.mark.parametrize(
