@@ -141,13 +141,13 @@ def retry_at(
 ) -> float | None:
     """When to try again after failed attempt number ``attempt`` (1-based): the backoff's
     ceiling (base, 2*base, 4*base, ... capped at ``max_s``) with equal jitter, so that
-    deliveries that failed together do not return together; the receiver's
-    ``Retry-After`` instead when it sent one (a 429 or 503 that says when), capped at
-    ``max_s`` too; None once that is past ``deadline`` (give up)."""
-    delay = Backoff(base_s, max_s, Jitter.EQUAL).delay_within_s(
-        attempt, deadline - now, retry_after_s=retry_after_s, rand=rand
-    )
-    return None if delay is None else now + delay
+    deliveries that failed together do not return together; later when the receiver's
+    ``Retry-After`` asks for later (capped at ``max_s`` too), never sooner: a receiver
+    cannot make us retry in a tight loop. None once that is past ``deadline`` (give up)."""
+    delay = Backoff(base_s, max_s, Jitter.EQUAL).delay_s(attempt, rand=rand)
+    if retry_after_s is not None:
+        delay = min(max(delay, retry_after_s), max_s)
+    return None if now + delay > deadline else now + delay
 
 
 def _envelope(event: str, now: float, data: dict[str, Any]) -> dict[str, Any]:

@@ -127,13 +127,13 @@ def test_retries_stop_at_the_end_of_the_window() -> None:
     assert retry_at(1, now=100.0, deadline=109.0, base_s=5, max_s=60, rand=lambda: 0.0) == 102.5
 
 
-def test_a_receivers_retry_after_sets_the_next_attempt_within_the_cap_and_window() -> None:
+def test_a_receivers_retry_after_delays_the_next_attempt_within_the_cap_and_window() -> None:
     def at(retry_after_s: float, deadline: float = 1e9) -> float | None:
         return retry_at(
             1, 100.0, deadline, base_s=5, max_s=60, rand=lambda: 0.0, retry_after_s=retry_after_s
         )
 
-    assert at(30) == 130.0  # not the backoff's 102.5
-    assert at(0) == 100.0  # "now" is allowed
+    assert at(30) == 130.0  # later than the backoff's 102.5
+    assert at(0) == 102.5  # never sooner than the backoff: no tight loop on "0"
     assert at(86_400) == 160.0  # a day is capped at max_s
     assert at(30, deadline=120.0) is None  # past the window: give up
