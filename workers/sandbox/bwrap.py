@@ -57,6 +57,7 @@ from agent.sandbox import PoolStats
 from workers.sandbox import bwrap_dirs
 from workers.sandbox.caps import refusal
 from workers.sandbox.cgroups import Cgroups, join_command
+from workers.sandbox.launch import LaunchGate
 from workers.sandbox.pool import WarmPool
 from workers.sandbox.protocol import DEFAULT_GRACE_S, PipeChannel, RunnerLost, SessionClient
 from workers.sandbox.session import DEFAULT_SETUP_TIMEOUT_S, Exit, Session
@@ -81,12 +82,9 @@ _ETC_FILES = (
     "debian_version",
 )
 POOL_CREATORS = 2  # sandboxes a warm pool starts at once: a start mostly waits on the kernel
-# Runners this process starts at once, pool and tasks together. A start is CPU-bound (bwrap's
-# namespaces, the interpreter's start-up); a wave of tasks that all start cold would share the
-# cores among all of them, and each would pass its start timeout. Behind this gate they wait
-# their turn instead (the wait does not count against the timeout) and each start is quick.
+# Runners this process starts at once, pool and tasks together, a task's first (``launch``).
 LAUNCH_SLOTS = max(2, os.cpu_count() or 1)
-_LAUNCHES = threading.BoundedSemaphore(LAUNCH_SLOTS)
+_LAUNCHES = LaunchGate(LAUNCH_SLOTS)
 _HOST_UID_BASE = 600_000  # host uids for sandboxes when running as root
 _HOST_UID_SPAN = 100_000
 _uid_counter = itertools.count()
@@ -353,7 +351,7 @@ class BwrapSandbox(Session):
     # -- runner lifecycle (called with the session's lock held) -------------------------
 
     def _launch(self) -> _BwrapBox:
-        with _LAUNCHES:
+        with _LAUNCHES.slot(urgent=not self._waiting):  # a pool refill waits for tasks
             return self._launch_now()
 
     def _launch_now(self) -> _BwrapBox:
