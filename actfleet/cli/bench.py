@@ -97,6 +97,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument(
         "--polls", type=_at_least(1), default=20, help="status polls per size (default 20)"
     )
+    c.add_argument(
+        "--cluster",
+        type=_at_least(3),
+        default=0,
+        metavar="M",
+        help="records and streams on an M-master Redis Cluster on loopback, the queue on a "
+        "Redis of its own (default: everything on one Redis)",
+    )
     c.add_argument("--json", action="store_true", help="print one JSON document")
     c.set_defaults(func=bench_scale)
 
@@ -168,12 +176,13 @@ def bench_scale(args: argparse.Namespace) -> int:
     report = run_scale_bench(
         args.sizes or DEFAULT_SIZES,
         polls=args.polls,
+        cluster=args.cluster,
         progress=console.print if console else None,
     )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    table = Table(title="actfleet bench scale", show_header=True)
+    table = Table(title=f"actfleet bench scale ({report['redis']})", show_header=True)
     for name in (
         "tasks",
         "intake tasks/s",
@@ -181,6 +190,8 @@ def bench_scale(args: argparse.Namespace) -> int:
         "poll p95 ms",
         "bytes/task",
         "used/task",
+        "redis µs/task",
+        "busiest µs/task",
     ):
         table.add_column(name, justify="right")
     for fig in report["sizes"].values():
@@ -191,6 +202,8 @@ def bench_scale(args: argparse.Namespace) -> int:
             _fmt(fig["status_poll_ms"]["p95"]),
             _fmt(fig["bytes_per_task"]),
             _fmt(fig["used_memory_per_task"]),
+            _fmt(fig["intake_redis_cpu"]["total_us_per_task"]),
+            _fmt(fig["intake_redis_cpu"]["busiest_us_per_task"]),
         )
     Console().print(table)
     return 0

@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
+from actfleet.rediscluster import LocalCluster
 from store.clients import sync_client
 from store.keys import Keys
 from store.worker_store import WorkerStore
-from tests.conftest import RedisServer, free_port
+from tests.conftest import RedisServer
 from tests.e2e.fleet import Fleet, wait_for
 
 pytestmark = [
@@ -28,97 +27,15 @@ pytestmark = [
 ]
 
 
-def node_port() -> int:
-    """A free port whose cluster bus port (10,000 above it, where nodes talk to each other)
-    is free too and exists."""
-    while True:
-        port = free_port()
-        if port + 10_000 > 65_535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10_000))
-            except OSError:
-                continue
-        return port
-
-
-class Cluster:
-    """Three cluster-enabled redis-servers on free loopback ports, joined into a cluster
-    with every slot assigned and no replicas."""
-
-    def __init__(self, root: Path) -> None:
-        self.ports = [node_port() for _ in range(3)]
-        self.procs: list[subprocess.Popen[bytes]] = []
-        for port in self.ports:
-            data = root / str(port)
-            data.mkdir(parents=True)
-            self.procs.append(
-                subprocess.Popen(
-                    [
-                        "redis-server",
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        str(data / "nodes.conf"),
-                        "--dir",
-                        str(data),
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                    ],
-                    stdout=subprocess.DEVNULL,
-                )
-            )
-        for port in self.ports:
-            wait_for(lambda p=port: redis.Redis(host="127.0.0.1", port=p).ping(), 30)
-        nodes = [f"127.0.0.1:{p}" for p in self.ports]
-        subprocess.run(
-            [
-                "redis-cli",
-                "--cluster",
-                "create",
-                *nodes,
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        wait_for(self._ok, 30)
-        self.url = f"redis+cluster://127.0.0.1:{self.ports[0]}/0"
-
-    def _ok(self) -> bool:
-        return all(
-            redis.Redis(host="127.0.0.1", port=p).cluster("info")["cluster_state"] == "ok"
-            for p in self.ports
-        )
-
-    def keys_per_master(self) -> list[int]:
-        return [int(redis.Redis(host="127.0.0.1", port=p).dbsize()) for p in self.ports]
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path / "cluster")
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    c = LocalCluster(tmp_path / "cluster")
     yield c
     c.stop()
 
 
 def test_the_service_runs_on_a_three_master_cluster(
-    cluster: Cluster, redis_server: RedisServer, tmp_path: Path
+    cluster: LocalCluster, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     # given the API and a worker on the cluster, their queue on a plain Redis
     fleet = Fleet(redis_server, tmp_path)
