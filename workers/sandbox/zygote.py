@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -231,7 +231,7 @@ class Zygote:
             if cpu is not None:
                 procs = [*procs, cpu.busy]
             with open(self._log_path(), "ab") as log_file:
-                self._proc = subprocess.Popen(
+                self._proc = _start_kept(
                     join_command(procs, self._command(theirs.fileno())),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
@@ -353,6 +353,32 @@ def _tail(path: Path) -> str:
         return path.read_bytes()[-1000:].decode("utf-8", "replace").strip()
     except OSError:
         return ""
+
+
+def _start_kept(command: list[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """``Popen(command)`` from a thread of its own that then waits for it. bwrap's
+    ``--die-with-parent`` is the kernel's parent-death signal, which follows the *thread*
+    that forked: started from a task's thread, the zygote (and every sandbox) would die
+    when that thread ends."""
+    started: list[subprocess.Popen[bytes] | OSError] = []
+    ready = threading.Event()
+
+    def keep() -> None:
+        try:
+            started.append(subprocess.Popen(command, **popen))
+        except OSError as e:
+            started.append(e)
+        finally:
+            ready.set()
+        found = started[0]
+        if isinstance(found, subprocess.Popen):
+            found.wait()
+
+    threading.Thread(target=keep, name="bwrap-zygote", daemon=True).start()
+    ready.wait()
+    if isinstance(started[0], OSError):
+        raise started[0]
+    return started[0]
 
 
 def _recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
