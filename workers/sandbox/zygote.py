@@ -40,6 +40,7 @@ dies takes its sandboxes with it (their sessions see ``RunnerLost`` and restart)
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import select
@@ -67,6 +68,7 @@ ZYGOTE_PIDS_MAX = 64  # the zygote, bwrap's init, and children before they move 
 ZYGOTE_MEMORY_MB = 512
 STATUS = struct.Struct(">i")
 _FDS = 5
+_zygote_ids = itertools.count()  # names this process's zygotes' cgroups apart
 
 
 class ZygoteUnavailable(SandboxError):
@@ -224,7 +226,7 @@ class Zygote:
         self._stop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            name = f"{self._log_path().parent.name}-zygote-{self.starts}"
+            name = f"{self._log_path().parent.name}-zygote-{next(_zygote_ids)}"
             procs = self._cgroups.create(name, ZYGOTE_MEMORY_MB * 1024 * 1024, ZYGOTE_PIDS_MAX)
             self._cgroup_name = name
             cpu = self._cgroups.cpu
