@@ -598,7 +598,9 @@ def _recv_fds(sock: object, count: int) -> tuple[bytes, list[int]]:
 
 
 def serve_zygote(control_fd: int) -> int:
-    """The fork server's loop; returns when the worker's end of the socket closes.
+    """The fork server's loop; returns once the worker's end of the socket is closed and
+    the last of its sandboxes has exited (its exit would kill them: they are in its pid
+    namespace).
 
     Spawn request: ``{"op": "spawn", "limits": {...}, "mounts": {...}}`` with five fds
     (the runner's stdin and stdout, its log, a status pipe, a go pipe); answer: ``{"pid":
@@ -618,6 +620,7 @@ def serve_zygote(control_fd: int) -> int:
     poller = select.poll()
     poller.register(control_fd, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
+    closing = False
     sock.sendall(json_dumps({"ready": True, "pid": os.getpid()}).encode())
     while True:
         try:
@@ -633,10 +636,19 @@ def serve_zygote(control_fd: int) -> int:
                     except BlockingIOError:
                         break
                 _reap(status_pipes)
+                if closing and not status_pipes:
+                    return 0
                 continue
             data, fds = _recv_fds(sock, 5)
             if not data:
-                return 0
+                for passed in fds:
+                    os.close(passed)
+                closing = True
+                poller.unregister(control_fd)
+                _reap(status_pipes)
+                if not status_pipes:
+                    return 0
+                continue
             try:
                 request = json_loads(data.decode())
                 if not isinstance(request, dict) or len(fds) != 5:
@@ -795,7 +807,7 @@ def _runner(libc: _Libc, request: dict, fds: list[int]) -> None:
         os.chdir("/work")
         for target, fd in enumerate(fds[:3]):
             os.dup2(fd, target)
-        os.closerange(3, limits["nofile"])
+        os.closerange(3, 1 << 20)  # the zygote's numbers may be above the new limit
         sys.argv[1:] = []
         code = main()
     except BaseException as e:

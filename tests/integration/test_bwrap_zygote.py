@@ -322,6 +322,32 @@ def test_a_dead_zygote_is_replaced_and_the_session_restarts(provider: BwrapProvi
         sb.close()
 
 
+def test_closing_the_provider_lets_running_sandboxes_finish() -> None:
+    # Given a provider whose zygote has a sandbox running
+    provider = BwrapProvider(zygote=True)
+    sb = provider.start(make_spec(), "t")
+    zygote = provider.zygote()
+    assert zygote is not None and zygote.pid is not None
+    outer = zygote.pid
+    # When the provider closes (the worker shuts down), the sandbox still serves its task
+    provider.close()
+    assert sb.execute("1 + 1", 5, 100).value == "2"
+    # and once it is closed, the zygote is gone too
+    sb.close()
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{outer}").exists() and b"Z" not in _state(outer):
+        assert time.monotonic() < deadline, "the zygote outlived its last sandbox"
+        time.sleep(0.01)
+
+
+def _state(pid: int) -> bytes:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return b"Z"
+    return stat[stat.rindex(b")") + 2 :][:1]
+
+
 # -- the classic path takes over -----------------------------------------------------------
 
 

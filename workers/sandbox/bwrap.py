@@ -504,7 +504,11 @@ class BwrapSandbox(Session):
         every sandbox sees alike (the runner, ``passwd``, ``group``) are made once per
         process: ``_shared_files``."""
         cfg = self.config
-        forks = self._zygote is not None and self._zygote.broken is None  # /work is its own
+        forks = (  # then /work is in the child's own mount namespace
+            self._zygote is not None
+            and self._zygote.broken is None
+            and not self.spec.sandbox.network
+        )
         try:
             root = bwrap_dirs.make_root(cfg.base_dir)
             root.chmod(0o755)

@@ -143,7 +143,6 @@ class Zygote:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
-        self._cgroup_name = ""
         self.starts = 0  # zygotes started so far (a restart after a death counts)
         self.broken: str | None = None  # why no zygote could start: never tried again
         self.proven = False  # a child became ready: later failures are the child's own
@@ -180,8 +179,12 @@ class Zygote:
         raise AssertionError("unreachable")
 
     def close(self) -> None:
+        """No more spawns. The zygote exits once its last sandbox has (they are closed
+        by their sessions, or die with this process)."""
         with self._lock:
-            self._stop()
+            sock, self._sock, self._proc = self._sock, None, None
+            if sock is not None:
+                sock.close()
 
     # -- internals (with _lock held) ----------------------------------------------------
 
@@ -228,12 +231,12 @@ class Zygote:
         try:
             name = f"{self._log_path().parent.name}-zygote-{next(_zygote_ids)}"
             procs = self._cgroups.create(name, ZYGOTE_MEMORY_MB * 1024 * 1024, ZYGOTE_PIDS_MAX)
-            self._cgroup_name = name
             cpu = self._cgroups.cpu
             if cpu is not None:
                 procs = [*procs, cpu.busy]
             with open(self._log_path(), "ab") as log_file:
                 self._proc = _start_kept(
+                    lambda: self._cgroups.remove(name),
                     join_command(procs, self._command(theirs.fileno())),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
@@ -271,9 +274,6 @@ class Zygote:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        if self._cgroup_name:
-            self._cgroups.remove(self._cgroup_name)
-            self._cgroup_name = ""
 
 
 class ZygoteBox:
@@ -357,11 +357,13 @@ def _tail(path: Path) -> str:
         return ""
 
 
-def _start_kept(command: list[str], **popen: Any) -> subprocess.Popen[bytes]:
-    """``Popen(command)`` from a thread of its own that then waits for it. bwrap's
-    ``--die-with-parent`` is the kernel's parent-death signal, which follows the *thread*
-    that forked: started from a task's thread, the zygote (and every sandbox) would die
-    when that thread ends."""
+def _start_kept(
+    after: Callable[[], None], command: list[str], **popen: Any
+) -> subprocess.Popen[bytes]:
+    """``Popen(command)`` from a thread of its own that then waits for it, and calls
+    ``after`` once it has exited. bwrap's ``--die-with-parent`` is the kernel's
+    parent-death signal, which follows the *thread* that forked: started from a task's
+    thread, the zygote (and every sandbox) would die when that thread ends."""
     started: list[subprocess.Popen[bytes] | OSError] = []
     ready = threading.Event()
 
@@ -375,6 +377,7 @@ def _start_kept(command: list[str], **popen: Any) -> subprocess.Popen[bytes]:
         found = started[0]
         if isinstance(found, subprocess.Popen):
             found.wait()
+        after()
 
     threading.Thread(target=keep, name="bwrap-zygote", daemon=True).start()
     ready.wait()
