@@ -532,7 +532,7 @@ _PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL 
 _PR_SET_NO_NEW_PRIVS = 38
 _CAP_VERSION_3 = 0x20080522
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
-_SANDBOX_ID = 65534
+_INOTIFY_INSTANCES, _INOTIFY_WATCHES = 16, 8192  # of the host's 128 and 8192+ per uid
 
 
 class _Libc:
@@ -768,6 +768,10 @@ def _init(libc: _Libc, request: dict, fds: list[int], alive_r: int) -> None:
         _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # pid 1: nothing in here may stop it
         libc.mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
         _write("/proc/sys/user/max_user_namespaces", "0")  # no nested user namespace
+        # The kernel also counts these per host uid, which all of a zygote's sandboxes
+        # share: a share each, so that no one sandbox can use up its siblings'.
+        _write("/proc/sys/user/max_inotify_instances", str(_INOTIFY_INSTANCES))
+        _write("/proc/sys/user/max_inotify_watches", str(_INOTIFY_WATCHES))
         runner = os.fork()
         if runner == 0:
             _runner(libc, request, fds)  # never returns

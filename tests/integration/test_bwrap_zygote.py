@@ -229,6 +229,10 @@ def test_the_limits_are_the_classic_ones(provider: BwrapProvider) -> None:
             """,
         )
         assert eval(limits) == [256 << 20, 128, 64 << 20, 256, 0]
+        # and of what the kernel counts per host uid (shared by the zygote's sandboxes),
+        # each gets a share
+        inotify = "open('/proc/sys/user/max_inotify_instances').read().strip()"
+        assert run(sb, inotify) == "'16'"
         assert run(sb, "import socket\nsocket.gethostname()") == "'sandbox'"
 
 

@@ -28,7 +28,12 @@ network namespace (its own loopback and abstract unix sockets), ipc and uts name
 and its own memory and pids cgroups. They all run under the zygote's one host uid: the
 per-sandbox host uid of the classic path, whose purpose was a separate ``RLIMIT_NPROC``
 count per sandbox, is replaced by the sandbox's pids cgroup (and by its own user
-namespace, in which the kernel counts ``RLIMIT_NPROC`` apart from its siblings').
+namespace, in which the kernel counts ``RLIMIT_NPROC`` apart from its siblings'). What the
+kernel counts per host uid and nothing else bounds, the siblings share: inotify instances
+and watches (each sandbox may take 16 and 8192, a share of the host's 128 instances per
+uid, set in its own user namespace), pending signals and POSIX message queue bytes (the
+host's per-uid limits, far above what one runner needs). A worker that does not run as
+root has this on the classic path too (all its sandboxes run under its uid).
 
 The zygote needs writable cgroups (the child must be in them before it runs) and
 unprivileged user namespaces; ``BwrapSandbox`` falls back to the classic path where it
