@@ -168,20 +168,34 @@ class Zygote:
 
     def spawn(self, limits: ChildLimits, log_fd: int, cgroup_procs: Sequence[Path]) -> Child:
         """Fork a sandbox, move it into the cgroups whose ``cgroup.procs`` are given and
-        let it go. Raises ``ZygoteUnavailable`` if no zygote can be started or it fails
-        the spawn (a zygote that died meanwhile is replaced once)."""
-        with self._lock:
+        let it go. Raises ``ZygoteUnavailable`` if no zygote can be started, it refuses
+        the spawn (a fork it could not make), or the child could not join its cgroups; a
+        zygote found dead is replaced once."""
+        with self._lock:  # one request and its answer at a time on the socket
             if self.broken is not None:
                 raise ZygoteUnavailable(self.broken)
             for attempt in (1, 2):
                 sock = self._ensure_started()
                 try:
-                    return self._spawn(sock, limits, log_fd, cgroup_procs)
-                except (OSError, ValueError) as e:
+                    child, go = self._fork(sock, limits, log_fd)
+                    break
+                except OSError as e:  # the socket failed: the zygote is dead or wedged
                     self._stop()
                     if attempt == 2:
                         raise ZygoteUnavailable(f"the zygote failed a spawn: {e}") from e
-        raise AssertionError("unreachable")
+        # Outside the lock: a cgroup move waits milliseconds on the kernel (wall, not CPU).
+        try:
+            for procs in cgroup_procs:  # before it runs anything: the go byte comes after
+                procs.write_text(str(child.pid))
+            os.write(go, b"g")
+        except OSError as e:
+            kill(child.pidfd)
+            for fd in (child.pidfd, child.status, child.to_runner, child.from_runner):
+                os.close(fd)
+            raise ZygoteUnavailable(f"the sandbox could not join its cgroups: {e}") from e
+        finally:
+            os.close(go)
+        return child
 
     def close(self) -> None:
         """No more spawns. The zygote exits once its last sandbox has (they are closed
@@ -193,9 +207,9 @@ class Zygote:
 
     # -- internals (with _lock held) ----------------------------------------------------
 
-    def _spawn(
-        self, sock: socket.socket, limits: ChildLimits, log_fd: int, cgroup_procs: Sequence[Path]
-    ) -> Child:
+    def _fork(self, sock: socket.socket, limits: ChildLimits, log_fd: int) -> tuple[Child, int]:
+        """Ask the zygote for a child; it and the write end of its go pipe. ``OSError``:
+        the socket failed; ``ZygoteUnavailable``: the zygote answered it could not."""
         to_runner_r, to_runner_w = os.pipe2(os.O_CLOEXEC)
         from_runner_r, from_runner_w = os.pipe2(os.O_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -212,21 +226,20 @@ class Zygote:
                 for fd in (to_runner_r, from_runner_w, status_w, go_r):
                     os.close(fd)
             data, fds = _recv_fds(sock)
-            reply = json.loads(data or b"null")
+            if not data:
+                raise ConnectionResetError("the zygote closed its socket")
             if not fds:
-                raise ValueError(f"the zygote answered {reply!r}")
-            pidfd = fds[0]
-            ours.append(pidfd)
-            pid = _pid_of(pidfd)
-            for procs in cgroup_procs:  # before it runs anything: the go byte comes after
-                procs.write_text(str(pid))
-            os.write(go_w, b"g")
+                raise ZygoteUnavailable(f"the zygote could not fork: {data[:500]!r}")
+            ours.append(fds[0])
+            try:
+                pid = _pid_of(fds[0])
+            except ValueError as e:
+                raise ZygoteUnavailable(str(e)) from e
         except BaseException:
             for fd in ours:
                 os.close(fd)
             raise
-        os.close(go_w)
-        return Child(pid, pidfd, status_r, to_runner_w, from_runner_r)
+        return Child(pid, fds[0], status_r, to_runner_w, from_runner_r), go_w
 
     def _ensure_started(self) -> socket.socket:
         if self._proc is not None and self._proc.poll() is None and self._sock is not None:
