@@ -480,9 +480,9 @@ class BwrapSandbox(Session):
         except RunnerLost as e:
             box.stop(0)
             if not zygote.proven:  # its very first child failed: this host cannot do it
+                zygote.close()
                 zygote.broken = f"its first sandbox did not start: {e}; {self._log_tail()}"
                 zygote.fall_back(zygote.broken)
-                zygote.close()
                 return None
             raise SandboxError(f"the sandbox did not start: {e}; {self._log_tail()}") from e
         zygote.proven = True

@@ -201,6 +201,7 @@ class Zygote:
         """No more spawns. The zygote exits once its last sandbox has (they are closed
         by their sessions, or die with this process)."""
         with self._lock:
+            self.broken = "the provider is closed"  # a later restart takes the classic path
             sock, self._sock, self._proc = self._sock, None, None
             if sock is not None:
                 sock.close()
