@@ -218,6 +218,27 @@ def test_the_runner_has_no_capabilities_and_cannot_make_a_user_namespace(
         assert sysctl == "0" and raised == "PermissionError"
 
 
+def test_the_runner_cannot_trace_its_pid_1(provider: BwrapProvider) -> None:
+    # (pid 1 keeps its capabilities in the sandbox's user namespace, to reap; it runs
+    # nothing of the task's and the runner, without them, may not attach to it)
+    with provider.start(make_spec(), "t") as sb:
+        tried = run(
+            sb,
+            """
+            import ctypes, os
+            libc = ctypes.CDLL(None, use_errno=True)
+            r = libc.ptrace(16, 1, None, None)  # PTRACE_ATTACH
+            try:
+                open('/proc/1/mem', 'rb').read(1)
+                mem = 'read'
+            except OSError as e:
+                mem = type(e).__name__
+            (r, os.strerror(ctypes.get_errno()), mem)
+            """,
+        )
+        assert eval(tried) == (-1, "Operation not permitted", "PermissionError")
+
+
 def test_the_limits_are_the_classic_ones(provider: BwrapProvider) -> None:
     with provider.start(make_spec(sandbox={"memory_mb": 256}), "t") as sb:
         limits = run(
