@@ -512,8 +512,9 @@ class SessionServer:
 # a second interpreter start. Three processes per sandbox:
 #
 #   C  forked by the zygote; waits for the go byte; unshares a user, mount, pid, net, ipc,
-#      uts and cgroup namespace; maps 65534 to itself; mounts a private /work, /tmp,
-#      /dev/shm and /dev/pts; brings up its loopback; forks G and exits with its status.
+#      uts and cgroup namespace; maps 65534 to itself; makes the zygote's /dev read-only;
+#      mounts a private /work, /tmp, /dev/shm and /dev/pts; brings up its loopback; forks
+#      G and exits with its status.
 #   G  pid 1 of the new pid namespace, killed with C (PR_SET_PDEATHSIG): mounts its /proc,
 #      caps nested user namespaces at 0, forks R and reaps orphans until R exits. Its exit
 #      kills everything left in the namespace.
@@ -527,7 +528,8 @@ _CLONE_NEWIPC = 0x08000000
 _CLONE_NEWUSER = 0x10000000
 _CLONE_NEWPID = 0x20000000
 _CLONE_NEWNET = 0x40000000
-_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REC, _MS_PRIVATE = 2, 4, 8, 1 << 14, 1 << 18
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 1 << 14, 1 << 18
 _PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 1, 24, 47, 4
 _PR_SET_NO_NEW_PRIVS = 38
 _CAP_VERSION_3 = 0x20080522
@@ -718,6 +720,9 @@ def _child(libc: _Libc, request: dict, fds: list[int], close: list[int]) -> None
         mounts = request["mounts"]
         libc.mount("none", "/", "", _MS_REC | _MS_PRIVATE)
         flags = _MS_NOSUID | _MS_NODEV
+        # bwrap's /dev is a tmpfs the sandbox's uid owns, and every sibling has the
+        # zygote's: read-only here, so that no task leaves files there for another.
+        libc.mount("none", "/dev", "", _MS_REMOUNT | _MS_BIND | _MS_RDONLY | flags)
         libc.mount(
             "tmpfs", "/work", "tmpfs", flags,
             f"size={mounts['work_bytes']},nr_inodes={mounts['work_files']},mode=0700,"

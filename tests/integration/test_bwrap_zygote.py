@@ -71,6 +71,27 @@ def test_siblings_do_not_share_work_tmp_or_shm(pair: tuple[BwrapSandbox, BwrapSa
     assert run(a, "open('/work/secret').read()") == "'of a'"
 
 
+def test_nothing_siblings_share_from_the_zygote_is_writable(
+    pair: tuple[BwrapSandbox, BwrapSandbox],
+) -> None:
+    """The zygote's mounts (``/dev`` is a tmpfs the sandbox's uid owns) are every child's:
+    had any stayed writable, one task could leave files there for the next."""
+    a, b = pair
+    probe = """
+    import os
+    found = []
+    for top in ('/', '/dev', '/etc', '/usr', '/opt', '/opt/actfleet'):
+        try:
+            open(os.path.join(top, 'left-behind'), 'w').write('of a')
+            found.append(top)
+        except OSError:
+            pass
+    found
+    """
+    assert run(a, probe) == "[]"
+    assert run(b, "import os\n[p for p in ('/dev', '/') if 'left-behind' in os.listdir(p)]") == "[]"
+
+
 def test_a_sandbox_sees_and_signals_only_its_own_processes(
     pair: tuple[BwrapSandbox, BwrapSandbox], provider: BwrapProvider
 ) -> None:
