@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     sandbox_work_files: int = Field(
         10_000, ge=16, description="files and directories a sandbox's /work may hold"
     )
+    bwrap_zygote: bool = Field(
+        True,
+        description="start bwrap sandboxes as forks of one resident runner per worker (a "
+        "zygote: a few ms of CPU per start instead of ~20); where it cannot start (no "
+        "writable cgroups, no user namespaces) and for tasks with network, the classic path",
+    )
     fleet_id: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",

@@ -503,6 +503,335 @@ class SessionServer:
         return f"The sandbox ran out of memory{limit}."
 
 
+# -- zygote mode: the bwrap backend's fork server ---------------------------------------
+#
+# ``python3 runner.py --zygote FD`` serves spawn requests on FD (a SOCK_SEQPACKET socket to
+# the worker, ``workers/sandbox/zygote.py`` says the protocol). It never runs untrusted
+# code: each sandbox is a fork of it that, once in its own cgroups (the worker moves it and
+# then writes the go byte), makes its own namespaces and becomes the session above, without
+# a second interpreter start. Three processes per sandbox:
+#
+#   C  forked by the zygote; waits for the go byte; unshares a user, mount, pid, net, ipc,
+#      uts and cgroup namespace; maps 65534 to itself; makes the zygote's /dev read-only;
+#      mounts a private /work, /tmp, /dev/shm and /dev/pts; brings up its loopback; forks
+#      G and exits with its status.
+#   G  pid 1 of the new pid namespace, killed with C (PR_SET_PDEATHSIG): mounts its /proc,
+#      caps nested user namespaces at 0, forks R and reaps orphans until R exits. Its exit
+#      kills everything left in the namespace.
+#   R  sets the rlimits, drops every capability and runs ``main`` on the passed fds.
+
+EXIT_ZYGOTE_SETUP = 88  # a sandbox's setup failed before the runner ran (see its log)
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWCGROUP = 0x02000000
+_CLONE_NEWUTS = 0x04000000
+_CLONE_NEWIPC = 0x08000000
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWPID = 0x20000000
+_CLONE_NEWNET = 0x40000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 1 << 14, 1 << 18
+_PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 1, 24, 47, 4
+_PR_SET_NO_NEW_PRIVS = 38
+_CAP_VERSION_3 = 0x20080522
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+_INOTIFY_INSTANCES, _INOTIFY_WATCHES = 16, 8192  # of the host's 128 and 8192+ per uid
+
+
+class _Libc:
+    """The few libc calls Python 3.11's ``os`` lacks, raising ``OSError`` like ``os``."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self.ctypes = ctypes
+        self.lib = ctypes.CDLL(None, use_errno=True)
+
+    def _check(self, result: int, what: str) -> None:
+        if result != 0:
+            err = self.ctypes.get_errno()
+            raise OSError(err, f"{what}: {os.strerror(err)}")
+
+    def unshare(self, flags: int) -> None:
+        self._check(self.lib.unshare(flags), "unshare")
+
+    def mount(self, source: str, target: str, fstype: str, flags: int, data: str = "") -> None:
+        c = self.ctypes
+        result = self.lib.mount(
+            source.encode(), target.encode(), fstype.encode() if fstype else None,
+            c.c_ulong(flags), data.encode() if data else None,
+        )  # fmt: skip
+        self._check(result, f"mount {fstype or source} on {target}")
+
+    def prctl(self, option: int, arg: int = 0, arg3: int = 0) -> None:
+        c = self.ctypes
+        result = self.lib.prctl(option, c.c_ulong(arg), c.c_ulong(arg3), c.c_ulong(0), c.c_ulong(0))
+        self._check(result, f"prctl {option}")
+
+    def drop_capabilities(self) -> None:
+        """Empty the bounding, ambient, effective, permitted and inheritable sets."""
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+        for cap in range(last + 1):
+            self.prctl(_PR_CAPBSET_DROP, cap)
+        self.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+        header = struct.pack("=Ii", _CAP_VERSION_3, 0)
+        self._check(self.lib.capset(header, bytes(24)), "capset")
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _recv_fds(sock: object, count: int) -> tuple[bytes, list[int]]:
+    import _socket
+
+    size = _socket.CMSG_SPACE(count * 4)
+    data, ancillary, _, _ = sock.recvmsg(65536, size)  # type: ignore[attr-defined]
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds += struct.unpack(f"={usable // 4}i", payload[:usable])
+    return data, fds
+
+
+def serve_zygote(control_fd: int) -> int:
+    """The fork server's loop; returns once the worker's end of the socket is closed and
+    the last of its sandboxes has exited (its exit would kill them: they are in its pid
+    namespace).
+
+    Spawn request: ``{"op": "spawn", "limits": {...}, "mounts": {...}}`` with five fds
+    (the runner's stdin and stdout, its log, a status pipe, a go pipe); answer: ``{"pid":
+    int}`` (the child's pid in the zygote's namespace) with a pidfd of the child. When a
+    child exits its status (``os.waitstatus_to_exitcode``) is written to its status pipe
+    as 4 bytes, big-endian, and the pipe closed."""
+    import _socket
+    import select
+
+    libc = _Libc()  # loaded here, once: a sandbox inherits it with the fork
+    sock = _socket.socket(fileno=control_fd)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    _signal.set_wakeup_fd(wake_w)
+    _signal.signal(_signal.SIGCHLD, lambda signum, frame: None)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+    status_pipes: dict[int, int] = {}  # child pid -> write end of its status pipe
+    poller = select.poll()
+    poller.register(control_fd, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    closing = False
+    sock.sendall(json_dumps({"ready": True, "pid": os.getpid()}).encode())
+    while True:
+        try:
+            events = poller.poll()
+        except InterruptedError:
+            continue
+        for fd, _ in events:
+            if fd == wake_r:
+                while True:
+                    try:
+                        if not os.read(wake_r, 4096):
+                            break
+                    except BlockingIOError:
+                        break
+                _reap(status_pipes)
+                if closing and not status_pipes:
+                    return 0
+                continue
+            data, fds = _recv_fds(sock, 5)
+            if not data:
+                for passed in fds:
+                    os.close(passed)
+                closing = True
+                poller.unregister(control_fd)
+                _reap(status_pipes)
+                if not status_pipes:
+                    return 0
+                continue
+            try:
+                request = json_loads(data.decode())
+                if not isinstance(request, dict) or len(fds) != 5:
+                    raise ValueError("a spawn request is a JSON object with 5 fds")
+                pid = os.fork()
+                if pid == 0:
+                    keep = [control_fd, wake_r, wake_w, *status_pipes.values()]
+                    _child(libc, request, fds, keep)  # never returns
+                status_pipes[pid] = fds[3]
+                fds[3] = -1
+                pidfd = os.pidfd_open(pid)
+                try:
+                    sock.sendmsg(
+                        [json_dumps({"pid": pid}).encode()],
+                        [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("=i", pidfd))],
+                    )
+                finally:
+                    os.close(pidfd)
+            except (OSError, ValueError) as e:
+                sock.sendall(json_dumps({"error": f"{type(e).__name__}: {e}"}).encode())
+            finally:
+                for passed in fds:
+                    if passed >= 0:
+                        os.close(passed)
+            _reap(status_pipes)
+
+
+def _reap(status_pipes: dict[int, int]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        fd = status_pipes.pop(pid, -1)
+        if fd >= 0:
+            try:
+                os.write(fd, struct.pack(">i", os.waitstatus_to_exitcode(status)))
+            except OSError:  # the worker closed its end: it no longer cares
+                pass
+            os.close(fd)
+
+
+def _child(libc: _Libc, request: dict, fds: list[int], close: list[int]) -> None:
+    """C: see the section's comment. Exits, never returns."""
+    log_fd = fds[2]
+    try:
+        for fd in close:
+            os.close(fd)
+        os.close(fds[3])  # the status pipe is the zygote's to write
+        _signal.set_wakeup_fd(-1)
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+        os.setsid()  # no controlling terminal to push input into (TIOCSTI), as bwrap does
+        go = os.read(fds[4], 1)
+        os.close(fds[4])
+        if go != b"g":  # the worker could not put it in its cgroups: give up
+            os._exit(EXIT_ZYGOTE_SETUP)
+        uid, gid = os.getuid(), os.getgid()
+        libc.unshare(
+            _CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWNET | _CLONE_NEWIPC
+            | _CLONE_NEWUTS | _CLONE_NEWCGROUP
+        )  # fmt: skip
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1")
+        mounts = request["mounts"]
+        libc.mount("none", "/", "", _MS_REC | _MS_PRIVATE)
+        flags = _MS_NOSUID | _MS_NODEV
+        # bwrap's /dev is a tmpfs the sandbox's uid owns, and every sibling has the
+        # zygote's: read-only here, so that no task leaves files there for another.
+        libc.mount("none", "/dev", "", _MS_REMOUNT | _MS_BIND | _MS_RDONLY | flags)
+        libc.mount(
+            "tmpfs", "/work", "tmpfs", flags,
+            f"size={mounts['work_bytes']},nr_inodes={mounts['work_files']},mode=0700,"
+            f"uid={uid},gid={gid}",
+        )  # fmt: skip
+        for target in ("/tmp", "/dev/shm"):
+            libc.mount("tmpfs", target, "tmpfs", flags, f"size={mounts['tmpfs_bytes']},mode=1777")
+        libc.mount("devpts", "/dev/pts", "devpts", _MS_NOSUID | _MS_NOEXEC,
+                   "newinstance,ptmxmode=0666,mode=620")  # fmt: skip
+        import _socket
+        import fcntl
+
+        s = _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM)
+        ifreq = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, struct.pack("16sh22x", b"lo", 0))
+        up = struct.unpack("16sh22x", ifreq)[1] | _IFF_UP
+        fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sh22x", b"lo", up))
+        s.close()
+        _socket.sethostname("sandbox")
+        alive_r, alive_w = os.pipe()
+        init = os.fork()
+        if init == 0:
+            os.close(alive_w)
+            _init(libc, request, fds, alive_r)  # never returns
+        for fd in (fds[0], fds[1], alive_r):
+            os.close(fd)
+        while True:
+            try:
+                _, status = os.waitpid(init, 0)
+                break
+            except InterruptedError:
+                continue
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(code if code >= 0 else 128 - code)
+    except BaseException as e:
+        _log_exit(log_fd, f"actfleet-zygote: the sandbox's setup failed: {e!r}")
+
+
+def _init(libc: _Libc, request: dict, fds: list[int], alive_r: int) -> None:
+    """G: pid 1 of the sandbox; exits with the runner's status. Never returns."""
+    log_fd = fds[2]
+    try:
+        libc.prctl(_PR_SET_PDEATHSIG, _signal.SIGKILL)
+        import select
+
+        if select.select([alive_r], [], [], 0)[0]:  # C died before PDEATHSIG was set
+            os._exit(EXIT_ZYGOTE_SETUP)
+        os.close(alive_r)
+        _signal.signal(_signal.SIGINT, _signal.SIG_IGN)  # pid 1: nothing in here may stop it
+        libc.mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+        _write("/proc/sys/user/max_user_namespaces", "0")  # no nested user namespace
+        # The kernel also counts these per host uid, which all of a zygote's sandboxes
+        # share: a share each, so that no one sandbox can use up its siblings'.
+        _write("/proc/sys/user/max_inotify_instances", str(_INOTIFY_INSTANCES))
+        _write("/proc/sys/user/max_inotify_watches", str(_INOTIFY_WATCHES))
+        runner = os.fork()
+        if runner == 0:
+            _runner(libc, request, fds)  # never returns
+        for fd in fds[:3]:
+            os.close(fd)
+        while True:
+            try:
+                pid, status = os.wait()
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                os._exit(EXIT_ZYGOTE_SETUP)
+            if pid == runner:
+                code = os.waitstatus_to_exitcode(status)
+                os._exit(code if code >= 0 else 128 - code)
+    except BaseException as e:
+        _log_exit(log_fd, f"actfleet-zygote: the sandbox's init failed: {e!r}")
+
+
+def _runner(libc: _Libc, request: dict, fds: list[int]) -> None:
+    """R: limits, no capabilities, then the session on fds 0, 1, 2. Never returns."""
+    log_fd = fds[2]
+    try:
+        _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+        limits = request["limits"]
+        for name, value in (
+            ("RLIMIT_AS", limits["as"]),
+            ("RLIMIT_CPU", limits["cpu"]),
+            ("RLIMIT_NPROC", limits["nproc"]),
+            ("RLIMIT_FSIZE", limits["fsize"]),
+            ("RLIMIT_NOFILE", limits["nofile"]),
+            ("RLIMIT_CORE", 0),
+        ):
+            resource.setrlimit(getattr(resource, name), (value, value))
+        libc.prctl(_PR_SET_NO_NEW_PRIVS, 1)  # set by bwrap already; says so here too
+        libc.drop_capabilities()
+        os.chdir("/work")
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target)
+        os.closerange(3, 1 << 20)  # the zygote's numbers may be above the new limit
+        sys.argv[1:] = []
+        code = main()
+    except BaseException as e:
+        _log_exit(log_fd, f"actfleet-zygote: the runner's setup failed: {e!r}")
+    sys.stdout.flush = sys.stderr.flush = lambda: None  # type: ignore[method-assign]
+    os._exit(code)
+
+
+def _log_exit(log_fd: int, text: str) -> None:
+    try:
+        os.write(log_fd, (text + "\n").encode("utf-8", "replace"))
+    finally:
+        os._exit(EXIT_ZYGOTE_SETUP)
+
+
 def main() -> int:
     runner = SessionServer()
     try:
@@ -513,6 +842,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--zygote"]:
+        os._exit(serve_zygote(int(sys.argv[2])))
     code = main()
     sys.stdout.flush = sys.stderr.flush = lambda: None  # type: ignore[method-assign]
     os._exit(code)

@@ -1,4 +1,8 @@
-"""The bubblewrap backend against hostile code: real bwrap, real processes, no mocks."""
+"""The bubblewrap backend against hostile code: real bwrap, real processes, no mocks.
+
+Every test runs twice: with sandboxes forked by the provider's zygote (the default) and
+started the classic way (``zygote=False``); ``launch_path`` sets the default of every
+``BwrapProvider`` made here. ``test_bwrap_zygote.py`` has what only the zygote has."""
 
 from __future__ import annotations
 
@@ -34,24 +38,57 @@ def make_spec(**overrides: object) -> TaskSpec:
     return TaskSpec.from_dict({"prompt": "test", **overrides})
 
 
-def processes_of(sandbox: BwrapSandbox, pid: int | None) -> list[int]:
-    """Host pids that belong to the sandbox: its bwrap pid, or its private host uid."""
-    found = []
+@pytest.fixture(autouse=True, params=["zygote", "classic"])
+def launch_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which way the tests' providers start sandboxes (the default of ``zygote=``)."""
+    defaults = BwrapProvider.__init__.__kwdefaults__
+    assert defaults is not None
+    monkeypatch.setitem(defaults, "zygote", request.param == "zygote")
+    return str(request.param)
+
+
+def processes_of(sandbox: BwrapSandbox) -> set[tuple[int, str]]:
+    """The sandbox's processes now, as (host pid, start time): its outer process and all
+    below it, the members of its pids cgroup, and (classic, as root) every process of its
+    private host uid."""
+    pids = set(process_tree(sandbox.pid)) if sandbox.pid is not None else set()
+    if sandbox.cgroups is not None and sandbox.root is not None:
+        pids |= set(sandbox.cgroups.members(sandbox.root.name))
+    found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            status = (entry / "status").read_text()
-        except OSError:
+        started = _started(int(entry.name))
+        if started is None:
             continue
-        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
-        uids = {int(u) for u in uid_line.split()[1:]}
-        if (
-            int(entry.name) == pid
-            or (sandbox.host_uid != os.geteuid() and sandbox.host_uid in uids)
-        ) and "State:\tZ" not in status:
-            found.append(int(entry.name))
+        ours = sandbox.host_uid != os.geteuid() and not sandbox.forked
+        if int(entry.name) in pids or (ours and sandbox.host_uid in _uids(int(entry.name))):
+            found.add((int(entry.name), started))
     return found
+
+
+def still_running(processes: set[tuple[int, str]]) -> list[int]:
+    """Those of ``processes`` that still run (a pid reused since does not count)."""
+    return [pid for pid, started in processes if _started(pid) == started]
+
+
+def _started(pid: int) -> str | None:
+    """The process's start time, or None if it is gone or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _uids(pid: int) -> set[int]:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return set()
+    line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    return {int(u) for u in line.split()[1:]}
 
 
 def wait_for_pool(provider: BwrapProvider, idle: int) -> None:
@@ -89,8 +126,12 @@ def test_the_work_dir_and_tmp_are_writable(sandbox: BwrapSandbox) -> None:
         "open('out.txt', 'w').write('ok')\nopen('/tmp/t', 'w').write('ok')", 5, 1000
     )
     assert result.ok
-    assert sandbox.work_dir is not None
-    assert (sandbox.work_dir / "out.txt").read_text() == "ok"
+    assert sandbox.execute("open('/work/out.txt').read()", 5, 1000).value == "'ok'"
+    if sandbox.forked:  # its /work is in its own mount namespace only
+        assert sandbox.work_dir is None
+    else:
+        assert sandbox.work_dir is not None
+        assert (sandbox.work_dir / "out.txt").read_text() == "ok"
 
 
 def test_a_fork_bomb_is_contained_and_the_host_still_forks(sandbox: BwrapSandbox) -> None:
@@ -116,7 +157,6 @@ def test_a_fork_bomb_is_contained_and_the_host_still_forks(sandbox: BwrapSandbox
 
 def test_a_real_fork_bomb_is_contained_and_cleaned_up_on_close(provider: BwrapProvider) -> None:
     sb = provider.start(make_spec(), "t")
-    pid = sb.pid
     result = sb.execute(
         "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
         2,
@@ -124,8 +164,9 @@ def test_a_real_fork_bomb_is_contained_and_cleaned_up_on_close(provider: BwrapPr
     )
     assert result.timed_out
     assert subprocess.run(["true"], check=False).returncode == 0
+    bomb = processes_of(sb)
     sb.close()
-    assert processes_of(sb, pid) == []
+    assert still_running(bomb) == []
 
 
 def test_a_memory_hog_gets_a_memory_error_that_names_the_limit(sandbox: BwrapSandbox) -> None:
@@ -140,14 +181,14 @@ def test_a_memory_hog_gets_a_memory_error_that_names_the_limit(sandbox: BwrapSan
 def test_close_leaves_no_process_and_no_work_dir_behind(provider: BwrapProvider) -> None:
     sb = provider.start(make_spec(), "t")
     sb.execute("import subprocess\nsubprocess.Popen(['sleep', '300'])", 5, 1000)
-    pid, work_dir = sb.pid, sb.work_dir
-    assert processes_of(sb, pid)
+    running, root = processes_of(sb), sb.root
+    assert len(running) >= 4  # outer process, the namespace's init, the runner, the sleep
 
     sb.close()
     sb.close()  # idempotent
 
-    assert processes_of(sb, pid) == []
-    assert work_dir is not None and not work_dir.exists()
+    assert still_running(running) == []
+    assert root is not None and not root.exists()
 
 
 def test_a_warm_pool_serves_tasks_with_default_limits_and_cold_starts_the_rest() -> None:
@@ -171,10 +212,10 @@ def test_a_warm_pool_serves_tasks_with_default_limits_and_cold_starts_the_rest()
         assert not cold.pool_hit
         big = cold.execute("b = bytearray(200 * 1024 * 1024)", 5, 1000)
         assert big.error is not None and "MemoryError" in big.error
-        pids = [(sb, sb.pid) for sb in (warm, cold)]
+        running = processes_of(warm) | processes_of(cold)
         warm.close()
         cold.close()
-        assert all(processes_of(sb, pid) == [] for sb, pid in pids)
+        assert still_running(running) == []
     finally:
         provider.close()
     # Then closing the provider leaves none of the pool's runners behind
@@ -217,7 +258,8 @@ def test_the_memory_limit_holds_for_all_of_a_sandboxs_processes_together() -> No
     cgroups = provider.cgroups()
     assert cgroups is not None
     sb = provider.start(make_spec(sandbox={"memory_mb": 256}), "t")
-    name = sb.work_dir.parent.name if sb.work_dir else ""
+    assert sb.root is not None
+    name = sb.root.name
     # When five processes each take 70 MB at once (350 MB in all)
     code = textwrap.dedent(
         """
@@ -362,7 +404,8 @@ def test_work_is_a_tmpfs_capped_in_size_and_in_files() -> None:
         # Then both stop at the caps with "no space", on a tmpfs (not the host's disk)
         assert mb <= 16 and err == "No space left on device"
         assert made < 200 and err2 == "No space left on device"
-        assert sb.work_dir is not None and os.path.ismount(sb.work_dir)
+        if not sb.forked:  # else it is in the sandbox's own mount namespace
+            assert sb.work_dir is not None and os.path.ismount(sb.work_dir)
         root = sb.root
     assert root is not None and not root.exists()  # unmounted and removed on close
 
@@ -400,16 +443,16 @@ HOLDER = """
 import sys, time
 from agent.models import TaskSpec
 from workers.sandbox.bwrap import BwrapProvider
-sandbox = BwrapProvider().start(TaskSpec(prompt="x"), "held")
+sandbox = BwrapProvider(zygote=sys.argv[1] == "zygote").start(TaskSpec(prompt="x"), "held")
 print("ROOT", sandbox.root, flush=True)
 time.sleep(600)
 """
 
 
-def start_holder() -> tuple[subprocess.Popen[str], Path]:
+def start_holder(launch_path: str) -> tuple[subprocess.Popen[str], Path]:
     """Another worker-like process holding one sandbox; returns it and the sandbox's folder."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER],
+        [sys.executable, "-c", HOLDER, launch_path],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
@@ -422,11 +465,11 @@ def start_holder() -> tuple[subprocess.Popen[str], Path]:
 
 
 def test_a_starting_worker_clears_dead_workers_folders_and_keeps_live_ones(
-    provider: BwrapProvider,
+    provider: BwrapProvider, launch_path: str
 ) -> None:
     # Given a worker killed with its sandbox open, a live one holding one, and our own
-    dead, dead_root = start_holder()
-    live, live_root = start_holder()
+    dead, dead_root = start_holder(launch_path)
+    live, live_root = start_holder(launch_path)
     own = provider.start(make_spec(), "own")
     try:
         dead.send_signal(signal.SIGKILL)
@@ -434,8 +477,19 @@ def test_a_starting_worker_clears_dead_workers_folders_and_keeps_live_ones(
         dead_tag = dead_root.name.split("-")[2]
         leftovers = sorted(dead_root.parent.glob(f"actfleet-bwrap-{dead_tag}*"))
         assert dead_root in leftovers and len(leftovers) >= 3  # its sandbox, shared files, lock
-        if os.geteuid() == 0:
+        if os.geteuid() == 0 and launch_path == "classic":
             assert os.path.ismount(dead_root / "work")  # its /work tmpfs is still mounted
+        cgroups = provider.cgroups()
+        if cgroups is not None:  # its sandboxes (and its zygote) die with it: their
+            # cgroups empty, for Cgroups.remove_stale to take once they are old enough
+            theirs = [p for b in cgroups.bases.values() for p in b.glob(f"*{dead_tag}*")]
+            assert theirs
+            deadline = time.monotonic() + 5
+            while any((p / "cgroup.procs").read_text() for p in theirs):
+                assert time.monotonic() < deadline, "a dead worker's sandbox lives on"
+                time.sleep(0.05)
+            for path in theirs:
+                path.rmdir()
         # When a worker starts and does its housekeeping
         removed = provider.start_housekeeping(lambda worker_id: True)
         # Then the dead worker's folders and lock are gone, unmounted first...

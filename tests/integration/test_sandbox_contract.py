@@ -51,7 +51,8 @@ def lost(why: str) -> str:
 
 
 @contextlib.contextmanager
-def bwrap_providers() -> Iterator[MakeProvider]:
+def bwrap_providers(zygote: bool) -> Iterator[MakeProvider]:
+    """bwrap providers whose sandboxes are forks of a zygote, or started the classic way."""
     if shutil.which("bwrap") is None:
         pytest.skip("bubblewrap is not installed")
     from workers.sandbox.bwrap import BwrapProvider
@@ -60,7 +61,11 @@ def bwrap_providers() -> Iterator[MakeProvider]:
 
     def make(pool: int = 0, work_mb: int = 256, allow_network: bool = False) -> SandboxProvider:
         provider = BwrapProvider(
-            pool_min_size=pool, pool_max_size=pool, work_mb=work_mb, allow_network=allow_network
+            pool_min_size=pool,
+            pool_max_size=pool,
+            work_mb=work_mb,
+            allow_network=allow_network,
+            zygote=zygote,
         )
         made.append(provider)
         return provider
@@ -117,15 +122,19 @@ def docker_providers() -> Iterator[MakeProvider]:
         assert not leftovers, f"containers left behind: {[c['Names'] for c in leftovers]}"
 
 
-@pytest.fixture(params=["bwrap", "docker"], ids=["bwrap", "docker"])
+@pytest.fixture(params=["bwrap", "bwrap-classic", "docker"])
 def backend(request: pytest.FixtureRequest) -> str:
-    request.applymarker(getattr(pytest.mark, request.param))
+    request.applymarker(getattr(pytest.mark, str(request.param).split("-")[0]))
     return str(request.param)
 
 
 @pytest.fixture
 def providers(backend: str) -> Iterator[MakeProvider]:
-    with bwrap_providers() if backend == "bwrap" else docker_providers() as make:
+    if backend == "docker":
+        found = docker_providers()
+    else:
+        found = bwrap_providers(zygote=backend == "bwrap")
+    with found as make:
         yield make
 
 
@@ -135,8 +144,10 @@ def provider(providers: MakeProvider) -> SandboxProvider:
 
 
 @pytest.fixture
-def sandbox(provider: SandboxProvider) -> Iterator[Any]:
+def sandbox(provider: SandboxProvider, backend: str) -> Iterator[Any]:
     sb = provider.start(make_spec(), "task-contract")
+    if backend.startswith("bwrap"):  # the path under test, not a fallback
+        assert sb.forked == (backend == "bwrap")
     yield sb
     sb.close()
 

@@ -50,4 +50,5 @@ def make_provider(settings: Settings, worker_id: str) -> SandboxProvider:
         work_files=settings.sandbox_work_files,
         max_memory_mb=settings.sandbox_max_memory_mb,
         max_cpus=settings.sandbox_max_cpus,
+        zygote=settings.bwrap_zygote,
     )

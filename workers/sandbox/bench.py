@@ -5,12 +5,19 @@
 ``warm`` made with a pool, the time its ``start`` takes to hand out a pre-started sandbox
 (no files, no setup_code), one per run, the pool refilled between runs as it would be
 between tasks; its figures then appear under ``"warm_acquire_ms"``.
+
+Given ``cpu_s`` (a clock of the CPU seconds this process and its descendants have used,
+reaped ones included: ``actfleet.proctime``), it also starts ``runs`` sandboxes side by side
+and closes them, and reports what each start and each close cost in CPU
+(``"cpu_ms_per_start"``, ``"cpu_ms_per_close"``): the sandbox's processes and the
+worker's own work for them together, which is what a fleet pays per task.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 from agent.models import TaskSpec
@@ -39,6 +46,7 @@ def bench_sandbox(
     spec: TaskSpec | None = None,
     *,
     warm: SandboxProvider | None = None,
+    cpu_s: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     """Measure ``runs`` cold starts (``start`` + first ``execute("print(1)")``; ``close`` is
     not timed), ``runs`` exec round trips on one started sandbox and, with ``warm``,
@@ -73,11 +81,34 @@ def bench_sandbox(
         "cold_start_ms": summarize_ms(cold),
         "exec_roundtrip_ms": summarize_ms(roundtrip),
     }
+    if cpu_s is not None:
+        report.update(cpu_per_start(provider, runs, spec, cpu_s))
     if warm is not None:
         report["warm_acquire_ms"] = summarize_ms(warm_acquire_samples(warm, runs, spec))
         stats = warm.pool_stats()
         report["pool"] = {"hits": stats.hits, "misses": stats.misses}
     return report
+
+
+def cpu_per_start(
+    provider: SandboxProvider, runs: int, spec: TaskSpec, cpu_s: Callable[[], float]
+) -> dict[str, float]:
+    """CPU milliseconds per start (to ready, no code run) and per close, averaged over
+    ``runs`` sandboxes started one after the other and held open, then closed."""
+    sandboxes = []
+    try:
+        before = cpu_s()
+        for i in range(runs):
+            sandboxes.append(provider.start(spec, f"bench-cpu-{i}"))
+        started = cpu_s()
+    finally:
+        for sandbox in sandboxes:
+            sandbox.close()
+    closed = cpu_s()
+    return {
+        "cpu_ms_per_start": round((started - before) * 1000 / runs, 3),
+        "cpu_ms_per_close": round((closed - started) * 1000 / runs, 3),
+    }
 
 
 def warm_acquire_samples(provider: SandboxProvider, runs: int, spec: TaskSpec) -> list[float]:
