@@ -22,7 +22,8 @@ then a fork of it that makes its own namespaces (``runner.py``'s zygote section)
    reaps the child and writes its exit status into the status pipe.
 
 Isolation between two sandboxes of one zygote is what two classic sandboxes have: each has
-its own mount namespace (so its own ``/work``, ``/tmp``, ``/dev/shm``, ptys), pid
+its own mount namespace (so its own ``/work``, ``/tmp``, ``/dev/shm``, ptys; the
+zygote's ``/dev``, which would be the one writable place they share, is read-only), pid
 namespace (it sees, signals and traces only its own processes; the zygote is outside),
 network namespace (its own loopback and abstract unix sockets), ipc and uts namespaces,
 and its own memory and pids cgroups. They all run under the zygote's one host uid: the
