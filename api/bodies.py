@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,6 +36,7 @@ from config.settings import Settings
 from engines.re2engine import spec_problems
 
 MAX_REPORTED_ERRORS = 100
+AHEAD_TASKS = 1000  # valid specs read before they are handed on (``read_batch``)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -60,11 +61,22 @@ async def _chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def read_batch(request: Request, limit: int, parser: BatchParser) -> list[TaskSpec]:
+async def read_batch(
+    request: Request,
+    limit: int,
+    parser: BatchParser,
+    ahead: Callable[[list[TaskSpec]], Awaitable[None]] | None = None,
+) -> list[TaskSpec]:
     """Feed the body to ``parser`` as it arrives (413 once it is over ``limit`` bytes), then
-    its specs (``BatchParser.finish``)."""
+    its specs (``BatchParser.finish``). ``ahead``: given the specs read so far, in order,
+    ``AHEAD_TASKS`` or more at a time, while every line so far was valid (a batch's tasks
+    are staged while the rest of it is read: ``api.submit.Submitting.add``)."""
     async for chunk in _chunks(request, limit):
         parser.feed(chunk)
+        if ahead is not None:
+            ready = parser.ready(AHEAD_TASKS)
+            if ready:
+                await ahead(ready)
     return parser.finish()
 
 
@@ -248,6 +260,7 @@ class BatchParser:
         self._tail = b""
         self._array: list[bytes] | None = None
         self._started = False
+        self._handed = 0  # specs handed out by ``ready``
 
     def feed(self, chunk: bytes) -> None:
         if not self._started:
@@ -267,6 +280,17 @@ class BatchParser:
         self._tail = lines.pop()
         for line in lines:
             self._line(line)
+
+    def ready(self, at_least: int) -> list[TaskSpec]:
+        """The specs read since the last call, once there are ``at_least`` of them; none
+        once a line was bad or the batch is over its limit (``finish`` will refuse it)."""
+        if self.invalid or self.tasks > self.max_tasks:
+            return []
+        if len(self.specs) - self._handed < at_least:
+            return []
+        out = self.specs[self._handed :]
+        self._handed = len(self.specs)
+        return out
 
     def finish(self) -> list[TaskSpec]:
         if self._array is not None:
