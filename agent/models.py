@@ -172,8 +172,9 @@ class TaskSpec:
             d["tools"] = [{"name": t.name, **_changed(t)} for t in self.tools]
         if self.files:
             d["files"] = [{"path": f.path, "content_b64": f.content_b64} for f in self.files]
-        for name in ("limits", "sandbox", "llm"):
-            changed = _changed(getattr(self, name))
+        for name, default in (("limits", _LIMITS), ("sandbox", _SANDBOX), ("llm", _LLM)):
+            section = getattr(self, name)
+            changed = {} if section is default else _changed(section)
             if changed:
                 d[name] = changed
         if self.expected is not None:

@@ -43,7 +43,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import RedisError
 
 from agent.errors import ActfleetError
-from agent.events import Event, EventType
+from agent.events import EventType
 from store.celery_app import BULK_CHUNK, RunTaskMessages
 from store.clients import aload_scripts, is_cluster
 from store.keys import DEFAULT_RETENTION, TASK_QUEUE, Keys, Retention
@@ -290,10 +290,13 @@ class Intake:
             "1" if sub.batch and sub.batch[1].get("webhook_url") else "0",
             len(shards),
         ]
+        records: list[str] = []
         for shard, recs in shards.items():
             names += [k.queued(shard), self._counts_key(sub, shard)]
-            args += [len(recs), len(k.task(recs[0].id)) - len(recs[0].id) + 1]
-        names += [k.task(rec.id) for recs in shards.values() for rec in recs]
+            head = k.task(recs[0].id)[: -len(recs[0].id)]  # the shard's "{p}:{s}:task:"
+            args += [len(recs), len(head) + 1]
+            records += [head + rec.id for rec in recs]
+        names += records
         if sub.batch:
             args += [x for kv in sub.batch[1].items() for x in kv]
         if not int(await self._commit(keys=names, args=args)):
@@ -501,11 +504,12 @@ def records_json(records: Sequence[TaskRecord]) -> bytes:
     """The staged form of ``records``: one JSON array of their hashes as ``[field, value,
     ...]`` arrays, each with its ``task.queued`` event (``QUEUED_FIELD``)."""
     out = []
+    dumps = orjson.dumps
     for rec in records:
         fields = rec.to_hash()
-        fields[QUEUED_FIELD] = orjson.dumps(queued_event(rec).to_dict()).decode()
+        fields[QUEUED_FIELD] = dumps(queued_event(rec)).decode()
         out.append([x for kv in fields.items() for x in kv])
-    return orjson.dumps(out)
+    return dumps(out)
 
 
 def _by_shard(keys: Keys, records: Sequence[TaskRecord]) -> dict[int, list[TaskRecord]]:
@@ -520,10 +524,15 @@ def queued_ms(rec: TaskRecord) -> int:
     return int(rec.created_at * 1000)
 
 
-def queued_event(rec: TaskRecord) -> Event:
+def queued_event(rec: TaskRecord) -> dict[str, Any]:
+    """A new task's ``task.queued`` event (``Event.to_dict``), built as a dict: a batch
+    builds 100,000 (0.4 µs each instead of 1.4 through ``Event``)."""
     data: dict[str, Any] = {"task_id": rec.id}
     if rec.spec.custom_id:
         data["custom_id"] = rec.spec.custom_id
     if rec.batch_id:
         data["batch_id"] = rec.batch_id
-    return Event(EventType.QUEUED, turn=0, attempt=0, ts=rec.created_at, data=data)
+    return {"type": _QUEUED, "turn": 0, "attempt": 0, "ts": rec.created_at, "data": data}
+
+
+_QUEUED = EventType.QUEUED.value

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+
 from agent.errors import ActfleetError
 from agent.models import Result, Status, TaskSpec
 from agent.text import replace_unencodable, text_of
