@@ -54,7 +54,8 @@ STAGE_CHUNK = 1000  # tasks per staging call
 MOVE_CHUNK = 1000  # ids or messages the commit moves per Redis call (Lua's unpack limit)
 
 # STAGE: write one chunk of a submission's tasks, not yet visible.
-# KEYS: 1 ids list, 2 staged messages list, then per task: its record hash
+# KEYS: 1 ids list, 2 staged messages list (in queue order: LPUSHed, as the broker's
+#       consumers pop from the tail), then per task: its record hash
 # ARGV: 1 ttl_s, 2 the records as one JSON array of [field, value, ...] arrays (each with
 #       its task.queued event in "queued_event", see MATERIALIZE), 3 the ids as a JSON
 #       array, then per task: its broker message
@@ -69,7 +70,7 @@ for i = 1, #records do
   redis.call('HSET', task, unpack(records[i]))
   redis.call('EXPIRE', task, ttl)
 end
-redis.call('RPUSH', KEYS[2], unpack(ARGV, 4))
+redis.call('LPUSH', KEYS[2], unpack(ARGV, 4))
 redis.call('EXPIRE', KEYS[2], ttl)
 local total = redis.call('RPUSH', KEYS[1], unpack(cjson.decode(ARGV[3])))
 redis.call('EXPIRE', KEYS[1], ttl)
@@ -87,6 +88,9 @@ return total
 #       7 "1" when the batch has a webhook, 8 shards m, then per shard: its number of
 #       tasks and where a task's id starts in its key (store.keys: {p}:{s}:task:{id}),
 #       then the batch hash as [field, value, ...] (none for single tasks)
+# The staged messages are in queue order already (STAGE LPUSHes them): onto an empty
+# queue they move whole, by RENAME (O(1), and a line in the AOF instead of every message
+# again); onto a busy one, a chunk at a time from the first task on.
 # Python groups the records by shard, so the loop over them does no more than it must
 # (a PERSIST, a substring, two table slots): it runs once per task while nothing else can.
 # Returns: 1 committed; 0 the staged keys are incomplete (expired): nothing was written.
@@ -121,10 +125,18 @@ for j = 1, m do
   end
   last = last + count
 end
-for s = 0, n - 1, step do
-  redis.call('LPUSH', KEYS[3], unpack(redis.call('LRANGE', KEYS[2], s, s + step - 1)))
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('RENAME', KEYS[2], KEYS[3])
+  redis.call('PERSIST', KEYS[3])
+else
+  for s = n - 1, 0, -step do
+    local chunk = redis.call('LRANGE', KEYS[2], math.max(s - step + 1, 0), s)
+    local first, c = {}, #chunk
+    for i = 1, c do first[i] = chunk[c + 1 - i] end
+    redis.call('LPUSH', KEYS[3], unpack(first))
+  end
+  redis.call('DEL', KEYS[2])
 end
-redis.call('DEL', KEYS[2])
 if batch then
   redis.call('HSET', KEYS[5], unpack(ARGV, 9 + 2 * m))
   redis.call('EXPIRE', KEYS[5], ARGV[6])
