@@ -132,13 +132,14 @@ class TaskRecord:
 def spec_json(spec: TaskSpec) -> str:
     """The stored form of ``spec`` as compact JSON. orjson, 0.3 µs for a typical spec
     instead of 2.5 (a batch encodes 100,000); it writes UTF-8 where ``json.dumps`` wrote
-    ``\\u`` escapes, which every JSON reader takes alike. ``json`` only for what orjson
-    refuses: an integer beyond 64 bits, which ``expected.answer`` may hold."""
+    ``\\u`` escapes, which every JSON reader takes alike. What orjson refuses is written as
+    before, by ``json``: an integer beyond 64 bits (``expected.answer`` may hold one), or
+    text UTF-8 cannot encode (a spec built in code; the API refuses it)."""
     stored = spec.to_stored()
     try:
         return orjson.dumps(stored).decode()
     except orjson.JSONEncodeError:
-        return json.dumps(stored, separators=(",", ":"), ensure_ascii=False)
+        return json.dumps(stored, separators=(",", ":"))
 
 
 def _float(v: str | None) -> float | None:
