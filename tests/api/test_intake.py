@@ -369,3 +369,28 @@ def test_bad_lines_late_in_a_big_batch_leave_nothing_staged_or_queued(fleet: Fle
     staged = fleet.redis.info("commandstats").get("cmdstat_eval", {}).get("calls", 0)
     assert staged >= 5  # chunks of the first 5,499 lines went to Redis as they were read
     nothing_of(fleet)
+
+
+def test_a_client_that_goes_away_mid_batch_leaves_nothing_staged(fleet: Fleet) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    # given a client that sends the first 4,000 lines of a 10,000-line batch, which the
+    # API stages as it reads them, and then hangs up
+    body = typical_batch(10_000)
+    sent = b"".join(batch_lines(4000))
+    url = urlsplit(fleet.url)
+    head = (
+        f"POST /v1/batches HTTP/1.1\r\nHost: {url.hostname}\r\n"
+        f"Authorization: Bearer {fleet.key_for('acme')}\r\n"
+        f"Content-Type: application/x-ndjson\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    fleet.redis.config_resetstat()
+    with socket.create_connection((url.hostname, url.port)) as s:
+        s.sendall(head + sent)
+        wait_for(
+            lambda: fleet.redis.info("commandstats").get("cmdstat_eval", {}).get("calls", 0) >= 3
+        )
+    # then what it staged is taken back: nothing is left, queued or visible
+    wait_for(lambda: fleet.redis.keys("t:*task:*") == [])
+    nothing_of(fleet)
