@@ -437,9 +437,9 @@ class Staging:
     On one Redis each chunk (``STAGE_CHUNK`` tasks) is sent on a connection of its own as
     soon as it is added, and its reply is read only after the next chunk was sent, so that
     Redis runs one chunk while the API reads, checks and encodes the next (the client's
-    own commands wait for each reply before they return, and a command sent from a
-    background task reaches the socket only once the API next waits for I/O: neither
-    overlaps). On a cluster, or with the broker on its own Redis, each chunk goes one
+    own commands wait for each reply before they return; a command sent from a background
+    task was measured not to overlap either, most likely parked in ``drain()`` with the
+    rest of the command unsent until the API next waited for I/O). On a cluster, or with the broker on its own Redis, each chunk goes one
     script per shard (``STAGE_RECORDS``) and the messages are built at commit.
 
     ``done`` reads the replies still due, raising the first error; ``close`` gives the
