@@ -11,8 +11,9 @@ import redis
 
 from actfleet.benchscale import batch_lines, bytes_per_task
 from store.api_store import ApiStore, connect
-from store.intake import INTAKE_TTL_S, Intake, Submission
+from store.intake import Intake, Submission
 from store.keys import TASK_QUEUE, Keys
+from store.staging import INTAKE_TTL_S
 from tests.api.conftest import Fleet, spec
 
 
