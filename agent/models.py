@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.destinations import DestinationError, parse_url
 from agent.errors import InfrastructureError, LLMError, LLMRejected, SpecError
+from agent.specfast import ASK, fast_fields
 from agent.specschema import (
     ACTION_FORMATS,
     GRADERS,
@@ -171,8 +172,9 @@ class TaskSpec:
             d["tools"] = [{"name": t.name, **_changed(t)} for t in self.tools]
         if self.files:
             d["files"] = [{"path": f.path, "content_b64": f.content_b64} for f in self.files]
-        for name in ("limits", "sandbox", "llm"):
-            changed = _changed(getattr(self, name))
+        for name, default in (("limits", _LIMITS), ("sandbox", _SANDBOX), ("llm", _LLM)):
+            section = getattr(self, name)
+            changed = {} if section is default else _changed(section)
             if changed:
                 d[name] = changed
         if self.expected is not None:
@@ -340,7 +342,9 @@ class _SpecReader:
             raise SpecError([f"task: expected a JSON object, got {type_name(raw)}"])
         if not self.plain:
             self.checker.problems.extend(problems_anywhere(raw))
-        v, _ = self.checker.fields(self.table, raw, "")
+        v = fast_fields(self.table)(raw)
+        if v is ASK:  # a problem, or a shape the fast check leaves to the checker
+            v, _ = self.checker.fields(self.table, raw, "")
         spec = TaskSpec(
             prompt=v.get("prompt", ""),
             custom_id=v.get("custom_id"),
@@ -349,9 +353,9 @@ class _SpecReader:
             setup_code=v.get("setup_code"),
             tools=tuple(Tool(**t) for t in _valid(v.get("tools"))),
             files=self.files(v.get("files")),
-            limits=Limits(**v.get("limits", {})),
-            sandbox=SandboxSpec(**v.get("sandbox", {})),
-            llm=LLMParams(**v.get("llm", {})),
+            limits=Limits(**v["limits"]) if "limits" in v else _LIMITS,
+            sandbox=SandboxSpec(**v["sandbox"]) if "sandbox" in v else _SANDBOX,
+            llm=LLMParams(**v["llm"]) if "llm" in v else _LLM,
             expected=self.expected(v.get("expected")),
             action_format=v.get("action_format", "code"),
             webhook=self.webhook(v.get("webhook")),
@@ -414,6 +418,10 @@ class _SpecReader:
         except DestinationError as e:
             self.fail("webhook.url", e.reason)
         return Webhook(url=url)
+
+
+# the sections of a spec that leaves them out (frozen, so every such spec shares them)
+_LIMITS, _SANDBOX, _LLM = Limits(), SandboxSpec(), LLMParams()
 
 
 def _valid(items: list[Any] | None) -> list[Any]:

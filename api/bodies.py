@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import orjson
 from fastapi import Request
 
 from agent.destinations import Allowlist
@@ -36,6 +37,7 @@ from config.settings import Settings
 from engines.re2engine import spec_problems
 
 MAX_REPORTED_ERRORS = 100
+AHEAD_TASKS = 1000  # valid specs read before they are handed on (``read_batch``)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -60,11 +62,22 @@ async def _chunks(request: Request, limit: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def read_batch(request: Request, limit: int, parser: BatchParser) -> list[TaskSpec]:
+async def read_batch(
+    request: Request,
+    limit: int,
+    parser: BatchParser,
+    ahead: Callable[[list[TaskSpec]], Awaitable[None]] | None = None,
+) -> list[TaskSpec]:
     """Feed the body to ``parser`` as it arrives (413 once it is over ``limit`` bytes), then
-    its specs (``BatchParser.finish``)."""
+    its specs (``BatchParser.finish``). ``ahead``: given the specs read so far, in order,
+    ``AHEAD_TASKS`` or more at a time, while every line so far was valid (a batch's tasks
+    are staged while the rest of it is read: ``api.submit.Submitting.add``)."""
     async for chunk in _chunks(request, limit):
         parser.feed(chunk)
+        if ahead is not None:
+            ready = parser.ready(AHEAD_TASKS)
+            if ready:
+                await ahead(ready)
     return parser.finish()
 
 
@@ -129,6 +142,59 @@ def loads(text: str) -> Any:
         raise JSONRefused(
             f"it is nested too deeply: a task spec may nest {MAX_DEPTH} levels at most"
         ) from e
+
+
+class _LineRefused(ValueError):
+    """A batch line that is not (acceptable) JSON; the message is its problem."""
+
+
+NOT_QUICK = object()  # what ``quick_loads`` returns for a line it leaves to ``loads``
+_INT64 = float(2**63)  # orjson reads an integer literal beyond 64 bits as a float
+
+
+def quick_loads(line: bytes) -> Any:
+    """``loads(line.decode())`` by orjson, for a line without a ``\\u`` escape, or
+    ``NOT_QUICK`` where it might differ: orjson refused the line (``loads`` then says
+    why), took an integer beyond 64 bits as a float, or may have let a key appear twice
+    (orjson keeps the last; ``loads`` refuses). That last: every ``:`` of a line is a key's
+    or inside a string, and without ``\\u`` escapes a string's ``:`` are its text's, so a
+    line with as many ``:`` as its parsed objects have keys plus their strings have
+    ``:`` lost no key. 1.5 µs for the typical batch line instead of 4.3."""
+    try:
+        raw = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return NOT_QUICK
+    tally = _tally(raw)
+    if tally is None or tally != line.count(b":"):
+        return NOT_QUICK
+    return raw
+
+
+def _tally(item: Any) -> int | None:
+    """The keys in ``item``'s objects plus the ``:`` in its strings (keys included); None
+    if it holds a float orjson may have made of a large integer."""
+    t = type(item)
+    if t is str:
+        return int(item.count(":"))
+    if t is dict:
+        n = len(item)
+        for key, value in item.items():
+            sub = _tally(value)
+            if sub is None:
+                return None
+            n += key.count(":") + sub
+        return n
+    if t is list:
+        n = 0
+        for value in item:
+            sub = _tally(value)
+            if sub is None:
+                return None
+            n += sub
+        return n
+    if t is float and abs(item) >= _INT64:
+        return None
+    return 0
 
 
 def parse_json(body: bytes, what: str = "the request body") -> Any:
@@ -248,6 +314,7 @@ class BatchParser:
         self._tail = b""
         self._array: list[bytes] | None = None
         self._started = False
+        self._handed = 0  # specs handed out by ``ready``
 
     def feed(self, chunk: bytes) -> None:
         if not self._started:
@@ -267,6 +334,17 @@ class BatchParser:
         self._tail = lines.pop()
         for line in lines:
             self._line(line)
+
+    def ready(self, at_least: int) -> list[TaskSpec]:
+        """The specs read since the last call, once there are ``at_least`` of them; none
+        once a line was bad or the batch is over its limit (``finish`` will refuse it)."""
+        if self.invalid or self.tasks > self.max_tasks:
+            return []
+        if len(self.specs) - self._handed < at_least:
+            return []
+        out = self.specs[self._handed :]
+        self._handed = len(self.specs)
+        return out
 
     def finish(self) -> list[TaskSpec]:
         if self._array is not None:
@@ -302,6 +380,21 @@ class BatchParser:
         self.tasks += 1
         if self.tasks > self.max_tasks:
             return  # only counted: the batch is refused whole
+        # Text decoded from UTF-8 holds a lone surrogate only through a \u escape, and
+        # nesting needs brackets: a line with neither needs no walk through every value.
+        plain = b"\\u" not in line and line.count(b"{") + line.count(b"[") <= MAX_DEPTH
+        raw = quick_loads(line) if plain else NOT_QUICK
+        if raw is NOT_QUICK:
+            try:
+                raw = self._loads(line, start)
+            except _LineRefused as e:
+                self.bad_json = True
+                self._problems(self._line_no, [str(e)])
+                return
+        self._item(self._line_no, raw, plain)
+
+    @staticmethod
+    def _loads(line: bytes, start: int) -> Any:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -309,19 +402,11 @@ class BatchParser:
                 400, f"the batch is not UTF-8 (bad byte at offset {start + e.start})"
             ) from e
         try:
-            raw = loads(text)
+            return loads(text)
         except json.JSONDecodeError as e:
-            self.bad_json = True
-            self._problems(self._line_no, [f"not valid JSON: {e.msg} at column {e.colno}"])
-            return
+            raise _LineRefused(f"not valid JSON: {e.msg} at column {e.colno}") from e
         except JSONRefused as e:
-            self.bad_json = True
-            self._problems(self._line_no, [f"not acceptable JSON: {e}"])
-            return
-        # Text decoded from UTF-8 holds a lone surrogate only through a \u escape, and
-        # nesting needs brackets: a line with neither needs no walk through every value.
-        plain = b"\\u" not in line and line.count(b"{") + line.count(b"[") <= MAX_DEPTH
-        self._item(self._line_no, raw, plain)
+            raise _LineRefused(f"not acceptable JSON: {e}") from e
 
     def _read_array(self, body: bytes) -> None:
         try:

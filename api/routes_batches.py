@@ -17,7 +17,7 @@ from api.bodies import BatchParser, read_batch, spec_rules
 from api.errors import JSONOut, encode_json, not_found
 from api.schemas import BATCH_REF, ERRORS, BatchAccepted, BatchCancelled, BatchOut, ErrorOut
 from api.strict import known_query_only
-from api.submit import submit
+from api.submit import Submitting
 from api.webhooks import vet_webhooks
 from store.batches import BatchRecord, BatchStore
 from store.records import new_batch_id
@@ -73,19 +73,27 @@ async def create_batch(
 ) -> dict[str, Any]:
     """Queue every task of a batch, or none: each line is checked first, and every bad
     line is reported with its number and what to fix."""
-    settings = request.app.state.settings
+    state = request.app.state
+    settings = state.settings
     with no_gc_pauses():
         parser = BatchParser(settings.max_batch_tasks, spec_rules(settings))
-        specs = await read_batch(request, settings.max_request_bytes, parser)
-        await vet_webhooks(request.app.state, tenant, specs, webhook_url)
-        batch = BatchRecord(
-            id=new_batch_id(),
-            tenant=tenant,
-            total=len(specs),
-            created_at=time.time(),
-            webhook_url=webhook_url,
-        )
-        await submit(request.app.state, tenant, specs, batch)
+        batch_id = new_batch_id()
+        submitting = Submitting(state, tenant, batch_id)
+        try:  # the tasks are staged as they are read (invisible until the commit)
+            specs = await read_batch(
+                request, settings.max_request_bytes, parser, ahead=submitting.add
+            )
+            await vet_webhooks(state, tenant, specs, webhook_url)
+            batch = BatchRecord(
+                id=batch_id,
+                tenant=tenant,
+                total=len(specs),
+                created_at=time.time(),
+                webhook_url=webhook_url,
+            )
+            await submitting.commit(specs, batch)
+        finally:
+            await submitting.abandon()  # what a bad line or a lost client left staged
     url = f"/v1/batches/{batch.id}"
     response.headers["Location"] = url
     return {

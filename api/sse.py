@@ -26,8 +26,9 @@ from agent.events import EventType
 from agent.models import TERMINAL_STATUSES
 from agent.text import text_of
 from api.errors import ApiError
-from store.intake import QUEUED_FIELD, QUEUED_ID
+from store.intake import QUEUED_ID
 from store.keys import EVENT_FIELD
+from store.staging import QUEUED_FIELD
 
 READ_COUNT = 500
 STORE_RETRY_S = 2.0  # while Redis is unreachable, how often a stream tries it again

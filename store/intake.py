@@ -4,7 +4,8 @@ Two steps, so that no failure half way leaves part of a submission visible or ru
 
 1. ``stage``: the records (each with its ``task.queued`` event, which starts its stream
    only when the task does: ``MATERIALIZE``) are written, in chunks (one Lua call
-   each), *with a TTL* (``INTAKE_TTL_S``), together with the ids (in input order: a
+   each, pipelined: ``store.staging``; a batch's first chunks while the rest of its body is
+   still being read), *with a TTL* (``INTAKE_TTL_S``), together with the ids (in input order: a
    batch's ``{p}:batch:{id}:tasks`` list) and the broker messages (``{p}:intake:{id}:
    messages``), also with that TTL. Nothing refers to the records yet: no index entry, no
    batch record, no message on the queue, so no worker, sweeper or listing can see them,
@@ -32,114 +33,93 @@ visible or runs; deploy/README.md says what holds if the API itself dies half wa
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from agent.errors import ActfleetError
-from agent.events import Event, EventType
-from store.celery_app import BULK_CHUNK, run_task_message
+from store.celery_app import BULK_CHUNK, RunTaskMessages
 from store.clients import aload_scripts, is_cluster
 from store.keys import DEFAULT_RETENTION, TASK_QUEUE, Keys, Retention
 from store.records import TaskRecord
+from store.staging import (
+    INTAKE_TTL_S,
+    STAGE_RECORDS,
+    Staging,
+    by_shard,
+    records_json,
+)
 
-INTAKE_TTL_S = 3600  # staged keys of a submission that never committed vanish after this
-STAGE_CHUNK = 1000  # tasks per staging call
 MOVE_CHUNK = 1000  # ids or messages the commit moves per Redis call (Lua's unpack limit)
-
-# STAGE: write one chunk of a submission's tasks, not yet visible.
-# KEYS: 1 ids list, 2 staged messages list, then per task: its record hash
-# ARGV: 1 ttl_s, then per task: the record as a JSON array [field, value, ...] (with its
-#       task.queued event in "queued_event", see MATERIALIZE), its id, its broker message
-# Returns: the number of ids staged so far.
-STAGE = """#!lua
-local ttl = ARGV[1]
-local ids, messages = {}, {}
-for i = 1, #KEYS - 2 do
-  local task, a = KEYS[2 + i], 3 * i - 1
-  redis.call('HSET', task, unpack(cjson.decode(ARGV[a])))
-  redis.call('EXPIRE', task, ttl)
-  ids[i] = ARGV[a + 1]
-  messages[i] = ARGV[a + 2]
-end
-redis.call('RPUSH', KEYS[2], unpack(messages))
-redis.call('EXPIRE', KEYS[2], ttl)
-local total = redis.call('RPUSH', KEYS[1], unpack(ids))
-redis.call('EXPIRE', KEYS[1], ttl)
-return total
-"""
 
 # COMMIT: make a staged submission real, atomically (one Redis, broker on it).
 # KEYS: 1 ids list, 2 staged messages list, 3 broker queue, 4 tenant index, 5 batch hash (a
 #       batch) or the ids list again (single tasks), then per shard the submission's tasks
 #       fall in (ARGV 8 of them): its queued index and its batch counts hash (the queued
-#       index again for single tasks), then every task's record hash
+#       index again for single tasks), then every task's record hash, shard by shard in
+#       that order
 # ARGV: 1 tasks expected, 2 queued-index score (push time, unix ms), 3 tenant-index score
 #       (created_at), 4 ids-list ttl_s (0: delete it), 5 move chunk, 6 batch keys' ttl_s,
-#       7 "1" when the batch has a webhook, 8 shards m, then per shard: its number and its
-#       tasks, then the batch hash as [field, value, ...] (none for single tasks)
-# A record's shard is read from its key's hash tag (store.keys: {p}:{s}:task:{id}).
+#       7 "1" when the batch has a webhook, 8 shards m, then per shard: its number of
+#       tasks and where a task's id starts in its key (store.keys: {p}:{s}:task:{id}),
+#       then the batch hash as [field, value, ...] (none for single tasks)
+# The staged messages are in queue order already (STAGE LPUSHes them): onto an empty
+# queue they move whole, by RENAME (O(1), and a line in the AOF instead of every message
+# again); onto a busy one, a chunk at a time from the first task on.
+# Python groups the records by shard, so the loop over them does no more than it must
+# (a PERSIST, a substring, two table slots): it runs once per task while nothing else can.
 # Returns: 1 committed; 0 the staged keys are incomplete (expired): nothing was written.
 COMMIT = """#!lua
 local n = tonumber(ARGV[1])
 if redis.call('LLEN', KEYS[1]) ~= n or redis.call('LLEN', KEYS[2]) ~= n then return 0 end
 local m = tonumber(ARGV[8])
-local first = 6 + 2 * m
 local batch = #ARGV > 8 + 2 * m
-local at = {}
+local qscore, tscore, step = ARGV[2], ARGV[3], tonumber(ARGV[5])
+local last = 5 + 2 * m  -- the key before the shard's first record
 for j = 1, m do
-  at[ARGV[7 + 2 * j]] = 4 + 2 * j
+  local queued, counts = KEYS[4 + 2 * j], KEYS[5 + 2 * j]
+  local count, at = tonumber(ARGV[7 + 2 * j]), tonumber(ARGV[8 + 2 * j])
   if batch then
-    local counts = KEYS[5 + 2 * j]
-    redis.call('HINCRBY', counts, 'queued', ARGV[8 + 2 * j])
-    redis.call('HINCRBY', counts, 'total', ARGV[8 + 2 * j])
+    redis.call('HINCRBY', counts, 'queued', count)
+    redis.call('HINCRBY', counts, 'total', count)
     if ARGV[7] == '1' then redis.call('HSET', counts, 'webhook', '1') end
     redis.call('EXPIRE', counts, ARGV[6])
   end
-end
-local step = tonumber(ARGV[5])
-for s = first, #KEYS, step do
-  local queued, tenant = {}, {}
-  for i = s, math.min(s + step - 1, #KEYS) do
-    local key = KEYS[i]
-    redis.call('PERSIST', key)
-    local shard, id = string.match(key, ':{(%d+)}:task:(.+)$')
-    local q = queued[shard]
-    if not q then q = {}; queued[shard] = q end
-    q[#q + 1] = ARGV[2]
-    q[#q + 1] = id
-    tenant[#tenant + 1] = ARGV[3]
-    tenant[#tenant + 1] = id
+  for s = last + 1, last + count, step do
+    local q, t, c = {}, {}, 0
+    for i = s, math.min(s + step - 1, last + count) do
+      local key = KEYS[i]
+      redis.call('PERSIST', key)
+      local id = string.sub(key, at)
+      q[c + 1] = qscore; q[c + 2] = id
+      t[c + 1] = tscore; t[c + 2] = id
+      c = c + 2
+    end
+    redis.call('ZADD', queued, unpack(q))
+    redis.call('ZADD', KEYS[4], unpack(t))
   end
-  for shard, q in pairs(queued) do redis.call('ZADD', KEYS[at[shard]], unpack(q)) end
-  redis.call('ZADD', KEYS[4], unpack(tenant))
+  last = last + count
 end
-for s = 0, n - 1, step do
-  redis.call('LPUSH', KEYS[3], unpack(redis.call('LRANGE', KEYS[2], s, s + step - 1)))
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  redis.call('RENAME', KEYS[2], KEYS[3])
+  redis.call('PERSIST', KEYS[3])
+else
+  for s = n - 1, 0, -step do
+    local chunk = redis.call('LRANGE', KEYS[2], math.max(s - step + 1, 0), s)
+    local first, c = {}, #chunk
+    for i = 1, c do first[i] = chunk[c + 1 - i] end
+    redis.call('LPUSH', KEYS[3], unpack(first))
+  end
+  redis.call('DEL', KEYS[2])
 end
-redis.call('DEL', KEYS[2])
 if batch then
   redis.call('HSET', KEYS[5], unpack(ARGV, 9 + 2 * m))
   redis.call('EXPIRE', KEYS[5], ARGV[6])
 end
 if tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) else redis.call('DEL', KEYS[1]) end
 return 1
-"""
-
-# STAGE_RECORDS: STAGE for one shard's records alone (a cluster, or the broker elsewhere:
-# the ids are staged with plain commands, the messages are built at commit).
-# KEYS: the records (one shard). ARGV: 1 ttl_s, then per record its [field, value, ...] JSON.
-STAGE_RECORDS = """#!lua
-for i = 1, #KEYS do
-  redis.call('HSET', KEYS[i], unpack(cjson.decode(ARGV[i + 1])))
-  redis.call('EXPIRE', KEYS[i], ARGV[1])
-end
-return #KEYS
 """
 
 # COMMIT_SHARD: COMMIT's part in one shard (every key in the shard's slot).
@@ -201,7 +181,6 @@ redis.call('HDEL', KEYS[1], 'queued_event')
 return wrote
 """
 QUEUED_ID = "0-1"  # the stream id of every task's task.queued event
-QUEUED_FIELD = "queued_event"
 
 
 class IntakeExpired(ActfleetError):
@@ -238,50 +217,27 @@ class Intake:
         self.retention = retention
         # one atomic script needs every key, the queue's too, on one Redis
         self.per_shard = is_cluster(client) or self.broker is not client
-        self._stage = client.register_script(STAGE)
         self._commit = client.register_script(COMMIT)
         self._stage_records = client.register_script(STAGE_RECORDS)
         self._commit_shard = client.register_script(COMMIT_SHARD)
         self._uncommit_shard = client.register_script(UNCOMMIT_SHARD)
         self._loaded = not is_cluster(client)
 
+    def staging(
+        self, intake_id: str, ids_key: str, queued_ms: int, batch_id: str | None = None
+    ) -> Staging:
+        """A submission to stage chunk by chunk (``Staging``); its tasks are all of
+        ``batch_id`` (None: not of a batch)."""
+        return Staging(self, intake_id, ids_key, queued_ms, batch_id)
+
     async def stage(self, sub: Submission, queued_ms: int) -> None:
-        """Write every record, id and message of ``sub``, invisible and expiring.
-
-        Chunks go out in order, one at a time, but the next chunk is encoded while Redis
-        runs the last one."""
-        if self.per_shard:
-            await self._stage_per_shard(sub)
-            return
-        messages_key = self.keys.intake_messages(sub.intake_id)
-        pending: asyncio.Future[Any] | None = None
+        """Write every record, id and message of ``sub``, invisible and expiring."""
+        staging = self.staging(sub.intake_id, sub.ids_key, queued_ms, sub.records[0].batch_id)
         try:
-            for start in range(0, len(sub.records), STAGE_CHUNK):
-                names, args = self._chunk(sub, messages_key, start, queued_ms)
-                if pending is not None:
-                    await pending
-                pending = asyncio.ensure_future(self._stage(keys=names, args=args))
-                await asyncio.sleep(0)  # let it reach the socket before the next encoding
-            if pending is not None:
-                await pending
+            await staging.add(sub.records)
+            await staging.done()
         finally:
-            if pending is not None and not pending.done():
-                pending.cancel()
-
-    def _chunk(
-        self, sub: Submission, messages_key: str, start: int, queued_ms: int
-    ) -> tuple[list[str], list[Any]]:
-        k = self.keys
-        names = [sub.ids_key, messages_key]
-        args: list[Any] = [INTAKE_TTL_S]
-        for rec in sub.records[start : start + STAGE_CHUNK]:
-            names.append(k.task(rec.id))
-            args += [
-                _record_json(rec),
-                rec.id,
-                run_task_message(rec.id, queued_ms, rec.batch_id),
-            ]
-        return names, args
+            await staging.close()
 
     async def commit(self, sub: Submission, queued_ms: int) -> None:
         """Make ``sub`` visible and runnable at once; ``IntakeExpired`` if it cannot."""
@@ -290,7 +246,7 @@ class Intake:
             return
         k = self.keys
         first = sub.records[0]
-        shards = _by_shard(k, sub.records)
+        shards = by_shard(k, sub.records)
         names = [
             sub.ids_key,
             k.intake_messages(sub.intake_id),
@@ -308,10 +264,13 @@ class Intake:
             "1" if sub.batch and sub.batch[1].get("webhook_url") else "0",
             len(shards),
         ]
+        records: list[str] = []
         for shard, recs in shards.items():
             names += [k.queued(shard), self._counts_key(sub, shard)]
-            args += [shard, len(recs)]
-        names += [k.task(rec.id) for rec in sub.records]
+            head = k.task(recs[0].id)[: -len(recs[0].id)]  # the shard's "{p}:{s}:task:"
+            args += [len(recs), len(head) + 1]
+            records += [head + rec.id for rec in recs]
+        names += records
         if sub.batch:
             args += [x for kv in sub.batch[1].items() for x in kv]
         if not int(await self._commit(keys=names, args=args)):
@@ -337,19 +296,13 @@ class Intake:
             await aload_scripts(self.client, (STAGE_RECORDS, COMMIT_SHARD, UNCOMMIT_SHARD))
             self._loaded = True
 
-    async def _stage_per_shard(self, sub: Submission) -> None:
+    async def stage_records(self, records: Sequence[TaskRecord]) -> None:
+        """``STAGE_RECORDS`` for ``records`` (one shard's); see ``Staging``."""
         await self._load()
-        for _, recs in _by_shard(self.keys, sub.records).items():
-            for start in range(0, len(recs), STAGE_CHUNK):
-                chunk = recs[start : start + STAGE_CHUNK]
-                await self._stage_records(
-                    keys=[self.keys.task(r.id) for r in chunk],
-                    args=[INTAKE_TTL_S, *(_record_json(r) for r in chunk)],
-                )
-        ids = [r.id for r in sub.records]
-        for start in range(0, len(ids), MOVE_CHUNK):
-            await self.client.rpush(sub.ids_key, *ids[start : start + MOVE_CHUNK])
-        await self.client.expire(sub.ids_key, INTAKE_TTL_S)
+        await self._stage_records(
+            keys=[self.keys.task(r.id) for r in records],
+            args=[INTAKE_TTL_S, records_json(records)],
+        )
 
     async def _commit_per_shard(self, sub: Submission, queued_ms: int) -> None:
         await self._load()
@@ -357,7 +310,7 @@ class Intake:
         first = sub.records[0]
         is_batch = "1" if sub.batch else "0"
         webhook = "1" if sub.batch and sub.batch[1].get("webhook_url") else "0"
-        shards = _by_shard(k, sub.records)
+        shards = by_shard(k, sub.records)
         committed: list[int] = []
         try:
             for shard, recs in shards.items():
@@ -385,14 +338,10 @@ class Intake:
                 await self.client.expire(sub.batch[0], self.retention.batch_s)
             # last: the messages, all or none (one MULTI/EXEC on the broker)
             pipe = self.broker.pipeline(transaction=True)
+            messages = RunTaskMessages(queued_ms, first.batch_id)
             for start in range(0, len(sub.records), BULK_CHUNK):
-                pipe.lpush(
-                    TASK_QUEUE,
-                    *(
-                        run_task_message(r.id, queued_ms, r.batch_id)
-                        for r in sub.records[start : start + BULK_CHUNK]
-                    ),
-                )
+                ids = [r.id for r in sub.records[start : start + BULK_CHUNK]]
+                pipe.lpush(TASK_QUEUE, *messages.messages(ids))
             await pipe.execute()
         except BaseException:
             await self._uncommit(sub, committed)
@@ -405,7 +354,7 @@ class Intake:
     async def _uncommit(self, sub: Submission, shards: Sequence[int]) -> None:
         """Take back what ``_commit_per_shard`` wrote in ``shards`` and after them."""
         k = self.keys
-        by_shard = _by_shard(k, sub.records)
+        shard_records = by_shard(k, sub.records)
         ids = [r.id for r in sub.records]
         tenant = k.tenant_tasks(sub.records[0].tenant)
         for start in range(0, len(ids), MOVE_CHUNK):
@@ -413,7 +362,7 @@ class Intake:
         if sub.batch:
             await self.client.delete(sub.batch[0])
         for shard in shards:
-            recs = by_shard[shard]
+            recs = shard_records[shard]
             for start in range(0, len(recs), MOVE_CHUNK):
                 await self._uncommit_shard(
                     keys=self._shard_keys(sub, shard, recs[start : start + MOVE_CHUNK]),
@@ -450,28 +399,6 @@ class Intake:
         await pipe.execute()
 
 
-def _record_json(rec: TaskRecord) -> bytes:
-    fields = rec.to_hash()
-    fields[QUEUED_FIELD] = orjson.dumps(queued_event(rec).to_dict()).decode()
-    return orjson.dumps([x for kv in fields.items() for x in kv])
-
-
-def _by_shard(keys: Keys, records: Sequence[TaskRecord]) -> dict[int, list[TaskRecord]]:
-    out: dict[int, list[TaskRecord]] = {}
-    for rec in records:
-        out.setdefault(keys.shard(rec.id), []).append(rec)
-    return out
-
-
 def queued_ms(rec: TaskRecord) -> int:
     """A new task's score in the queued index, and the push time its message carries."""
     return int(rec.created_at * 1000)
-
-
-def queued_event(rec: TaskRecord) -> Event:
-    data: dict[str, Any] = {"task_id": rec.id}
-    if rec.spec.custom_id:
-        data["custom_id"] = rec.spec.custom_id
-    if rec.batch_id:
-        data["batch_id"] = rec.batch_id
-    return Event(EventType.QUEUED, turn=0, attempt=0, ts=rec.created_at, data=data)

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from agent.errors import ActfleetError
 from agent.models import Result, Status, TaskSpec
 from agent.text import replace_unencodable, text_of
@@ -59,7 +61,7 @@ class TaskRecord:
         h = {
             "id": self.id,
             "tenant": self.tenant,
-            "spec": json.dumps(self.spec.to_stored(), separators=(",", ":")),
+            "spec": spec_json(self.spec),
             "status": self.status.value,
             "created_at": repr(self.created_at),
         }
@@ -125,6 +127,19 @@ class TaskRecord:
         if self.result is not None:
             out["result"] = self.result.to_dict()
         return out
+
+
+def spec_json(spec: TaskSpec) -> str:
+    """The stored form of ``spec`` as compact JSON. orjson, 0.3 µs for a typical spec
+    instead of 2.5 (a batch encodes 100,000); it writes UTF-8 where ``json.dumps`` wrote
+    ``\\u`` escapes, which every JSON reader takes alike. What orjson refuses is written as
+    before, by ``json``: an integer beyond 64 bits (``expected.answer`` may hold one), or
+    text UTF-8 cannot encode (a spec built in code; the API refuses it)."""
+    stored = spec.to_stored()
+    try:
+        return orjson.dumps(stored).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(stored, separators=(",", ":"))
 
 
 def _float(v: str | None) -> float | None:

@@ -11,8 +11,9 @@ import redis
 
 from actfleet.benchscale import batch_lines, bytes_per_task
 from store.api_store import ApiStore, connect
-from store.intake import INTAKE_TTL_S, Intake, Submission
+from store.intake import Intake, Submission
 from store.keys import TASK_QUEUE, Keys
+from store.staging import INTAKE_TTL_S
 from tests.api.conftest import Fleet, spec
 
 
@@ -314,3 +315,83 @@ def test_a_per_shard_commit_whose_broker_push_fails_leaves_nothing(redis_url: st
     assert r.keys("t:*task:*") == [] and r.keys("t:*batch:*") == []
     assert sum(int(r.zcard(k.queued(s))) for s in k.shard_ids) == 0
     assert r.zcard(k.tenant_tasks("acme")) == 0 and r.llen(TASK_QUEUE) == 0
+
+
+def _queued_ids(r: redis.Redis) -> list[str]:
+    """The task ids of the broker queue's messages, in the order workers take them."""
+    import base64
+
+    out = []
+    for raw in reversed(r.lrange(TASK_QUEUE, 0, -1)):  # consumers pop from the tail
+        message = json.loads(raw)
+        out.append(json.loads(base64.b64decode(message["body"]))[0][0])
+    return out
+
+
+def test_a_batch_onto_a_waiting_queue_queues_after_it_in_input_order(fleet: Fleet) -> None:
+    # given tasks already waiting in the broker queue
+    with fleet.client() as c:
+        first = c.post("/v1/batches", content=typical_batch(1500)).json()["id"]
+        # when another batch arrives (moved onto the busy queue, not renamed onto an empty one)
+        second = c.post("/v1/batches", content=typical_batch(2500)).json()["id"]
+    r, k = fleet.redis, fleet.keys
+    ids = [[i.decode() for i in r.lrange(k.batch_tasks(b), 0, -1)] for b in (first, second)]
+    # then workers take the first batch's tasks, then the second's, each in input order
+    assert _queued_ids(r) == ids[0] + ids[1]
+    # and the queue is kept (the staged messages' TTL did not come with them)
+    assert r.ttl(TASK_QUEUE) == -1
+    assert r.keys("t:intake:*") == []
+
+
+def test_bad_lines_late_in_a_big_batch_leave_nothing_staged_or_queued(fleet: Fleet) -> None:
+    # given a 6,000-line batch whose lines 5,500 (a bad field) and 5,900 (a custom_id used
+    # before) are wrong, read while its first thousands of tasks are already being staged
+    lines = [json.loads(line) for line in batch_lines(6000)]
+    lines[5499]["limits"] = {"max_turns": 0}
+    lines[5899]["custom_id"] = lines[10]["custom_id"]
+    fleet.redis.config_resetstat()
+    with fleet.client() as c:
+        r = c.post("/v1/batches", content=jsonl(*lines))
+    # then both are reported by line, with the usual messages, and nothing was queued
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert detail["errors"] == [
+        {"line": 5500, "problems": ["limits.max_turns: must be between 1 and 200, got 0"]},
+        {
+            "line": 5900,
+            "problems": [
+                "custom_id: 'task-0000010' is also used on line 11; custom_ids must be "
+                "unique in a batch"
+            ],
+        },
+    ]
+    assert "2 of 6000 lines are invalid; nothing was queued" in detail["message"]
+    # and what was staged before the bad line was read is gone
+    staged = fleet.redis.info("commandstats").get("cmdstat_eval", {}).get("calls", 0)
+    assert staged >= 5  # chunks of the first 5,499 lines went to Redis as they were read
+    nothing_of(fleet)
+
+
+def test_a_client_that_goes_away_mid_batch_leaves_nothing_staged(fleet: Fleet) -> None:
+    import socket
+    from urllib.parse import urlsplit
+
+    # given a client that sends the first 4,000 lines of a 10,000-line batch, which the
+    # API stages as it reads them, and then hangs up
+    body = typical_batch(10_000)
+    sent = b"".join(batch_lines(4000))
+    url = urlsplit(fleet.url)
+    head = (
+        f"POST /v1/batches HTTP/1.1\r\nHost: {url.hostname}\r\n"
+        f"Authorization: Bearer {fleet.key_for('acme')}\r\n"
+        f"Content-Type: application/x-ndjson\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    fleet.redis.config_resetstat()
+    with socket.create_connection((url.hostname, url.port)) as s:
+        s.sendall(head + sent)
+        wait_for(
+            lambda: fleet.redis.info("commandstats").get("cmdstat_eval", {}).get("calls", 0) >= 3
+        )
+    # then what it staged is taken back: nothing is left, queued or visible
+    wait_for(lambda: fleet.redis.keys("t:*task:*") == [])
+    nothing_of(fleet)
