@@ -164,7 +164,10 @@ def quick_loads(line: bytes) -> Any:
         raw = orjson.loads(line)
     except orjson.JSONDecodeError:
         return NOT_QUICK
-    tally = _tally(raw)
+    try:
+        tally = _tally(raw)
+    except RecursionError:  # orjson nests deeper than Python recurses: the strict reader
+        return NOT_QUICK
     if tally is None or tally != line.count(b":"):
         return NOT_QUICK
     return raw

@@ -42,6 +42,21 @@ def test_a_hundred_thousand_nested_brackets_get_400_not_500(fleet: Fleet) -> Non
     assert fleet.redis.llen(TASK_QUEUE) == 0
 
 
+def test_a_batch_line_nested_just_past_pythons_recursion_limit_gets_an_answer(
+    fleet: Fleet,
+) -> None:
+    """Deep enough for Python's stack (1000 frames), shallow enough for orjson (1024): the
+    quick reader must hand it to the strict one, not raise."""
+    deep = b"[" * 1000 + b"]" * 1000
+    line = b'{"prompt": "fine", "metadata": {"k": ' + deep + b"}}"
+    with fleet.client() as c:
+        resp = c.post("/v1/batches", content=b'{"prompt": "fine"}\n' + line + b"\n")
+    assert resp.status_code == 400, resp.text
+    [error] = resp.json()["detail"]["errors"]
+    assert error["line"] == 2 and "nested too deeply" in error["problems"][0]
+    assert fleet.redis.llen(TASK_QUEUE) == 0
+
+
 @pytest.mark.parametrize(
     ("body", "why"),
     [

@@ -96,3 +96,13 @@ def test_an_integer_beyond_64_bits_stays_an_integer() -> None:
     parser.feed(LINES[0] + b"\n" + LINES[5] + b"\n")
     [_, spec] = parser.finish()
     assert spec.expected is not None and spec.expected.answer == 2**64
+
+
+@pytest.mark.parametrize("depth", [900, 995, 1000, 1010, 1023, 1024, 1100])
+def test_deep_nesting_near_the_limits_is_the_strict_readers_answer(depth: int) -> None:
+    """orjson reads up to 1024 levels, more than Python's recursion limit: the quick path
+    must not blow the stack where orjson succeeds (it would be a 500), it hands over."""
+    line = b'{"prompt":"x","metadata":{"k":' + b"[" * depth + b"]" * depth + b"}}"
+    quick = quick_loads(line)
+    if quick is not NOT_QUICK:
+        assert quick == loads(line.decode())
