@@ -73,7 +73,6 @@ log = structlog.get_logger(__name__)
 ZYGOTE_PIDS_MAX = 64  # the zygote, bwrap's init, and children before they move out
 ZYGOTE_MEMORY_MB = 512
 STATUS = struct.Struct(">i")
-_FDS = 5
 _zygote_ids = itertools.count()  # names this process's zygotes' cgroups apart
 
 
@@ -220,14 +219,11 @@ class Zygote:
         try:
             try:
                 passed = [to_runner_r, from_runner_w, log_fd, status_w, go_r]
-                sock.sendmsg(
-                    [limits.request()],
-                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"={_FDS}i", *passed))],
-                )
+                socket.send_fds(sock, [limits.request()], passed)
             finally:
                 for fd in (to_runner_r, from_runner_w, status_w, go_r):
                     os.close(fd)
-            data, fds = _recv_fds(sock)
+            data, fds, _, _ = socket.recv_fds(sock, 65536, 1)
             if not data:
                 raise ConnectionResetError("the zygote closed its socket")
             if not fds:
@@ -404,16 +400,6 @@ def _start_kept(
     if isinstance(started[0], OSError):
         raise started[0]
     return started[0]
-
-
-def _recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
-    data, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(4))
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % 4
-            fds += struct.unpack(f"={usable // 4}i", payload[:usable])
-    return data, fds
 
 
 def _pid_of(pidfd: int) -> int:
