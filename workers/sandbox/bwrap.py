@@ -351,11 +351,7 @@ class BwrapSandbox(Session):
         self._waiting = pooled  # started ahead of demand, no task yet: low CPU weight
         self._root: Path | None = None
         self._work_mounted = False  # /work is a tmpfs on the host folder (else in bwrap)
-        self.host_uid = (
-            _HOST_UID_BASE + (os.getpid() * 1009 + next(_uid_counter)) % _HOST_UID_SPAN
-            if config.separate_uids
-            else os.geteuid()
-        )
+        self.host_uid = _next_host_uid() if config.separate_uids else os.geteuid()
 
     # -- public -------------------------------------------------------------------------
 
@@ -463,7 +459,7 @@ class BwrapSandbox(Session):
         """A runner forked by the provider's zygote; None (after saying why, once) when
         the zygote cannot serve this sandbox: the caller takes the classic path."""
         zygote, root, cfg = self._zygote, self._root, self.config
-        if zygote is None or self.spec.sandbox.network or self.cgroups is None or root is None:
+        if zygote is None or root is None or not self._forks():
             return None
         log_fd = os.open(root / "runner.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -487,6 +483,17 @@ class BwrapSandbox(Session):
             raise SandboxError(f"the sandbox did not start: {e}; {self._log_tail()}") from e
         zygote.proven = True
         return box
+
+    def _forks(self) -> bool:
+        """Whether this sandbox's runner is to be a zygote's child: there is a zygote that
+        has not failed for good, cgroups to put the child in, and no network asked for."""
+        zygote = self._zygote
+        return (
+            zygote is not None
+            and zygote.broken is None
+            and self.cgroups is not None
+            and not self.spec.sandbox.network
+        )
 
     def _child_limits(self) -> ChildLimits:
         cfg = self.config
@@ -521,11 +528,6 @@ class BwrapSandbox(Session):
         every sandbox sees alike (the runner, ``passwd``, ``group``) are made once per
         process: ``_shared_files``."""
         cfg = self.config
-        forks = (  # then /work is in the child's own mount namespace
-            self._zygote is not None
-            and self._zygote.broken is None
-            and not self.spec.sandbox.network
-        )
         try:
             root = bwrap_dirs.make_root(cfg.base_dir)
             root.chmod(0o755)
@@ -534,7 +536,11 @@ class BwrapSandbox(Session):
             if cfg.separate_uids:
                 os.chown(work, self.host_uid, self.host_uid)
             self._work_mounted = bwrap_dirs.mount_work(
-                work, cfg.work_mb, cfg.work_files, self.host_uid, host=cfg.mount_work and not forks
+                work,
+                cfg.work_mb,
+                cfg.work_files,
+                self.host_uid,
+                host=cfg.mount_work and not self._forks(),  # else in the child's namespace
             )
         except OSError as e:
             raise SandboxError(f"could not prepare the sandbox directory: {e}") from e
@@ -585,15 +591,7 @@ class BwrapSandbox(Session):
         return procs
 
     def _log_tail(self) -> str:
-        if self._root is None:
-            return ""
-        try:
-            with open(self._root / "runner.log", "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(f.tell() - 2000, 0))
-                return f.read().decode("utf-8", "replace").strip()
-        except OSError:
-            return ""
+        return bwrap_dirs.log_tail(self._root / "runner.log") if self._root else ""
 
 
 def _bwrap_args(
@@ -644,6 +642,11 @@ def _bwrap_args(
     return args
 
 
+def _next_host_uid() -> int:
+    """A host uid of its own for a sandbox (or a zygote) of a worker running as root."""
+    return _HOST_UID_BASE + (os.getpid() * 1009 + next(_uid_counter)) % _HOST_UID_SPAN
+
+
 def _as_sandbox_user(cfg: BwrapConfig, host_uid: int, command: list[str]) -> list[str]:
     """``command`` niced, and run as ``host_uid`` when the worker is root."""
     # Untrusted code yields the CPU to the worker that drives it: a sandbox starting (or
@@ -670,8 +673,7 @@ def _zygote_command(cfg: BwrapConfig, control_fd: int) -> list[str]:
     prlimit = [_which(cfg.prlimit), f"--nofile={nofile}", "--core=0", "--"]  # before setpriv
     args = _bwrap_args(cfg, ["--dir", SANDBOX_WORK_DIR], network=False, nested_userns=True)
     args += ["--", cfg.python, "-I", "-B", SANDBOX_RUNNER_PATH, "--zygote", str(control_fd)]
-    uid = _HOST_UID_BASE + (os.getpid() * 1009 + next(_uid_counter)) % _HOST_UID_SPAN
-    return prlimit + _as_sandbox_user(cfg, uid, args)
+    return prlimit + _as_sandbox_user(cfg, _next_host_uid(), args)
 
 
 class _BwrapBox:

@@ -124,6 +124,17 @@ def clear_stale(base_dir: str | None = None) -> list[Path]:
     return removed
 
 
+def log_tail(path: Path, limit: int = 2000) -> str:
+    """The last ``limit`` bytes of a sandbox's (or a zygote's) log, as text ("" if none)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(f.tell() - limit, 0))
+            return f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
 def remove_root(root: Path) -> None:
     """Remove a sandbox folder, unmounting its ``work`` tmpfs first if it has one."""
     unmount_work(root / "work")

@@ -64,6 +64,7 @@ from typing import Any, Protocol
 import structlog
 
 from agent.errors import SandboxError
+from workers.sandbox.bwrap_dirs import log_tail
 from workers.sandbox.cgroups import Cgroups, join_command
 from workers.sandbox.protocol import SessionClient
 from workers.sandbox.session import EXIT_WAIT_S, Exit
@@ -276,7 +277,7 @@ class Zygote:
                 raise ValueError(f"the zygote said {hello!r}")
         except (OSError, ValueError) as e:
             self._stop()
-            self.broken = f"the zygote did not start: {e}; {_tail(self._log_path())}"
+            self.broken = f"the zygote did not start: {e}; {log_tail(self._log_path(), 1000)}"
             raise ZygoteUnavailable(self.broken) from e
         log.info("sandbox.zygote_started", pid=self._proc.pid, starts=self.starts)
         return ours
@@ -364,13 +365,6 @@ class BoxOwner(Protocol):
     def _oom_killed(self) -> bool: ...
 
     def _log_tail(self) -> str: ...
-
-
-def _tail(path: Path) -> str:
-    try:
-        return path.read_bytes()[-1000:].decode("utf-8", "replace").strip()
-    except OSError:
-        return ""
 
 
 def _start_kept(
