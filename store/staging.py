@@ -78,8 +78,9 @@ class Staging:
     Redis runs one chunk while the API reads, checks and encodes the next (the client's
     own commands wait for each reply before they return; a command sent from a background
     task was measured not to overlap either, most likely parked in ``drain()`` with the
-    rest of the command unsent until the API next waited for I/O). On a cluster, or with the broker on its own Redis, each chunk goes one
-    script per shard (``STAGE_RECORDS``) and the messages are built at commit.
+    rest of the command unsent until the API next waited for I/O). On a cluster, or with
+    the broker on its own Redis, each chunk goes one script per shard (``STAGE_RECORDS``)
+    and the messages are built at commit.
 
     ``done`` reads the replies still due, raising the first error; ``close`` gives the
     connection back, or drops it when replies are still unread (after an error or a
