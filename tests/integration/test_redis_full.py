@@ -40,14 +40,21 @@ def free_later(r: redis.Redis, filler_keys: int, after_s: float) -> threading.Th
     return thread
 
 
-def test_a_step_written_while_redis_is_full_waits_for_room_and_lands_once(redis_url: str) -> None:
-    # given a running task, and then a Redis that is full
-    r = redis.Redis.from_url(redis_url)
+def running_task(r: redis.Redis) -> tuple[WorkerStore, Claim]:
+    """A worker store that waits up to 30 s for room, and a task it has claimed."""
     store = WorkerStore(r, Keys("t"), patience_s=30)
     rec = new_record(TaskSpec(prompt="2+2?"))
     create(store, rec)
     claim = store.claim(rec.id, "w1", max_attempts=3)
     assert isinstance(claim, Claim)
+    return store, claim
+
+
+def test_a_step_written_while_redis_is_full_waits_for_room_and_lands_once(redis_url: str) -> None:
+    # given a running task, and then a Redis that is full
+    r = redis.Redis.from_url(redis_url)
+    store, claim = running_task(r)
+    rec = claim.record
     keys = fill(r)
     # when the worker appends its next step while room comes back a moment later
     freed = free_later(r, keys, after_s=0.5)
@@ -66,11 +73,8 @@ def test_a_step_written_while_redis_is_full_waits_for_room_and_lands_once(redis_
 def test_a_finish_refused_for_memory_changes_nothing_until_it_lands(redis_url: str) -> None:
     # given a running task and a full Redis
     r = redis.Redis.from_url(redis_url)
-    store = WorkerStore(r, Keys("t"), patience_s=30)
-    rec = new_record(TaskSpec(prompt="2+2?"))
-    create(store, rec)
-    claim = store.claim(rec.id, "w1", max_attempts=3)
-    assert isinstance(claim, Claim)
+    store, claim = running_task(r)
+    rec = claim.record
     keys = fill(r)
     before = r.hgetall(Keys("t").task(rec.id))
     # when the worker finishes it while room comes back later
